@@ -1,0 +1,19 @@
+"""preprocess: data/raw -> data/processed/{train,val,test}.npy, manifest.csv, preview.png + metrics/data.json."""
+
+from stages._cli import run
+from vdm.params import load_params
+from vdm.preprocess import preprocess
+
+
+def main() -> None:
+    data = load_params().data
+    m = preprocess(data, "data/raw", "data/processed", "metrics/data.json")
+    print(
+        f"preprocess: {m['images']} images ({m['train']} train / {m['val']} val / {m['test']} test) in "
+        f"{m['groups']['total']} groups from {m['files']} files; {m['duplicates']} duplicates, "
+        f"{m['skipped_total']} skipped {m['skipped']}"
+    )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,194 @@
+"""Safe extraction of .zip / .tar / .tar.gz / .tgz / .tar.bz2 / .tar.xz archives.
+
+Refused (the whole archive, with a message naming the member): absolute paths, `..`
+components, drive letters, links whose target leaves the destination, device files,
+and archives over the file-count or total-size caps. Sizes are counted as bytes are
+actually written, so a zip whose headers lie about sizes cannot exceed the cap.
+Links that stay inside are skipped (sprites are regular files). Extraction goes to
+a temporary directory and is moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vdm.atomic import atomic_dir
+from vdm.errors import UnsafeArchive, UserError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_CHUNK = 1 << 20
+
+# select(name) -> new relative name, or None to leave the member out
+Selector = Callable[[str], "str | None"]
+
+
+@dataclass
+class ExtractStats:
+    files: int = 0
+    bytes: int = 0
+    skipped_links: int = 0
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def safe_relpath(name: str, archive: str | os.PathLike = "archive") -> str:
+    """Normalise a member name to a safe relative POSIX path, or raise UnsafeArchive."""
+    n = name.replace("\\", "/")
+    parts = [p for p in n.split("/") if p not in ("", ".")]
+    if n.startswith("/") or (parts and len(parts[0]) == 2 and parts[0][1] == ":"):
+        raise UnsafeArchive(f"{archive}: member {name!r} has an absolute path; refusing to extract this archive")
+    if ".." in parts:
+        raise UnsafeArchive(f"{archive}: member {name!r} climbs out with '..'; refusing to extract this archive")
+    return "/".join(parts)
+
+
+def _check_link(name: str, target: str, archive: object, hard: bool = False) -> None:
+    """A link target must stay inside the destination (relative to the link, or to the root if hard)."""
+    t = target.replace("\\", "/")
+    base = "" if hard else posixpath.dirname(name)
+    resolved = posixpath.normpath(posixpath.join(base, t))
+    if t.startswith("/") or resolved == ".." or resolved.startswith("../"):
+        raise UnsafeArchive(
+            f"{archive}: member {name!r} is a link to {target!r}, outside the target folder; "
+            "refusing to extract this archive"
+        )
+
+
+class _Budget:
+    def __init__(self, archive: object, max_files: int, max_bytes: int):
+        self.archive, self.max_files, self.max_bytes = archive, max_files, max_bytes
+        self.stats = ExtractStats()
+
+    def add_file(self) -> None:
+        self.stats.files += 1
+        if self.stats.files > self.max_files:
+            raise UnsafeArchive(
+                f"{self.archive}: more than {self.max_files} files; refusing (raise data.limits.max_files "
+                "if this archive is trusted)"
+            )
+
+    def copy(self, src, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                self.stats.bytes += len(chunk)
+                if self.stats.bytes > self.max_bytes:
+                    raise UnsafeArchive(
+                        f"{self.archive}: unpacks to more than {self.max_bytes // 2**20} MB; refusing "
+                        "(a zip bomb? raise data.limits.max_mb if this archive is trusted)"
+                    )
+                out.write(chunk)
+
+
+def _extract_zip(archive: Path, dest: Path, select: Selector, budget: _Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            rel = safe_relpath(info.filename, archive)
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode == 0o120000:  # a symlink stored in a zip: its data is the target
+                target = zf.read(info, pwd=None).decode("utf-8", "replace")
+                _check_link(rel, target, archive)
+                budget.stats.skipped_links += 1
+                continue
+            if info.is_dir() or not rel:
+                continue
+            new = select(rel)
+            if new is None:
+                continue
+            budget.add_file()
+            with zf.open(info) as src:
+                budget.copy(src, dest / safe_relpath(new, archive))
+
+
+def _extract_tar(archive: Path, dest: Path, select: Selector, budget: _Budget) -> None:
+    # "r:*" streams through any compression; members are checked one at a time.
+    with tarfile.open(archive, "r:*") as tf:
+        for m in tf:
+            rel = safe_relpath(m.name, archive)
+            if m.issym() or m.islnk():
+                _check_link(rel, m.linkname, archive, hard=m.islnk())
+                budget.stats.skipped_links += 1
+                continue
+            if m.isdir() or not rel:
+                continue
+            if not m.isfile():  # device, fifo, ...
+                raise UnsafeArchive(f"{archive}: member {m.name!r} is not a regular file; refusing")
+            new = select(rel)
+            if new is None:
+                continue
+            budget.add_file()
+            src = tf.extractfile(m)
+            budget.copy(src, dest / safe_relpath(new, archive))
+
+
+def safe_extract(
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_files: int,
+    max_bytes: int,
+    select: Selector = lambda name: name,
+) -> ExtractStats:
+    """Extract `archive` into `dest` (replaced whole, atomically) and return what was written."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise UserError(f"archive {archive} not found")
+    budget = _Budget(archive, max_files, max_bytes)
+    try:
+        with atomic_dir(dest) as tmp:
+            if archive.name.lower().endswith(".zip"):
+                _extract_zip(archive, tmp, select, budget)
+            elif is_archive(archive):
+                _extract_tar(archive, tmp, select, budget)
+            else:
+                raise UserError(f"{archive}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise UserError(f"{archive} is not a readable archive ({e}); download it again") from None
+    return budget.stats
+
+
+def copy_tree(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    max_files: int,
+    max_bytes: int,
+    select: Selector = lambda name: name,
+) -> ExtractStats:
+    """Copy the regular files of folder `src` into `dest` (replaced whole), under the same caps.
+
+    Symlinks are not followed out of `src`: a link whose target leaves the folder is refused.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"folder {src} not found")
+    budget = _Budget(src, max_files, max_bytes)
+    root = src.resolve()
+    with atomic_dir(dest) as tmp:
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                rel = p.relative_to(src).as_posix()
+                if p.is_symlink():
+                    if not p.resolve().is_relative_to(root):
+                        raise UnsafeArchive(f"{src}: {rel} links outside the folder (to {os.readlink(p)}); refusing")
+                    budget.stats.skipped_links += 1
+                    continue
+                if not p.is_file():
+                    continue
+                new = select(rel)
+                if new is None:
+                    continue
+                budget.add_file()
+                with open(p, "rb") as f:
+                    budget.copy(f, tmp / safe_relpath(new, src))
+    return budget.stats

@@ -1,0 +1,127 @@
+"""Decode one sprite file into a square RGB uint8 array on a white canvas.
+
+Accepted formats: PNG, GIF, JPEG, WebP, BMP (decided by content, not extension).
+Animations: the first frame. Modes: palette (with transparency), 1, L, LA, RGB, RGBA,
+CMYK, 16-bit grayscale (I;16*, I) and the rest Pillow can convert to RGBA. Alpha is
+composited on white *before* resizing (no dark fringes). Larger than the target:
+downscaled keeping aspect with area averaging (no ringing on hard sprite edges).
+Smaller: centred on a white canvas. Pillow's decompression-bomb limit stays on, and a
+pixel cap far below it rejects absurd declared dimensions before any decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+FORMATS = ("PNG", "GIF", "JPEG", "WEBP", "BMP")
+MAX_PIXELS = 4096 * 4096  # a sprite is ~96x96; anything near this is not a sprite
+
+# Why a file was skipped (counted in metrics/data.json).
+EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE, UNSUPPORTED = "empty", "not_image", "corrupt", "too_large", "unsupported_mode"
+SKIP_REASONS = (EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE, UNSUPPORTED)
+
+
+@dataclass
+class Decoded:
+    pixels: np.ndarray | None  # (size, size, 3) uint8, or None if skipped
+    reason: str | None = None  # one of SKIP_REASONS when skipped
+    detail: str = ""
+    orig_size: tuple[int, int] = (0, 0)
+    orig_mode: str = ""
+    frames: int = 1
+
+
+def _to_rgba(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit -> 8-bit
+        elif mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGBA")
+    try:
+        return img.convert("RGBA")  # palette transparency, LA, CMYK, 1, ... all handled by Pillow
+    except ValueError:
+        raise ValueError(f"image mode {mode} cannot be converted to RGBA") from None
+
+
+def to_canvas(img: Image.Image, size: int) -> np.ndarray:
+    """RGBA image -> (size, size, 3) uint8: composite on white, fit, centre."""
+    rgba = _to_rgba(img)
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    w, h = rgb.size
+    if w > size or h > size:
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        rgb = rgb.resize((nw, nh), Image.Resampling.BOX)
+        w, h = nw, nh
+    if (w, h) != (size, size):
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(rgb, ((size - w) // 2, (size - h) // 2))
+        rgb = canvas
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode(data: bytes, size: int) -> Decoded:
+    """Decode image bytes into a (size, size, 3) uint8 array, or say why not."""
+    if not data:
+        return Decoded(None, EMPTY, "zero bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+        except UnidentifiedImageError:
+            return Decoded(None, NOT_IMAGE, "not a PNG/GIF/JPEG/WebP/BMP image")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            return Decoded(None, TOO_LARGE, str(e))
+        except Exception as e:  # broken headers raise all sorts of errors
+            return Decoded(None, CORRUPT, f"{type(e).__name__}: {e}")
+        info = dict(orig_size=img.size, orig_mode=img.mode, frames=getattr(img, "n_frames", 1))
+        w, h = img.size
+        if w < 1 or h < 1:
+            return Decoded(None, EMPTY, f"{w}x{h} pixels", **info)
+        if w * h > MAX_PIXELS:
+            return Decoded(None, TOO_LARGE, f"{w}x{h} pixels exceeds {MAX_PIXELS} (not a sprite)", **info)
+        try:
+            img.seek(0)
+            img.load()
+            pixels = to_canvas(img, size)
+        except ValueError as e:
+            if "image mode" in str(e):
+                return Decoded(None, UNSUPPORTED, str(e), **info)
+            return Decoded(None, CORRUPT, f"{type(e).__name__}: {e}", **info)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            return Decoded(None, TOO_LARGE, str(e), **info)
+        except Exception as e:  # truncated data, bad CRC, bad palette, ...
+            return Decoded(None, CORRUPT, f"{type(e).__name__}: {e}", **info)
+    return Decoded(pixels, None, "", **info)
+
+
+def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile (N, H, W, 3) uint8 images into one (rows*H', ncol*W', 3) grid image.
+
+    Plain numpy, so data stages need not import torch (torchvision.utils.make_grid takes
+    ~4 s to import here for the same result).
+    """
+    n, h, w, c = images.shape
+    ncol = max(1, min(ncol, n))
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, k = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = im
+    return grid
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,172 @@
+"""params.yaml: the one place hyperparameters live, validated up front.
+
+Each section is a frozen dataclass. Loading checks every key: unknown keys (typos),
+missing keys, wrong types and out-of-range values all fail at once with a
+`ParamError` naming the key, the value and what is allowed. There are no defaults
+in code: params.yaml states every value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from pathlib import Path
+
+import yaml
+
+from vdm.errors import ParamError, UserError
+
+SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ParamError(key, value, allowed)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticParams:
+    count: int  # number of images drawn (two variants per species)
+    seed: int
+
+    def check(self, p: str) -> None:
+        _require(2 <= self.count <= 1_000_000, f"{p}.count", self.count, "an integer from 2 to 1000000")
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitParams:
+    train: float  # fractions of Pokémon groups (not of images) in each split
+    val: float
+    test: float
+    seed: int
+
+    def check(self, p: str) -> None:
+        for name in ("train", "val", "test"):
+            v = getattr(self, name)
+            _require(0 < v < 1, f"{p}.{name}", v, "a fraction strictly between 0 and 1 (no split may be empty)")
+        total = self.train + self.val + self.test
+        _require(
+            math.isclose(total, 1.0, abs_tol=1e-6),
+            f"{p}.train/val/test",
+            (self.train, self.val, self.test),
+            f"the three fractions must sum to 1 (they sum to {total:.6g})",
+        )
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitParams:
+    max_files: int  # caps on what a download or archive may unpack
+    max_mb: int
+
+    def check(self, p: str) -> None:
+        _require(self.max_files >= 1, f"{p}.max_files", self.max_files, "an integer >= 1")
+        _require(self.max_mb >= 1, f"{p}.max_mb", self.max_mb, "an integer >= 1 (megabytes)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: str
+    synthetic: SyntheticParams
+    limits: LimitParams
+    image_size: int
+    split: SplitParams
+    preview: int
+
+    def check(self, p: str) -> None:
+        names = ", ".join(SOURCE_NAMES)
+        _require(bool(self.source.strip()), f"{p}.source", self.source, f"one of {names}, or a path")
+        if self.source not in SOURCE_NAMES:
+            _require(
+                Path(os.path.expanduser(self.source)).exists(),
+                f"{p}.source",
+                self.source,
+                f"one of {names}, or the path of an existing folder or .zip/.tar/.tar.gz archive "
+                "(no such file or folder)",
+            )
+        _require(8 <= self.image_size <= 512, f"{p}.image_size", self.image_size, "an integer from 8 to 512")
+        _require(0 <= self.preview <= 1024, f"{p}.preview", self.preview, "an integer from 0 to 1024")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    data: DataParams
+
+
+def _convert(value: object, tp: object, key: str) -> object:
+    """Check (and where lossless, convert) one value against a type annotation."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        _require(isinstance(value, bool), key, value, "true or false")
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            key,
+            value,
+            "a finite number",
+        )
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, value, "a string")
+        return value
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        _require(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp)
+        _require(isinstance(value, list), key, value, "a list")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, raw: object, prefix: str) -> object:
+    _require(isinstance(raw, dict), prefix or "params.yaml", raw, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    for k in raw:
+        _require(k in names, join(k), raw[k], f"unknown key; allowed keys here: {', '.join(names)}")
+    values = {}
+    for name in names:
+        _require(name in raw, join(name), "<missing>", "this key is required in params.yaml")
+        values[name] = _convert(raw[name], hints[name], join(name))
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check(prefix)
+    return obj
+
+
+def parse_params(raw: object) -> Params:
+    """Validate a params mapping (as read from YAML) into typed, frozen params."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the stage from the project root, where params.yaml lives")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    return parse_params(raw)
+
+
+def as_dict(obj: object) -> dict:
+    """Params (or a section) as plain dicts, e.g. for logging."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,221 @@
+"""Turn data/raw into clean, deduplicated, group-split uint8 arrays.
+
+    data/raw/files/**          whatever the source gave (SOURCE.json says which)
+      -> decode (vdm.images)   skip unreadable/empty/non-image files, counting each reason
+      -> dedupe                exact pixel duplicates dropped (first in path order kept)
+      -> group                 one Pokémon per group (rule from SOURCE.json "grouping")
+      -> split                 train/val/test by group (scikit-learn GroupShuffleSplit)
+    data/processed/{train,val,test}.npy   (N, S, S, 3) uint8, memory-mappable
+    data/processed/manifest.csv           one row per raw file: what became of it
+    data/processed/preview.png            a grid of training images
+    metrics/data.json                     counts for `dvc metrics show`
+
+Grouping rules:
+    folder   group = the image's parent folder name (Kaggle, synthetic: a folder per Pokémon)
+    pokedex  group = the leading number of the file name (PokéAPI: "25.gif", "back/shiny/201-a.gif")
+    path     a user's folder/archive: the parent folder name if the file is in a subfolder,
+             else the leading number of the file name, else the file name itself
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from vdm.atomic import atomic_dir, save_npy, write_bytes, write_json
+from vdm.errors import UserError
+from vdm.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
+from vdm.params import DataParams
+from vdm.sources import FILES, read_source
+
+SPLITS = ("train", "val", "test")
+_LEADING_NUMBER = re.compile(r"^(\d+)")
+
+# PokéAPI numbers alternate forms from 10001; in Black/White these are forms of these species
+# (Deoxys, Wormadam, Shaymin, Giratina, Rotom, Castform, Basculin, Darmanitan, Meloetta,
+# the Forces of Nature, Kyurem, Keldeo). Grouping them with their species keeps a species
+# out of two splits.
+POKEAPI_FORMS = {
+    10001: 386, 10002: 386, 10003: 386, 10004: 413, 10005: 413, 10006: 492, 10007: 487,
+    10008: 479, 10009: 479, 10010: 479, 10011: 479, 10012: 479, 10013: 351, 10014: 351,
+    10015: 351, 10016: 550, 10017: 555, 10018: 648, 10019: 641, 10020: 642, 10021: 645,
+    10022: 646, 10023: 646, 10024: 647,
+}  # fmt: skip
+
+
+def list_files(root: Path) -> list[str]:
+    """Sorted POSIX relative paths of the files under root, hidden files and folders left out."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root)
+        out.extend((rel_dir / f).as_posix() for f in filenames if not f.startswith("."))
+    return sorted(out)
+
+
+def group_of(rel: str, grouping: str) -> tuple[str, str]:
+    """(group, variant) of a raw file from its relative path, by the source's grouping rule."""
+    parts = rel.split("/")
+    stem = parts[-1].rsplit(".", 1)[0]
+    number = _LEADING_NUMBER.match(stem)
+    shiny = "shiny" in rel.lower()
+    if grouping == "pokedex":
+        group = str(POKEAPI_FORMS.get(int(number.group(1)), int(number.group(1)))) if number else stem
+        return group, "-".join(parts[:-1]) or "front"
+    if grouping == "folder" or (grouping == "path" and len(parts) > 1):
+        return (parts[-2] if len(parts) > 1 else stem), ("shiny" if shiny else "standard")
+    if grouping == "path":
+        return (str(int(number.group(1))) if number else stem), ("shiny" if shiny else "")
+    raise UserError(f"SOURCE.json: unknown grouping {grouping!r}; rerun the download stage")
+
+
+def _decode_file(args: tuple[str, int]):
+    path, size = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Decoded(None, CORRUPT, f"unreadable: {e}")
+    return decode(data, size)
+
+
+def decode_all(root: Path, files: list[str], size: int, workers: int) -> list:
+    jobs = [(str(root / f), size) for f in files]
+    bar = dict(total=len(jobs), desc="decode", unit="img", mininterval=1.0, disable=None)
+    if workers <= 1 or len(jobs) < 256:
+        return [_decode_file(j) for j in tqdm(jobs, **bar)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(_decode_file, jobs, chunksize=64), **bar))
+
+
+def split_by_group(groups: list[str], train: float, val: float, test: float, seed: int) -> np.ndarray:
+    """Assign each item a split name so that no group is in two splits.
+
+    Fractions are of groups, not items. Deterministic in (groups, fractions, seed).
+    """
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups_arr = np.asarray(groups)
+    n_groups = len(set(groups))
+    if n_groups < 3:
+        raise UserError(
+            f"only {n_groups} Pokémon group(s) in the data: a train/val/test split needs at least 3; "
+            "use more data (e.g. raise data.synthetic.count)"
+        )
+    idx = np.arange(len(groups_arr))
+    try:
+        rest, te = next(GroupShuffleSplit(1, test_size=test, random_state=seed).split(idx, groups=groups_arr))
+        tr, va = next(
+            GroupShuffleSplit(1, test_size=val / (train + val), random_state=seed + 1).split(
+                rest, groups=groups_arr[rest]
+            )
+        )
+    except ValueError as e:
+        raise UserError(
+            f"cannot split {n_groups} groups with data.split fractions train={train} val={val} "
+            f"test={test}: {e}. Use more data or larger fractions for the small splits"
+        ) from None
+    out = np.empty(len(groups_arr), dtype=object)
+    out[te], out[rest[tr]], out[rest[va]] = "test", "train", "val"
+    for name in SPLITS:
+        if not (out == name).any():
+            raise UserError(
+                f"split {name!r} would be empty with {n_groups} groups and data.split fractions "
+                f"train={train} val={val} test={test}: use more data or raise data.split.{name}"
+            )
+    return out
+
+
+def preprocess(
+    data: DataParams,
+    raw_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    workers: int | None = None,
+) -> dict:
+    raw_dir = Path(raw_dir)
+    source = read_source(raw_dir)
+    root = raw_dir / FILES
+    if not root.is_dir():
+        raise UserError(f"{root} not found: rerun the download stage (`dvc repro -f download`)")
+    files = list_files(root)
+    if not files:
+        raise UserError(f"{root} holds no files: check data.source and rerun the download stage")
+    size = data.image_size
+    decoded = decode_all(root, files, size, workers if workers is not None else min(2, os.cpu_count() or 1))
+
+    rows, pixels, seen = [], [], {}
+    skipped = Counter({r: 0 for r in SKIP_REASONS})
+    for rel, d in zip(files, decoded, strict=False):
+        group, variant = group_of(rel, source["grouping"])
+        row = dict(
+            file=rel,
+            group=group,
+            variant=variant,
+            status="kept",
+            split="",
+            index=-1,
+            hash="",
+            duplicate_of="",
+            orig_width=d.orig_size[0],
+            orig_height=d.orig_size[1],
+            orig_mode=d.orig_mode,
+            frames=d.frames,
+            detail=d.detail,
+        )
+        if d.pixels is None:
+            skipped[d.reason] += 1
+            row["status"] = d.reason
+        else:
+            h = hashlib.blake2b(d.pixels.tobytes(), digest_size=16).hexdigest()
+            row["hash"] = h
+            if h in seen:
+                row["status"], row["duplicate_of"] = "duplicate", seen[h]
+            else:
+                seen[h] = rel
+                pixels.append(d.pixels)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    kept = df.index[df.status == "kept"].to_numpy()
+    if len(kept) == 0:
+        raise UserError(f"no usable images in {root} (skipped: {dict(skipped)}); check data.source")
+
+    sp = data.split
+    split = split_by_group(df.group[kept].tolist(), sp.train, sp.val, sp.test, sp.seed)
+    df.loc[kept, "split"] = split
+    images = np.stack(pixels)
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            sel = np.flatnonzero(split == name)
+            df.loc[kept[sel], "index"] = np.arange(len(sel))
+            save_npy(tmp / f"{name}.npy", images[sel])
+            counts[name] = int(len(sel))
+            if name == "train" and data.preview:
+                write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[: data.preview]], ncol=8)))
+        df.to_csv(tmp / "manifest.csv", index=False)
+
+    kept_df = df.loc[kept]
+    metrics = {
+        "source": source["source"],
+        "image_size": size,
+        "files": len(files),
+        "images": int(len(kept)),
+        "duplicates": int((df.status == "duplicate").sum()),
+        "skipped": dict(skipped),
+        "skipped_total": int(sum(skipped.values())),
+        "groups": {
+            "total": int(kept_df.group.nunique()),
+            **{n: int(kept_df.group[kept_df.split == n].nunique()) for n in SPLITS},
+        },
+        **counts,
+    }
+    write_json(metrics_path, metrics)
+    return metrics
