@@ -46,7 +46,7 @@ ALTERNATIVES = (
     "synthetic (offline, for smoke runs), or the path of a folder/.zip/.tar.gz of images you downloaded"
 )
 
-FILES = "files"
+FILES = "files"  # data/raw/files holds the images; data/raw/SOURCE.json describes them
 
 
 class SourceUnavailable(UserError):
@@ -54,7 +54,7 @@ class SourceUnavailable(UserError):
 
     def __init__(self, reason: str):
         self.reason = reason
-        super().__init__(f"{reason}")  # data/raw/files holds the images; data/raw/SOURCE.json describes them
+        super().__init__(f"{reason}. {ALTERNATIVES}")
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> str | None:

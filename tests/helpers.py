@@ -1,0 +1,57 @@
+"""Shared test helpers. No test touches the network: data comes from vdm.synthetic or
+from small files the tests write."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from vdm.params import parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE_PARAMS = {
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"count": 40, "seed": 0},
+        "limits": {"max_files": 1000, "max_mb": 64},
+        "image_size": 96,
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0},
+        "preview": 16,
+    }
+}
+
+
+def raw_params(**data_overrides) -> dict:
+    """A deep copy of BASE_PARAMS with data.<key> overridden."""
+    p = copy.deepcopy(BASE_PARAMS)
+    p["data"].update(data_overrides)
+    return p
+
+
+def data_params(**data_overrides):
+    return parse_params(raw_params(**data_overrides)).data
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def solid(colour, size=(20, 20), mode="RGBA") -> Image.Image:
+    return Image.new(mode, size, colour)
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: this interpreter's venv first on PATH, no analytics."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONPATH"] = ""
+    return env

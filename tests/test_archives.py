@@ -1,0 +1,145 @@
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from vdm.archives import copy_tree, safe_extract
+from vdm.errors import UnsafeArchive, UserError
+
+CAPS = dict(max_files=100, max_bytes=1 << 20)
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def add_tar_member(tf: tarfile.TarFile, name: str, data: bytes = b"", **kw) -> None:
+    info = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    if info.isreg():
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    else:
+        tf.addfile(info)
+
+
+def outside_files(tmp_path: Path) -> set[str]:
+    return {p.name for p in tmp_path.parent.iterdir()}
+
+
+@pytest.fixture
+def dest(tmp_path):
+    d = tmp_path / "target"
+    d.mkdir()
+    (d / "old.txt").write_text("keep me")
+    return d
+
+
+def assert_refused_and_nothing_written(archive, dest, tmp_path, match):
+    before = outside_files(tmp_path)
+    with pytest.raises(UnsafeArchive, match=match):
+        safe_extract(archive, dest, **CAPS)
+    assert outside_files(tmp_path) == before  # nothing written next to the sandbox
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["old.txt"]  # the old target survives
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]  # no temp left
+
+
+def test_zip_extracts_selected_members_with_new_names(tmp_path, dest):
+    z = make_zip(tmp_path / "a.zip", {"pre/x/1.png": b"one", "pre/2.png": b"two", "other/3.png": b"no"})
+    stats = safe_extract(z, dest, **CAPS, select=lambda n: n[4:] if n.startswith("pre/") else None)
+    assert (dest / "x/1.png").read_bytes() == b"one" and (dest / "2.png").read_bytes() == b"two"
+    assert not (dest / "old.txt").exists()  # replaced whole
+    assert stats.files == 2 and stats.bytes == 6
+
+
+def test_zip_with_parent_traversal_is_refused(tmp_path, dest):
+    z = make_zip(tmp_path / "a.zip", {"ok.png": b"1", "../evil": b"x"})
+    assert_refused_and_nothing_written(z, dest, tmp_path, r"'\.\.'")
+
+
+@pytest.mark.parametrize("name", ["/tmp/evil", "C:/evil", "a\\..\\..\\evil"])
+def test_zip_with_absolute_or_backslash_paths_is_refused(tmp_path, dest, name):
+    z = make_zip(tmp_path / "a.zip", {name: b"x"})
+    assert_refused_and_nothing_written(z, dest, tmp_path, "absolute|'\\.\\.'")
+
+
+def test_tar_with_symlink_to_etc_is_refused(tmp_path, dest):
+    t = tmp_path / "a.tar"
+    with tarfile.open(t, "w") as tf:
+        add_tar_member(tf, "img.png", b"png")
+        add_tar_member(tf, "etc", type=tarfile.SYMTYPE, linkname="/etc")
+        add_tar_member(tf, "etc/passwd", b"pwned")
+    assert_refused_and_nothing_written(t, dest, tmp_path, "link to '/etc'")
+
+
+def test_tar_with_hardlink_outside_is_refused(tmp_path, dest):
+    t = tmp_path / "a.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        add_tar_member(tf, "sub/x", type=tarfile.LNKTYPE, linkname="../../evil")
+    assert_refused_and_nothing_written(t, dest, tmp_path, "outside the target")
+
+
+def test_tar_with_relative_symlink_escaping_is_refused(tmp_path, dest):
+    t = tmp_path / "a.tgz"
+    with tarfile.open(t, "w:gz") as tf:
+        add_tar_member(tf, "a/b/link", type=tarfile.SYMTYPE, linkname="../../../evil")
+    assert_refused_and_nothing_written(t, dest, tmp_path, "outside the target")
+
+
+def test_tar_with_inner_symlink_skips_it_and_keeps_the_files(tmp_path, dest):
+    t = tmp_path / "a.tar"
+    with tarfile.open(t, "w") as tf:
+        add_tar_member(tf, "a/1.png", b"one")
+        add_tar_member(tf, "a/alias.png", type=tarfile.SYMTYPE, linkname="1.png")
+    stats = safe_extract(t, dest, **CAPS)
+    assert stats.files == 1 and stats.skipped_links == 1
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == ["a/1.png"]
+
+
+def test_tar_with_device_file_is_refused(tmp_path, dest):
+    t = tmp_path / "a.tar"
+    with tarfile.open(t, "w") as tf:
+        add_tar_member(tf, "dev", type=tarfile.CHRTYPE)
+    assert_refused_and_nothing_written(t, dest, tmp_path, "not a regular file")
+
+
+def test_zip_bomb_is_stopped_at_the_size_cap(tmp_path, dest):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.png", b"\0" * (8 << 20))  # 8 MB of zeros compresses to ~8 kB
+    assert z.stat().st_size < 64 << 10
+    assert_refused_and_nothing_written(z, dest, tmp_path, "more than 1 MB")
+
+
+def test_file_count_cap(tmp_path, dest):
+    z = make_zip(tmp_path / "many.zip", {f"{i}.png": b"x" for i in range(101)})
+    assert_refused_and_nothing_written(z, dest, tmp_path, "more than 100 files")
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path, dest):
+    z = tmp_path / "broken.zip"
+    z.write_bytes(os.urandom(1000))
+    with pytest.raises(UserError, match="not a readable archive"):
+        safe_extract(z, dest, **CAPS)
+    assert (dest / "old.txt").read_text() == "keep me"
+
+
+def test_copy_tree_refuses_links_out_of_the_folder(tmp_path, dest):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "1.png").write_bytes(b"one")
+    (src / "inner.png").symlink_to(src / "1.png")
+    stats = copy_tree(src, dest, **CAPS)
+    assert stats.files == 1 and stats.skipped_links == 1 and (dest / "1.png").read_bytes() == b"one"
+    (src / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(UnsafeArchive, match="links outside"):
+        copy_tree(src, dest, **CAPS)
+    assert (dest / "1.png").exists()  # the previous copy survives

@@ -1,0 +1,89 @@
+import pytest
+import yaml
+
+from tests.helpers import ROOT, raw_params
+from vdm.errors import ParamError, UserError
+from vdm.params import load_params, parse_params
+
+
+def test_project_params_file_is_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.image_size == 96
+    assert abs(p.data.split.train + p.data.split.val + p.data.split.test - 1) < 1e-9
+
+
+def test_valid_params_parse_to_typed_values():
+    p = parse_params(raw_params())
+    assert p.data.split.val == 0.2 and isinstance(p.data.split.seed, int)
+
+
+def _err(raw) -> ParamError:
+    with pytest.raises(ParamError) as e:
+        parse_params(raw)
+    return e.value
+
+
+def test_unknown_key_is_named_with_the_allowed_keys():
+    raw = raw_params()
+    raw["data"]["imagesize"] = 64
+    e = _err(raw)
+    assert e.key == "data.imagesize" and "image_size" in str(e)
+
+
+def test_missing_key_is_named():
+    raw = raw_params()
+    del raw["data"]["split"]["seed"]
+    assert _err(raw).key == "data.split.seed"
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("image_size", "big"),
+        ("image_size", 96.5),
+        ("image_size", True),
+        ("image_size", 4),
+        ("preview", -1),
+        ("synthetic", 5),
+    ],
+)
+def test_wrong_type_or_range_names_key_and_value(key, value):
+    e = _err(raw_params(**{key: value}))
+    assert e.key == f"data.{key}" and repr(value) in str(e)
+
+
+def test_split_fractions_must_sum_to_one():
+    raw = raw_params(split={"train": 0.7, "val": 0.2, "test": 0.2, "seed": 0})
+    assert "sum to 1" in str(_err(raw))
+
+
+@pytest.mark.parametrize("frac", [0.0, 1.0, -0.1])
+def test_a_split_fraction_that_empties_a_split_is_refused(frac):
+    raw = raw_params(split={"train": 1 - frac, "val": frac, "test": 0.0 + 0, "seed": 0})
+    with pytest.raises(ParamError):
+        parse_params(raw)
+
+
+def test_unknown_source_names_the_alternatives(tmp_path):
+    e = _err(raw_params(source="kagle"))
+    assert e.key == "data.source"
+    for name in ("auto", "kaggle", "pokeapi", "synthetic", "path"):
+        assert name in str(e)
+
+
+def test_source_may_be_an_existing_path(tmp_path):
+    assert parse_params(raw_params(source=str(tmp_path))).data.source == str(tmp_path)
+
+
+def test_float_written_in_exponent_form_is_accepted():
+    # PyYAML reads 2e-1 (no dot) as a string; it must still mean 0.2.
+    raw = yaml.safe_load("train: 6e-1\nval: 2e-1\ntest: 2e-1\nseed: 0\n")
+    assert parse_params(raw_params(split=raw)).data.split.val == pytest.approx(0.2)
+
+
+def test_missing_or_broken_params_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
