@@ -36,7 +36,7 @@ def test_split_keeps_groups_whole_and_is_deterministic():
     assert (a != split_by_group(groups, 0.8, 0.1, 0.1, seed=1)).any()
     per_group = pd.DataFrame({"g": groups, "s": a}).groupby("g").s.nunique()
     assert (per_group == 1).all()
-    n = {s: len({g for g, x in zip(groups, a) if x == s}) for s in ("train", "val", "test")}
+    n = {s: len({g for g, x in zip(groups, a, strict=True) if x == s}) for s in ("train", "val", "test")}
     assert n == {"train": 80, "val": 10, "test": 10}
 
 

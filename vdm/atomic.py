@@ -57,6 +57,16 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def save_npy_rows(path: str | os.PathLike, array: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> None:
+    """Save array[rows] as .npy without materialising the selection in memory."""
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=(len(rows), *array.shape[1:]))
+        for i in range(0, len(rows), chunk):
+            out[i : i + chunk] = array[rows[i : i + chunk]]
+        out.flush()
+        del out
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `path` whole.

@@ -23,6 +23,7 @@ import hashlib
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vdm.atomic import atomic_dir, save_npy, write_bytes, write_json
+from vdm.atomic import atomic_dir, save_npy_rows, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
 from vdm.params import DataParams
@@ -86,13 +87,15 @@ def _decode_file(args: tuple[str, int]):
     return decode(data, size)
 
 
-def decode_all(root: Path, files: list[str], size: int, workers: int) -> list:
+def decode_all(root: Path, files: list[str], size: int, workers: int) -> Iterator[Decoded]:
+    """Decoded files, in order; decoded in `workers` processes when that pays."""
     jobs = [(str(root / f), size) for f in files]
     bar = dict(total=len(jobs), desc="decode", unit="img", mininterval=1.0, disable=None)
     if workers <= 1 or len(jobs) < 256:
-        return [_decode_file(j) for j in tqdm(jobs, **bar)]
+        yield from tqdm(map(_decode_file, jobs), **bar)
+        return
     with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_decode_file, jobs, chunksize=64), **bar))
+        yield from tqdm(pool.map(_decode_file, jobs, chunksize=64), **bar)
 
 
 def split_by_group(groups: list[str], train: float, val: float, test: float, seed: int) -> np.ndarray:
@@ -149,11 +152,14 @@ def preprocess(
     if not files:
         raise UserError(f"{root} holds no files: check data.source and rerun the download stage")
     size = data.image_size
-    decoded = decode_all(root, files, size, workers if workers is not None else min(2, os.cpu_count() or 1))
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
 
-    rows, pixels, seen = [], [], {}
+    # Pixels go straight into one preallocated array (kept images only): peak memory is
+    # about one copy of the dataset, whatever the number of files.
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    rows, seen, n_kept = [], {}, 0
     skipped = Counter({r: 0 for r in SKIP_REASONS})
-    for rel, d in zip(files, decoded, strict=False):
+    for rel, d in zip(files, decode_all(root, files, size, workers), strict=True):
         group, variant = group_of(rel, source["grouping"])
         row = dict(
             file=rel,
@@ -180,7 +186,8 @@ def preprocess(
                 row["status"], row["duplicate_of"] = "duplicate", seen[h]
             else:
                 seen[h] = rel
-                pixels.append(d.pixels)
+                images[n_kept] = d.pixels
+                n_kept += 1
         rows.append(row)
     df = pd.DataFrame(rows)
     kept = df.index[df.status == "kept"].to_numpy()
@@ -190,13 +197,12 @@ def preprocess(
     sp = data.split
     split = split_by_group(df.group[kept].tolist(), sp.train, sp.val, sp.test, sp.seed)
     df.loc[kept, "split"] = split
-    images = np.stack(pixels)
     counts = {}
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
-            sel = np.flatnonzero(split == name)
+            sel = np.flatnonzero(split == name)  # positions among kept images, in path order
             df.loc[kept[sel], "index"] = np.arange(len(sel))
-            save_npy(tmp / f"{name}.npy", images[sel])
+            save_npy_rows(tmp / f"{name}.npy", images, sel)
             counts[name] = int(len(sel))
             if name == "train" and data.preview:
                 write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[: data.preview]], ncol=8)))

@@ -1,0 +1,31 @@
+# One entry point for people and CI. Each target creates the virtual environment first
+# (Python 3.11, exact pins from requirements.txt) and reinstalls only when that file changes.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-requirements
+# Stage commands in dvc.yaml call `python`: make it this venv's.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test lint bench-data
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	cp requirements.txt $@
+
+setup: $(STAMP)
+
+repro: $(STAMP)  ## run the whole pipeline (only what changed reruns)
+	dvc repro
+
+test: $(STAMP) lint  ## lint + the whole test suite (offline; a few minutes)
+	python -m pytest -q
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+bench-data: $(STAMP)  ## preprocess benchmark: 10,000 synthetic sprites
+	python benchmarks/preprocess.py
