@@ -23,7 +23,23 @@ BASE_PARAMS = {
         "image_size": 96,
         "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0},
         "preview": 16,
-    }
+    },
+    "model": {
+        "schedule": "learned_nn",
+        "gamma_min": -13.3,
+        "gamma_max": 5.0,
+        "channels": 32,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [8],
+        "dropout": 0.0,
+        "patch_size": 2,
+        "fourier_min": 6,
+        "fourier_max": 8,
+        "antithetic": True,
+        "timesteps": 0,
+        "seed": 0,
+    },
 }
 
 
@@ -32,6 +48,12 @@ def raw_params(**data_overrides) -> dict:
     p = copy.deepcopy(BASE_PARAMS)
     p["data"].update(data_overrides)
     return p
+
+
+def model_params(**overrides):
+    p = copy.deepcopy(BASE_PARAMS)
+    p["model"].update(overrides)
+    return parse_params(p).model
 
 
 def data_params(**data_overrides):

@@ -92,8 +92,53 @@ class DataParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelParams:
+    schedule: typing.Literal["fixed_linear", "learned_linear", "learned_nn"]
+    gamma_min: float  # initial (or fixed) gamma at t = 0 and t = 1
+    gamma_max: float
+    channels: int  # UNet width at the first level
+    channel_mult: list[int]  # one entry per resolution level
+    num_res_blocks: int  # per level
+    attention_resolutions: list[int]  # feature-map sizes with self-attention
+    dropout: float
+    patch_size: int  # space-to-depth stem: 1, 2 or 4
+    fourier_min: int  # Fourier features 2^n * 2pi for n in [fourier_min, fourier_max]
+    fourier_max: int
+    antithetic: bool  # antithetic (low-discrepancy) time sampling
+    timesteps: int  # 0 = continuous-time loss, else T discrete steps
+    seed: int  # weight initialisation
+
+    def check(self, p: str) -> None:
+        _require(
+            -30 <= self.gamma_min < self.gamma_max <= 30,
+            f"{p}.gamma_min/gamma_max",
+            (self.gamma_min, self.gamma_max),
+            "gamma_min < gamma_max, both within [-30, 30]",
+        )
+        _require(1 <= self.channels <= 1024, f"{p}.channels", self.channels, "an integer from 1 to 1024")
+        _require(
+            1 <= len(self.channel_mult) <= 6 and all(1 <= m <= 16 for m in self.channel_mult),
+            f"{p}.channel_mult",
+            list(self.channel_mult),
+            "1 to 6 integers from 1 to 16",
+        )
+        _require(1 <= self.num_res_blocks <= 16, f"{p}.num_res_blocks", self.num_res_blocks, "an integer from 1 to 16")
+        _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "a number in [0, 1)")
+        _require(self.patch_size in (1, 2, 4), f"{p}.patch_size", self.patch_size, "1, 2 or 4")
+        _require(
+            0 <= self.fourier_min <= 12 and self.fourier_min - 1 <= self.fourier_max <= 12,
+            f"{p}.fourier_min/fourier_max",
+            (self.fourier_min, self.fourier_max),
+            "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
+        )
+        _require(0 <= self.timesteps <= 100_000, f"{p}.timesteps", self.timesteps, "0 (continuous) or a step count")
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams
+    model: ModelParams
 
 
 def _convert(value: object, tp: object, key: str) -> object:

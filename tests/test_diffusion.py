@@ -1,0 +1,204 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import model_params
+from vdm.diffusion import (
+    VDM,
+    build_vdm,
+    encode,
+    estimate_bpd,
+    log_prob_levels,
+    log_prob_levels_full,
+    window_half_width,
+)
+from vdm.schedules import make_schedule
+
+LN2 = math.log(2)
+
+
+class Zero(torch.nn.Module):
+    def forward(self, z, gamma):
+        return torch.zeros_like(z)
+
+
+class Linear(torch.nn.Module):
+    """eps_hat = c * z_t: a fixed denoiser whose expected loss has a closed form per t."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, z, gamma):
+        return self.c * z
+
+
+def images(n=4, size=8, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("gamma_0", [-13.3, -12.0, -10.0, -8.0, -7.0, -6.0, -5.0, -3.0])
+def test_windowed_reconstruction_equals_the_full_256_level_sum(gamma_0):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+    x[0, 0, 0, :4] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)  # window clamped at the edges
+    g0 = torch.tensor(gamma_0, dtype=torch.float64)
+    z = encode(x).double() + torch.exp(0.5 * g0) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    fast, full = log_prob_levels(x, z, g0), log_prob_levels_full(x, z, g0)
+    assert torch.allclose(fast, full, rtol=0, atol=1e-9), (fast - full).abs().max()
+    # float32, as in training: the same to float precision
+    fast32 = log_prob_levels(x, z.float(), g0.float())
+    assert torch.allclose(fast32.double(), full, rtol=1e-5, atol=1e-4)
+
+
+def test_window_is_small_at_gamma_min_and_widens_to_the_full_sum():
+    assert 2 * window_half_width(-13.3) + 1 <= 7
+    widths = [window_half_width(g) for g in np.linspace(-13.3, -5, 9)]
+    assert widths == sorted(widths) and 2 * window_half_width(-2.0) + 1 >= 256
+
+
+def test_latent_term_equals_the_closed_form_kl():
+    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 2.0))
+    x = images()
+    loss = model.loss(x, torch.Generator().manual_seed(0))
+    g1 = torch.tensor(2.0)
+    q = torch.distributions.Normal(torch.sqrt(torch.sigmoid(-g1)) * encode(x), torch.sqrt(torch.sigmoid(g1)))
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert torch.allclose(loss.latent, kl / (x[0].numel() * LN2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["fixed_linear", "learned_nn"])
+def test_diffusion_estimator_matches_a_numerical_integral(schedule):
+    torch.manual_seed(0)
+    c = 0.6
+    model = VDM(Linear(c), make_schedule(schedule, -10.0, 6.0), antithetic=True)
+    x = images(n=64, size=4)
+    f = encode(x)
+    d = x[0].numel()
+    # E_eps ||eps - c z_t||^2 = D (1 - c sigma)^2 + c^2 alpha^2 ||f||^2; integrate over t numerically
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    with torch.no_grad():
+        gam, dgam = (v.double() for v in model.schedule(t.float()))
+    alpha, sigma = torch.sqrt(torch.sigmoid(-gam)), torch.sqrt(torch.sigmoid(gam))
+    f2 = (f.double() ** 2).flatten(1).sum(1).mean()
+    integrand = 0.5 * dgam * (d * (1 - c * sigma) ** 2 + c**2 * alpha**2 * f2)
+    exact = torch.trapezoid(integrand, t) / (d * LN2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        est = torch.cat([model.loss(x, g).diffusion for _ in range(200)]).mean()
+    assert est.item() == pytest.approx(exact.item(), rel=0.01)
+
+
+def test_discrete_time_loss_with_a_zero_denoiser_matches_its_formula():
+    t_steps, g0, g1 = 10, -10.0, 6.0
+    model = VDM(Zero(), make_schedule("fixed_linear", g0, g1), timesteps=t_steps)
+    x = images(n=4096, size=4)
+    with torch.no_grad():
+        est = model.loss(x, torch.Generator().manual_seed(0)).diffusion.mean().item()  # +-0.3% (1 s.e.)
+    # each step: gamma_t - gamma_s = (g1 - g0)/T; E||eps||^2 = D
+    exact = 0.5 * t_steps * math.expm1((g1 - g0) / t_steps) / LN2
+    assert est == pytest.approx(exact, rel=0.01)
+    continuous = 0.5 * (g1 - g0) / LN2
+    assert exact > continuous  # T steps bound the continuous-time loss from above
+
+
+def test_oracle_denoiser_drives_the_diffusion_term_to_zero():
+    x = images()
+    f = encode(x)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, z, gamma):
+            g = gamma.view(-1, 1, 1, 1)
+            return (z - torch.sqrt(torch.sigmoid(-g)) * f) / torch.sqrt(torch.sigmoid(g))
+
+    loss = VDM(Oracle(), make_schedule("learned_nn", -13.3, 5.0)).loss(x, torch.Generator().manual_seed(0))
+    assert loss.diffusion.abs().max().item() < 1e-3
+    assert loss.total.min().item() > 0
+
+
+@pytest.mark.parametrize("gamma_min", [-15.0, -13.3, -10.0, -7.0, -5.0])
+def test_all_terms_finite_across_gamma_min(gamma_min):
+    model = build_vdm(model_params(gamma_min=gamma_min), image_size=16)
+    loss = model.loss(images(size=16), torch.Generator().manual_seed(0))
+    for k, v in loss.means().items():
+        assert math.isfinite(v), k
+    loss.total.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_same_seed_same_loss_and_samples():
+    def run():
+        model = build_vdm(model_params(), image_size=16)
+        x = images(size=16)
+        loss = model.loss(x, torch.Generator().manual_seed(5)).total
+        samples, traj = model.sample(3, (3, 16, 16), steps=8, generator=torch.Generator().manual_seed(7),
+                                     trajectory_points=4)
+        return loss, samples, traj
+
+    (l1, s1, t1), (l2, s2, t2) = run(), run()
+    assert torch.equal(l1, l2) and torch.equal(s1, s2)
+    assert s1.dtype == torch.uint8 and s1.shape == (3, 3, 16, 16)
+    assert len(t1) == 4 and all(a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8 for a in t1)
+    assert all(torch.equal(a, b) for a, b in zip(t1, t2, strict=True))
+    other, _ = build_vdm(model_params(), 16).sample(3, (3, 16, 16), 8, torch.Generator().manual_seed(8))
+    assert not torch.equal(s1, other)
+
+
+def test_sampler_batches_give_the_same_images_per_seed_stream():
+    model = build_vdm(model_params(), image_size=16)
+    a, _ = model.sample(4, (3, 16, 16), 4, torch.Generator().manual_seed(0))
+    assert a.shape == (4, 3, 16, 16) and int(a.max()) <= 255
+
+
+def test_sampler_of_an_exact_denoiser_reproduces_the_data_point():
+    """With eps_hat exact for a single data point, ancestral sampling lands on it."""
+    x = images(n=1, size=4)
+    f = encode(x)
+
+    class PointOracle(torch.nn.Module):
+        def forward(self, z, gamma):
+            g = gamma.view(-1, 1, 1, 1)
+            return (z - torch.sqrt(torch.sigmoid(-g)) * f) / torch.sqrt(torch.sigmoid(g))
+
+    model = VDM(PointOracle(), make_schedule("fixed_linear", -13.3, 5.0))
+    out, _ = model.sample(2, (3, 4, 4), steps=50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, x.expand(2, -1, -1, -1))
+
+
+def test_estimate_bpd_mean_and_standard_error():
+    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0))
+    x = images(n=10, size=4)
+    r1 = estimate_bpd(model, x, time_samples=1, batch_size=4, generator=torch.Generator().manual_seed(0))
+    r8 = estimate_bpd(model, x, time_samples=8, batch_size=4, generator=torch.Generator().manual_seed(0))
+    expected = 0.5 * 18.3 / LN2  # zero denoiser, linear schedule: E[diffusion] = (g1 - g0) / (2 ln 2)
+    assert r8["diffusion"] == pytest.approx(expected, rel=0.02)
+    assert r8["total"] == pytest.approx(r8["diffusion"] + r8["latent"] + r8["recon"], rel=1e-6)
+    assert 0 < r8["total_se"] < r1["total_se"]  # more time samples per image, less noise
+    assert r1["images"] == 10 and r8["time_samples"] == 8
+
+
+def test_overfits_a_few_sprites():
+    """A tiny model on 8 synthetic sprites: train bits/dim clearly falls within 200 CPU steps."""
+    from vdm.images import decode
+    from vdm.synthetic import draw_sprite, png_bytes
+
+    x = torch.from_numpy(np.stack([decode(png_bytes(draw_sprite(0, k)), 32).pixels for k in range(8)]))
+    x = x.permute(0, 3, 1, 2).contiguous()
+    model = build_vdm(model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[]), image_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def bpd():
+        with torch.no_grad():
+            return estimate_bpd(model, x, time_samples=16, generator=torch.Generator().manual_seed(9))["total"]
+
+    before = bpd()
+    for _ in range(200):
+        opt.zero_grad()
+        model.loss(x, gen).total.mean().backward()
+        opt.step()
+    after = bpd()
+    print(f"bits/dim before {before:.3f}, after {after:.3f}")
+    assert after < 0.6 * before, (before, after)

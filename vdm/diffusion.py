@@ -1,0 +1,269 @@
+"""The Variational Diffusion Model: its loss in bits/dim, the sampler, the bpd estimator.
+
+Data x in {0..255} is mapped to the centres of 256 bins in [-1, 1]: f = (2x + 1)/256 - 1.
+With alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t f + sigma_t eps:
+
+    diffusion  L_inf = 1/2 E_t[ gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2 ]     (continuous time)
+               L_T   = T/2 E_t[ expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 ]   (T steps, s = t - 1/T)
+    latent     KL(q(z_1|x) || N(0, I)) = 1/2 sum(sigma_1^2 + alpha_1^2 f^2 - log sigma_1^2 - 1)
+    recon      -log p(x|z_0), p(x = k|z_0) proportional to exp(-(z_0/alpha_0 - f_k)^2 SNR_0 / 2)
+
+each summed over dimensions and reported in bits per dimension (divided by D ln 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vdm.errors import UserError
+from vdm.params import ModelParams
+from vdm.schedules import GradScale, Schedule
+
+LEVELS = 256
+BIN = 2.0 / LEVELS  # spacing of the 256 levels in [-1, 1]
+# Levels whose logit is more than this below the best one carry < e^-60 of the mass:
+# nothing a float32 (or float64) sum can see.
+_NEGLIGIBLE_LOGIT = 60.0
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    """uint8 levels {0..255} -> bin centres in [-1, 1] (float32)."""
+    return (2.0 * x.float() + 1.0) / LEVELS - 1.0
+
+
+def decode_nearest(z_rescaled: torch.Tensor) -> torch.Tensor:
+    """The most likely level for z_0 / alpha_0: the nearest bin centre, as uint8."""
+    return torch.clamp(torch.round((z_rescaled + 1.0) * (LEVELS / 2) - 0.5), 0, LEVELS - 1).to(torch.uint8)
+
+
+def window_half_width(gamma_0: float) -> int:
+    """Levels each side of the nearest one that can carry mass, given gamma_0 = -log SNR_0."""
+    scale = math.exp(-0.5 * gamma_0)  # sqrt(SNR_0): logits are -(scale * distance)^2 / 2
+    return int(math.ceil(math.sqrt(2 * _NEGLIGIBLE_LOGIT) / (scale * BIN))) + 1
+
+
+def log_prob_levels(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """log p(x | z_0) per element for the 256-level discretised decoder, exactly, but without
+    a (..., 256) tensor unless gamma_0 is so large that mass spreads over all levels.
+
+    The normaliser logsumexp_k(logit_k) is taken over a window of levels around the nearest
+    one, wide enough (from gamma_0) that every level outside it is below e^-60 of the peak.
+    """
+    scale = torch.exp(-0.5 * gamma_0)
+    logit_true = -0.5 * torch.square((z_rescaled - encode(x)) * scale)
+    w = window_half_width(float(gamma_0.detach()))
+    if 2 * w + 1 >= LEVELS:
+        levels = torch.arange(LEVELS, device=x.device)
+    else:
+        nearest = decode_nearest(z_rescaled.detach()).long()
+        # window [lo, lo + 2w] clamped to stay within 0..255, so it always holds 2w + 1 levels
+        lo = torch.clamp(nearest - w, 0, LEVELS - 1 - 2 * w)
+        levels = lo[..., None] + torch.arange(2 * w + 1, device=x.device)
+    centres = (2.0 * levels + 1.0) / LEVELS - 1.0
+    logits = -0.5 * torch.square((z_rescaled[..., None] - centres) * scale)
+    return logit_true - torch.logsumexp(logits, dim=-1)
+
+
+def log_prob_levels_full(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+    """Reference: the same, with the full (..., 256) tensor. For tests and benchmarks."""
+    centres = encode(torch.arange(LEVELS, device=x.device))
+    logits = -0.5 * torch.square((z_rescaled[..., None] - centres) * torch.exp(-0.5 * gamma_0))
+    return torch.gather(torch.log_softmax(logits, dim=-1), -1, x.long()[..., None])[..., 0]
+
+
+@dataclass
+class Loss:
+    """Per-example terms in bits/dim (shape (B,)), and the schedule's endpoints."""
+
+    total: torch.Tensor
+    diffusion: torch.Tensor
+    latent: torch.Tensor
+    recon: torch.Tensor
+    gamma_0: torch.Tensor
+    gamma_1: torch.Tensor
+
+    def means(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach().float().mean()) for k in self.__dataclass_fields__}
+
+
+def sample_times(batch: int, antithetic: bool, generator: torch.Generator | None, device) -> torch.Tensor:
+    """t in [0, 1): i.i.d. uniform, or one uniform shifted by i/B (antithetic, low variance)."""
+    if antithetic:
+        u = torch.rand((), generator=generator, device=device)
+        return torch.remainder(u + torch.arange(batch, device=device) / batch, 1.0)
+    return torch.rand(batch, generator=generator, device=device)
+
+
+class VDM(nn.Module):
+    def __init__(self, net: nn.Module, schedule: Schedule, antithetic: bool = True, timesteps: int = 0):
+        """`net(z_t, gamma_t) -> eps_hat`; timesteps = 0 for continuous time, else T."""
+        super().__init__()
+        self.net, self.schedule = net, schedule
+        self.antithetic, self.timesteps = antithetic, timesteps
+
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
+        """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim."""
+        b = x.shape[0]
+        dims = x[0].numel()
+        to_bpd = 1.0 / (dims * math.log(2))
+        f = encode(x)
+
+        # diffusion term
+        box = GradScale()
+        t = sample_times(b, self.antithetic, generator, x.device)
+        if self.timesteps:
+            t = torch.ceil(t * self.timesteps).clamp(min=1) / self.timesteps
+        gamma_t, dgamma_t = self.schedule(t, box)
+        eps = torch.randn(f.shape, generator=generator, device=x.device)
+        g = gamma_t.view(b, 1, 1, 1)
+        z_t = torch.sqrt(torch.sigmoid(-g)) * f + torch.sqrt(torch.sigmoid(g)) * eps
+        eps_hat = self.net(z_t, gamma_t)
+        sse = torch.square(eps - eps_hat.float()).flatten(1).sum(1)
+        if self.timesteps:
+            gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, box)
+            diffusion = 0.5 * self.timesteps * torch.expm1(gamma_t - gamma_s) * sse
+        else:
+            diffusion = 0.5 * dgamma_t * sse
+        diffusion = diffusion * to_bpd
+        box.scale = 2.0 * diffusion.detach()  # the schedule's shape descends E[L^2]
+
+        # latent term: KL(q(z_1|x) || N(0, I))
+        g1 = self.schedule.gamma_1
+        var_1 = torch.sigmoid(g1)
+        latent = 0.5 * (var_1 + torch.sigmoid(-g1) * torch.square(f) - torch.log(var_1) - 1.0)
+        latent = latent.flatten(1).sum(1) * to_bpd
+
+        # reconstruction term: -log p(x | z_0), z_0 ~ q(z_0 | x)
+        g0 = self.schedule.gamma_0
+        eps_0 = torch.randn(f.shape, generator=generator, device=x.device)
+        z_0_rescaled = f + torch.exp(0.5 * g0) * eps_0  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps
+        recon = -log_prob_levels(x, z_0_rescaled, g0).flatten(1).sum(1) * to_bpd
+
+        total = diffusion + latent + recon
+        return Loss(total, diffusion, latent, recon, g0.detach().expand(b), g1.detach().expand(b))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
+        return self.loss(x, generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        shape: tuple[int, int, int],
+        steps: int,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+        trajectory_points: int = 0,
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Ancestral sampling with the paper's p(z_s | z_t) over `steps` steps.
+
+        Returns (n, C, H, W) uint8 images and, if trajectory_points > 0, that many snapshots
+        of z_t at evenly spaced t from 1 to 0 (each (n, C, H, W) uint8, z_t clipped to [-1, 1]).
+        """
+        batch_size = batch_size or n
+        outs, trajs = [], []
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            x, traj = self._sample_batch(m, shape, steps, generator, torch.device(device), trajectory_points)
+            outs.append(x)
+            trajs.append(traj)
+        traj = [torch.cat([t[i] for t in trajs]) for i in range(len(trajs[0]))] if trajectory_points else []
+        return torch.cat(outs), traj
+
+    def _sample_batch(self, n, shape, steps, generator, device, trajectory_points):
+        z = torch.randn((n, *shape), generator=generator, device=device)
+        keep = set()
+        if trajectory_points:
+            keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
+        traj = []
+
+        def snap(z):
+            return ((z.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+        for i in range(steps, 0, -1):
+            if steps - i in keep:
+                traj.append(snap(z))
+            t = torch.full((n,), i / steps, device=device)
+            s = torch.full((n,), (i - 1) / steps, device=device)
+            gamma_t, _ = self.schedule(t)
+            gamma_s, _ = self.schedule(s)
+            eps_hat = self.net(z, gamma_t).float()
+            gt, gs = gamma_t.view(-1, 1, 1, 1), gamma_s.view(-1, 1, 1, 1)
+            c = -torch.expm1(gs - gt)  # 1 - SNR(t)/SNR(s)
+            alpha_ratio = torch.sqrt(torch.sigmoid(-gs) / torch.sigmoid(-gt))
+            mean = alpha_ratio * (z - c * torch.sqrt(torch.sigmoid(gt)) * eps_hat)
+            std = torch.sqrt(torch.sigmoid(gs) * c)
+            z = mean + std * torch.randn(z.shape, generator=generator, device=device)
+        if steps in keep:
+            traj.append(snap(z))
+        g0 = self.schedule.gamma_0
+        x = decode_nearest(z / torch.sqrt(torch.sigmoid(-g0)))
+        return x.cpu(), traj
+
+
+@torch.no_grad()
+def estimate_bpd(
+    model: VDM,
+    images: torch.Tensor,
+    time_samples: int = 1,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Bits/dim over a dataset: each image's bound averaged over K time (and noise) samples,
+    then mean and standard error over images, for the total and each term.
+
+    images: (N, C, H, W) uint8 (or NHWC numpy-backed uint8 permuted to NCHW).
+    """
+    per_image = {k: [] for k in ("total", "diffusion", "latent", "recon")}
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device)
+        acc = None
+        for _ in range(time_samples):
+            loss = model.loss(x, generator)
+            terms = torch.stack([loss.total, loss.diffusion, loss.latent, loss.recon])
+            acc = terms if acc is None else acc + terms
+        acc = (acc / time_samples).double().cpu()
+        for i, k in enumerate(per_image):
+            per_image[k].append(acc[i])
+    out = {}
+    for k, parts in per_image.items():
+        v = torch.cat(parts)
+        out[k] = float(v.mean())
+        out[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    out["images"] = len(images)
+    out["time_samples"] = time_samples
+    return out
+
+
+def build_vdm(model: ModelParams, image_size: int) -> VDM:
+    """The VDM that params.yaml's `model` section describes, initialised from model.seed."""
+    from vdm.schedules import make_schedule
+    from vdm.unet import UNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(model.seed)
+        try:
+            net = UNet(
+                image_size=image_size,
+                channels=model.channels,
+                channel_mult=tuple(model.channel_mult),
+                num_res_blocks=model.num_res_blocks,
+                attention_resolutions=tuple(model.attention_resolutions),
+                dropout=model.dropout,
+                patch_size=model.patch_size,
+                fourier_min=model.fourier_min,
+                fourier_max=model.fourier_max,
+                gamma_min=model.gamma_min,
+                gamma_max=model.gamma_max,
+            )
+        except ValueError as e:
+            raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None
+        schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)
+    return VDM(net, schedule, antithetic=model.antithetic, timesteps=model.timesteps)

@@ -1,0 +1,208 @@
+"""The score network: a UNet that predicts eps from (z_t, gamma_t).
+
+    z_t ─ Fourier features (sin/cos of 2^n * 2pi * z_t, concatenated to z_t)
+        ─ space-to-depth stem (patch p: p x p pixels -> one position with p*p times the channels)
+        ─ down levels (res blocks [+ attention], stride-2 conv) ─ middle (res, attn, res)
+        ─ up levels (res blocks on skip concatenations [+ attention], nearest upsample + conv)
+        ─ GroupNorm, SiLU, zero-initialised conv ─ depth-to-space ─ eps_hat
+
+Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP.
+Attention runs only at the feature-map sizes listed in `attention_resolutions`, with
+torch.nn.functional.scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def fourier_features(z: torch.Tensor, n_min: int, n_max: int) -> torch.Tensor:
+    """Concatenate sin and cos of 2^n * 2pi * z for n in [n_min, n_max] to z (channel axis).
+
+    Levels in [-1, 1] are 2/256 = 1/128 apart: frequencies up to 2^7 * 2pi and beyond
+    resolve them (the paper uses n = 6, 7, 8 with gamma_min = -13.3).
+    """
+    if n_max < n_min:
+        return z
+    freqs = (2.0 ** torch.arange(n_min, n_max + 1, device=z.device, dtype=z.dtype)) * (2 * math.pi)
+    h = z[:, :, None] * freqs[None, None, :, None, None]  # (B, C, F, H, W)
+    h = h.flatten(1, 2)
+    return torch.cat([z, torch.sin(h), torch.cos(h)], dim=1)
+
+
+def gamma_embedding(gamma: torch.Tensor, dim: int, gamma_min: float, gamma_max: float) -> torch.Tensor:
+    """Sinusoidal embedding of gamma rescaled to [0, 1000] over the schedule's range."""
+    t = (gamma - gamma_min) / (gamma_max - gamma_min) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=gamma.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 96,
+        channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attention_resolutions: tuple[int, ...] = (),
+        dropout: float = 0.0,
+        patch_size: int = 1,
+        fourier_min: int = 6,
+        fourier_max: int = 8,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
+        self.patch, self.fourier = patch_size, (fourier_min, fourier_max)
+        self.gamma_range = (gamma_min, gamma_max)
+        self.emb_dim = channels
+        n_fourier = max(0, fourier_max - fourier_min + 1)
+        c_stem = in_channels * (1 + 2 * n_fourier) * patch_size**2
+        self.emb_mlp = nn.Sequential(
+            nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
+        )
+        emb_dim = 4 * channels
+        self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
+
+        res = image_size // patch_size
+        chans = [channels]
+        c = channels
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                blocks = nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout)])
+                c = channels * mult
+                if res in attention_resolutions:
+                    blocks.append(Attention(c))
+                self.down.append(blocks)
+                chans.append(c)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
+                chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c), ResBlock(c, c, emb_dim, dropout)])
+        if res not in attention_resolutions:
+            self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout)])  # no attention at this size
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                blocks = nn.ModuleList([ResBlock(c + chans.pop(), channels * mult, emb_dim, dropout)])
+                c = channels * mult
+                if res in attention_resolutions:
+                    blocks.append(Attention(c))
+                if level != 0 and i == num_res_blocks:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    blocks.append(nn.Conv2d(c, c, 3, padding=1))
+                    res *= 2
+                self.up.append(blocks)
+        self.out_norm = nn.GroupNorm(_groups(c), c)
+        self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        emb = self.emb_mlp(gamma_embedding(gamma, self.emb_dim, *self.gamma_range))
+        h = fourier_features(z, *self.fourier)
+        if self.patch > 1:
+            h = F.pixel_unshuffle(h, self.patch)
+        h = self.stem(h)
+        skips = [h]
+        for blocks in self.down:
+            for m in blocks:
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            skips.append(h)
+        for m in self.mid:
+            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+        for blocks in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for m in blocks:
+                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+        h = self.out(F.silu(self.out_norm(h)))
+        if self.patch > 1:
+            h = F.pixel_shuffle(h, self.patch)
+        return h
+
+
+def check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels=3):
+    """Raise ValueError naming the problem for a UNet that cannot work."""
+    if patch_size not in (1, 2, 4):
+        raise ValueError(f"patch_size must be 1, 2 or 4, got {patch_size}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if channels < 2 * in_channels * patch_size**2:
+        raise ValueError(
+            f"channels = {channels} is too few for a {patch_size}x{patch_size} stem: each position carries "
+            f"{in_channels * patch_size**2} values of z_t, and the first level needs at least twice that "
+            f"({2 * in_channels * patch_size**2}) to pass z_t through and compute with it"
+        )
+    if not channel_mult:
+        raise ValueError("channel_mult must list at least one level")
+    res = image_size // patch_size
+    sizes = []
+    for level in range(len(channel_mult)):
+        sizes.append(res)
+        if level != len(channel_mult) - 1:
+            if res % 2:
+                raise ValueError(
+                    f"feature map of {res}x{res} at level {level} cannot be halved: use fewer levels in "
+                    f"channel_mult or another patch_size"
+                )
+            res //= 2
+    bad = [r for r in attention_resolutions if r not in sizes]
+    if bad:
+        raise ValueError(f"attention_resolutions {bad} are not feature-map sizes of this UNet (sizes: {sizes})")
+    return sizes
