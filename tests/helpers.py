@@ -36,6 +36,7 @@ BASE_PARAMS = {
         "patch_size": 2,
         "fourier_min": 6,
         "fourier_max": 8,
+        "checkpointing": False,
         "antithetic": True,
         "timesteps": 0,
         "seed": 0,

@@ -133,8 +133,9 @@ def test_same_seed_same_loss_and_samples():
         model = build_vdm(model_params(), image_size=16)
         x = images(size=16)
         loss = model.loss(x, torch.Generator().manual_seed(5)).total
-        samples, traj = model.sample(3, (3, 16, 16), steps=8, generator=torch.Generator().manual_seed(7),
-                                     trajectory_points=4)
+        samples, traj = model.sample(
+            3, (3, 16, 16), steps=8, generator=torch.Generator().manual_seed(7), trajectory_points=4
+        )
         return loss, samples, traj
 
     (l1, s1, t1), (l2, s2, t2) = run(), run()

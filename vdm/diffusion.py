@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vdm.errors import UserError
@@ -262,6 +261,7 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
                 fourier_max=model.fourier_max,
                 gamma_min=model.gamma_min,
                 gamma_max=model.gamma_max,
+                checkpointing=model.checkpointing,
             )
         except ValueError as e:
             raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None

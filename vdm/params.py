@@ -104,6 +104,7 @@ class ModelParams:
     patch_size: int  # space-to-depth stem: 1, 2 or 4
     fourier_min: int  # Fourier features 2^n * 2pi for n in [fourier_min, fourier_max]
     fourier_max: int
+    checkpointing: bool  # recompute activations in backward: less memory, ~1/3 more compute
     antithetic: bool  # antithetic (low-discrepancy) time sampling
     timesteps: int  # 0 = continuous-time loss, else T discrete steps
     seed: int  # weight initialisation

@@ -17,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -106,8 +107,10 @@ class UNet(nn.Module):
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         in_channels: int = 3,
+        checkpointing: bool = False,
     ):
         super().__init__()
+        self.checkpointing = checkpointing
         check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
         self.patch, self.fourier = patch_size, (fourier_min, fourier_max)
         self.gamma_range = (gamma_min, gamma_max)
@@ -154,6 +157,15 @@ class UNet(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(c), c)
         self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
 
+    def _block(self, m: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not isinstance(m, (ResBlock, Attention)):
+            return m(h)
+        args = (h, emb) if isinstance(m, ResBlock) else (h,)
+        if self.checkpointing and torch.is_grad_enabled():
+            # keep only block inputs for backward; recompute the rest (less memory, ~1/3 more compute)
+            return torch.utils.checkpoint.checkpoint(m, *args, use_reentrant=False)
+        return m(*args)
+
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         emb = self.emb_mlp(gamma_embedding(gamma, self.emb_dim, *self.gamma_range))
         h = fourier_features(z, *self.fourier)
@@ -163,14 +175,14 @@ class UNet(nn.Module):
         skips = [h]
         for blocks in self.down:
             for m in blocks:
-                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+                h = self._block(m, h, emb)
             skips.append(h)
         for m in self.mid:
-            h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+            h = self._block(m, h, emb)
         for blocks in self.up:
             h = torch.cat([h, skips.pop()], dim=1)
             for m in blocks:
-                h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+                h = self._block(m, h, emb)
         h = self.out(F.silu(self.out_norm(h)))
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from tests.helpers import model_params
+from vdm.diffusion import build_vdm
+from vdm.ema import make_ema, warmup_decay
+from vdm.errors import UserError
+from vdm.unet import UNet, fourier_features
+
+
+@pytest.mark.parametrize("patch,channels", [(1, 16), (2, 32), (4, 96)])
+def test_output_matches_input_shape_and_starts_at_zero(patch, channels):
+    torch.manual_seed(0)
+    net = UNet(
+        image_size=32,
+        channels=channels,
+        channel_mult=(1, 2),
+        attention_resolutions=(32 // patch // 2,),
+        patch_size=patch,
+    )
+    z = torch.randn(2, 3, 32, 32)
+    out = net(z, torch.tensor([-5.0, 3.0]))
+    assert out.shape == z.shape
+    assert out.abs().max() == 0  # zero-initialised output: eps_hat = 0 at the start
+
+
+def test_learns_something_and_every_parameter_gets_gradient():
+    torch.manual_seed(0)
+    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(16, 8), patch_size=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    z, g = torch.randn(2, 3, 16, 16), torch.tensor([0.0, 1.0])
+    for _ in range(4):  # zero-initialised layers pass gradient back once they have moved
+        opt.zero_grad()
+        (net(z, g) - z).square().mean().backward()
+        opt.step()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(8,), patch_size=2)
+    for p in net.parameters():  # move off the zero init so the output is informative
+        p.data.add_(0.01 * torch.randn_like(p))
+    z, g = torch.randn(2, 3, 16, 16), torch.tensor([-3.0, 2.0])
+    ref = net(z, g)
+    net_cl = net.to(memory_format=torch.channels_last)
+    out = net_cl(z.contiguous(memory_format=torch.channels_last), g)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(channels=40, patch_size=4), "too few for a 4x4 stem"),
+        (dict(channels=16, patch_size=2), "too few for a 2x2 stem"),
+        (dict(patch_size=3), "patch_size"),
+        (dict(channel_mult=[1, 2, 2, 2, 2]), "cannot be halved"),
+        (dict(attention_resolutions=[7]), "not feature-map sizes"),
+    ],
+)
+def test_configs_that_cannot_work_are_rejected_by_name(kw, match):
+    with pytest.raises((UserError, ValueError), match=match):
+        build_vdm(model_params(**kw), image_size=48)
+
+
+def test_fourier_features_resolve_adjacent_pixel_levels():
+    z = torch.tensor([0.0, 1 / 128]).view(1, 1, 2, 1)  # two adjacent levels
+    h = fourier_features(z, 6, 8)
+    assert h.shape == (1, 1 + 2 * 3, 2, 1)
+    # at 2^7 * 2pi the features of neighbouring levels differ by a whole unit
+    assert (h[0, :, 0, 0] - h[0, :, 1, 0]).abs().max() > 0.9
+
+
+def test_ema_warms_up_then_averages():
+    assert warmup_decay(0.999, 0) == pytest.approx(0.1) and warmup_decay(0.999, 10**6) == 0.999
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = make_ema(model, 0.999)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema.update_parameters(model)  # the first update copies
+    for _ in range(50):
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema.update_parameters(model)
+    w = ema.module.weight.item()
+    assert 0.5 < w < 1.0  # followed the model in 50 steps; a fixed 0.999 would be at ~0.05
+    assert ema.module is not model
+
+
+def test_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(8,), patch_size=2)
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    z, g = torch.randn(2, 3, 16, 16), torch.tensor([-3.0, 2.0])
+
+    def grads():
+        net.zero_grad()
+        net(z, g).square().sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    plain = grads()
+    net.checkpointing = True
+    for a, b in zip(plain, grads(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
