@@ -42,6 +42,8 @@ def decode_nearest(z_rescaled: torch.Tensor) -> torch.Tensor:
 
 def window_half_width(gamma_0: float) -> int:
     """Levels each side of the nearest one that can carry mass, given gamma_0 = -log SNR_0."""
+    if not math.isfinite(gamma_0) or gamma_0 > 20:  # diverged: let the full sum show the NaN
+        return LEVELS
     scale = math.exp(-0.5 * gamma_0)  # sqrt(SNR_0): logits are -(scale * distance)^2 / 2
     return int(math.ceil(math.sqrt(2 * _NEGLIGIBLE_LOGIT) / (scale * BIN))) + 1
 

@@ -137,9 +137,64 @@ class ModelParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainParams:
+    steps: int
+    batch_size: int  # per process (x world size under torchrun)
+    lr: float  # peak learning rate (AdamW)
+    warmup_steps: int  # linear warm-up from 0
+    cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
+    final_lr_fraction: float
+    weight_decay: float
+    grad_clip: float  # max gradient norm; 0 = off
+    ema_decay: float  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
+    log_every: int  # steps between logged loss rows (and non-finite checks)
+    eval_every: int  # steps between validation bits/dim (EMA weights); 0 = only at the end
+    eval_images: int  # validation (and train) images in each bits/dim estimate
+    sample_every: int  # steps between sample grids; 0 = only at the end
+    sample_count: int
+    sample_steps: int
+    checkpoint_every: int  # steps between resumable checkpoints (outside DVC outs)
+    seed: int
+    device: str  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    compile: bool  # torch.compile the UNet (CUDA)
+    num_workers: int  # DataLoader worker processes
+    wandb: typing.Literal["offline", "online", "disabled"]
+
+    def check(self, p: str) -> None:
+        def positive(name: str, v, what="an integer >= 1"):
+            _require(v >= 1, f"{p}.{name}", v, what)
+
+        positive("steps", self.steps)
+        positive("batch_size", self.batch_size)
+        _require(0 < self.lr <= 1, f"{p}.lr", self.lr, "a learning rate in (0, 1]")
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(0 <= self.final_lr_fraction <= 1, f"{p}.final_lr_fraction", self.final_lr_fraction, "in [0, 1]")
+        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.grad_clip >= 0, f"{p}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
+        _require(0 <= self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in [0, 1)")
+        positive("log_every", self.log_every)
+        for name in ("eval_every", "sample_every"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", getattr(self, name), "an integer >= 0 (0 = at the end)")
+        positive("eval_images", self.eval_images)
+        _require(0 <= self.sample_count <= 1024, f"{p}.sample_count", self.sample_count, "an integer from 0 to 1024")
+        positive("sample_steps", self.sample_steps)
+        positive("checkpoint_every", self.checkpoint_every)
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        dev = self.device
+        _require(
+            dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+            f"{p}.device",
+            dev,
+            "auto, cpu, cuda, cuda:N or mps",
+        )
+        _require(0 <= self.num_workers <= 64, f"{p}.num_workers", self.num_workers, "an integer from 0 to 64")
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams
     model: ModelParams
+    train: TrainParams
 
 
 def _convert(value: object, tp: object, key: str) -> object:

@@ -1,0 +1,233 @@
+"""The train stage: outputs, determinism, resume equivalence (SIGINT and SIGKILL), the
+non-finite guard, bad input, and DDP under torchrun with 2 CPU processes."""
+
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import BASE_PARAMS, ROOT, subprocess_env
+from vdm.errors import ParamError, UserError
+from vdm.params import parse_params
+from vdm.preprocess import preprocess
+from vdm.sources import fetch
+from vdm.training import NonFiniteLoss, Outputs, lr_factor, train
+
+
+def tiny(**train):
+    p = copy.deepcopy(BASE_PARAMS)
+    p["data"]["image_size"] = 32
+    p["model"]["attention_resolutions"] = [8]
+    p["train"].update(train)
+    return p
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data = parse_params(tiny()).data
+    fetch(data, root / "raw")
+    preprocess(data, root / "raw", root / "processed", root / "data.json", workers=1)
+    return root / "processed"
+
+
+def outs(base):
+    return Outputs(base / "models", base / "metrics", base / "plots", base / "checkpoints")
+
+
+def weights(base, name="model.pt"):
+    return torch.load(base / "models" / name, weights_only=True)
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_outputs_and_bit_identical_reruns(tmp_path, processed):
+    p = parse_params(tiny())
+    r1 = train(p, processed, outs(tmp_path / "a"))
+    train(p, processed, outs(tmp_path / "b"))
+    for base in ("a", "b"):
+        assert {f.name for f in (tmp_path / base / "models").iterdir()} == {"model.pt", "ema.pt", "config.json"}
+    assert (tmp_path / "a/metrics/train.json").read_bytes() == (tmp_path / "b/metrics/train.json").read_bytes()
+    assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert same_weights(weights(tmp_path / "a", "ema.pt"), weights(tmp_path / "b", "ema.pt"))
+    assert not same_weights(weights(tmp_path / "a"), weights(tmp_path / "a", "ema.pt"))
+    m = json.loads((tmp_path / "a/metrics/train.json").read_text())
+    assert (
+        m["steps"] == 6
+        and m["val_bpd"] > 0
+        and m["val_bpd"] == pytest.approx(m["val_diffusion"] + m["val_latent"] + m["val_recon"], rel=1e-6)
+    )
+    assert r1["img_per_s"] > 0 and json.loads((tmp_path / "a/metrics/train_perf.json").read_text())["wall_s"] >= 0
+    rows = (tmp_path / "a/plots/train.csv").read_text().splitlines()
+    assert rows[0].startswith("step,total,diffusion,latent,recon,gamma_0,gamma_1,lr") and len(rows) == 1 + 3
+    assert (tmp_path / "a/plots/val.csv").read_text().count("\n") == 1 + 2  # step 3 and the end
+    assert sorted(f.name for f in (tmp_path / "a/plots/samples").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert not list((tmp_path / "a/checkpoints").glob("*.pt"))  # removed once training completes
+    cfg = json.loads((tmp_path / "a/models/config.json").read_text())
+    assert cfg["params"]["train"]["lr"] == 0.001 and len(cfg["config_hash"]) == 16
+
+
+def test_trained_model_loads_with_weights_only(tmp_path, processed):
+    from vdm.checkpoint import load_model
+
+    train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path))
+    model, cfg = load_model(tmp_path / "models")
+    x, _ = model.sample(2, (3, 32, 32), 2, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 32, 32) and cfg["steps"] == 2
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, 10, 100, True, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert lr_factor(50, 10, 100, False, 0.1) == 1.0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):
+    import vdm.training as training
+
+    real = training.build_vdm
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        model = real(*a, **k)
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] > 4 else output  # steps 5+ go bad
+
+        model.net.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(training, "build_vdm", poisoned)
+    p = parse_params(tiny(steps=8, eval_every=0, sample_every=0))
+    with pytest.raises(NonFiniteLoss, match=r"step 6 .*total=nan") as e:
+        train(p, processed, outs(tmp_path))
+    assert "last good checkpoint is kept" in str(e.value)
+    (ck,) = (tmp_path / "checkpoints").glob("*.pt")
+    assert torch.load(ck, weights_only=True)["step"] == 4
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "train_over,model_over,match",
+    [({"lr": -0.001}, {}, "train.lr"), ({}, {"schedule": "cosine"}, "model.schedule")],
+)
+def test_bad_params(train_over, model_over, match):
+    p = tiny(**train_over)
+    p["model"].update(model_over)
+    with pytest.raises(ParamError, match=match):
+        parse_params(p)
+
+
+def test_batch_larger_than_the_training_set(tmp_path, processed):
+    with pytest.raises(UserError, match="batch_size = 1000 is larger than the training set"):
+        train(parse_params(tiny(batch_size=1000)), processed, outs(tmp_path))
+
+
+def test_missing_processed_data(tmp_path):
+    with pytest.raises(UserError, match="dvc repro preprocess"):
+        train(parse_params(tiny()), tmp_path / "nothing", outs(tmp_path))
+
+
+def test_checkpoint_of_another_config_is_left_alone(tmp_path, processed, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    other = tmp_path / "checkpoints/0123456789abcdef.pt"
+    other.write_bytes(b"someone else's run")
+    train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path))
+    assert "starting fresh (1 checkpoint(s) of other configs left untouched" in capsys.readouterr().err
+    assert other.read_bytes() == b"someone else's run"
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path, processed):
+    from vdm.checkpoint import config_hash
+
+    p = parse_params(tiny())
+    (tmp_path / "checkpoints").mkdir()
+    ck = tmp_path / "checkpoints" / f"{config_hash(p, processed)}.pt"
+    ck.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UserError, match="cannot be loaded.*left in place"):
+        train(p, processed, outs(tmp_path))
+    assert ck.read_bytes() == b"PK\x03\x04 truncated"
+
+
+# --- as a process: signals, SIGKILL, DDP ------------------------------------------------
+
+
+def project(tmp_path, processed, **train_over):
+    import shutil
+
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    if not (tmp_path / "data/processed").exists():
+        shutil.copytree(processed, tmp_path / "data/processed")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**train_over)))
+    for name in ("vdm", "stages"):
+        if not (tmp_path / name).exists():
+            shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def start(proj, *cmd):
+    env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
+    cmd = cmd or (sys.executable, "-m", "stages.train")
+    return subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proj, p, timeout=120):
+    t0 = time.time()
+    while not list((proj / "checkpoints").glob("*.pt")):
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+LONG = dict(steps=30, checkpoint_every=3, eval_every=0, sample_every=0, log_every=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, processed):
+    proj = project(tmp_path_factory.mktemp("ref"), processed, **LONG)
+    p = start(proj)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    return weights(proj), (proj / "metrics/train.json").read_bytes()
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, processed, uninterrupted, how):
+    proj = project(tmp_path, processed, **LONG)
+    p = start(proj)
+    wait_for_checkpoint(proj, p)
+    p.send_signal(how)
+    out, err = p.communicate(timeout=120)
+    if how != signal.SIGKILL:
+        assert p.returncode == 2 and "checkpoint saved" in err and "Traceback" not in err, err
+    assert list((proj / "checkpoints").glob("*.pt"))
+    p = start(proj)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "resuming from" in err
+    ref_weights, ref_metrics = uninterrupted
+    assert same_weights(weights(proj), ref_weights)
+    assert (proj / "metrics/train.json").read_bytes() == ref_metrics
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, processed):
+    proj = project(tmp_path, processed, steps=4, batch_size=2, eval_every=0, sample_every=2)
+    p = start(
+        proj, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.train"
+    )
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "ddp: 2 processes, weights identical across ranks: True" in out
+    perf = json.loads((proj / "metrics/train_perf.json").read_text())
+    assert perf["processes"] == 2
+    assert (proj / "models/ema.pt").is_file() and len(list((proj / "plots/samples").iterdir())) == 2

@@ -1,0 +1,102 @@
+"""Training data: the processed uint8 arrays, memory-mapped, served in reproducible batches.
+
+The batch for step s depends only on (seed, s, rank, world size): epochs are shuffled by
+torch's DistributedSampler (seeded with seed + epoch; one replica when not distributed),
+so a run resumed at step s sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vdm.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+def load_split(processed: str | os.PathLike, split: str) -> np.ndarray:
+    """(N, H, W, 3) uint8, memory-mapped read-only."""
+    path = Path(processed) / f"{split}.npy"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the data stages first (`dvc repro preprocess`)")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable .npy array ({e}): rerun `dvc repro -f preprocess`") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise UserError(f"{path} holds {arr.dtype} {arr.shape}, expected (N, H, W, 3) uint8: rerun preprocess")
+    return arr
+
+
+def to_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) uint8 (channels_last in memory). Arrays are copied
+    (a memory-mapped slice is read-only); tensors are viewed."""
+    t = torch.from_numpy(np.array(batch)) if isinstance(batch, np.ndarray) else batch
+    return t.permute(0, 3, 1, 2)
+
+
+class _Range:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index lists for steps start..steps-1 (one list per step), shard `rank` of `world`."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
+        self.sampler = DistributedSampler(
+            _Range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch, self.start, self.steps = batch, start, steps
+        self.per_epoch = len(self.sampler) // batch
+        if self.per_epoch == 0:
+            raise UserError(
+                f"train.batch_size = {batch} is larger than the training set's {len(self.sampler)} images "
+                f"per process: lower train.batch_size or use more data"
+            )
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for step in range(self.start, self.steps):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                self.sampler.set_epoch(e)
+                epoch, order = e, list(self.sampler)
+            yield order[k * self.batch : (k + 1) * self.batch]
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[i]))
+
+    def __getitems__(self, idx: list[int]) -> torch.Tensor:  # one fancy-indexed read per batch
+        return torch.from_numpy(self.array[np.asarray(idx)])
+
+
+def batch_loader(array: np.ndarray, sampler: StepBatches, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Yields (B, H, W, 3) uint8 tensors, one per step."""
+    return DataLoader(
+        ArrayDataset(array),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=lambda x: x,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,57 @@
+"""Experiment tracking: Weights & Biases (offline by default) and DVC's plot files.
+
+wandb modes: `offline` (no account needed; `wandb sync wandb/offline-run-*` uploads later),
+`online` (needs WANDB_API_KEY in the environment: it is read from there only and never
+written by this project), `disabled` (tests). The run is named after the DVC experiment
+(DVC_EXP_NAME, set by `dvc exp run`) or, for `dvc repro`, after the config hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import numpy as np
+
+from vdm.atomic import write_bytes
+
+
+def run_name(config_key: str) -> str:
+    return os.environ.get("DVC_EXP_NAME") or f"repro-{config_key[:8]}"
+
+
+class Tracker:
+    def __init__(self, mode: str, config: dict, name: str, enabled: bool = True):
+        self.run = None
+        if mode == "disabled" or not enabled:
+            return
+        import wandb  # slow to import; only when tracking
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project="vdm-pokemon", name=name, mode=mode, config=config, dir=".", settings=wandb.Settings(console="off")
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def image(self, key: str, grid: np.ndarray, step: int, caption: str = "") -> None:
+        if self.run is not None:
+            self.run.log({key: self._wandb.Image(grid, caption=caption)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """Rows (dicts with the same keys) as a CSV file for `dvc plots`, written atomically."""
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_bytes(path, buf.getvalue().encode())

@@ -1,0 +1,402 @@
+"""The training loop: AdamW with warm-up and cosine decay, gradient clipping, EMA, periodic
+validation bits/dim and sample grids, resumable checkpoints, DDP under torchrun.
+
+Reproducibility: every random draw of step s (time samples, noise, dropout, the batch)
+derives from (train.seed, s, rank), never from state carried between steps. So a run
+resumed from a checkpoint at step s continues exactly as an uninterrupted run would, and
+the same params + data on the same machine give bit-identical weights and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vdm import checkpoint as ckpt
+from vdm.atomic import write_bytes, write_json
+from vdm.data import StepBatches, batch_loader, load_split, to_nchw
+from vdm.diffusion import VDM, build_vdm, estimate_bpd
+from vdm.ema import make_ema
+from vdm.errors import UserError
+from vdm.images import image_grid, png_bytes
+from vdm.params import Params, as_dict
+from vdm.tracking import Tracker, run_name, write_csv
+
+
+class Interrupted(UserError):
+    """SIGINT/SIGTERM: a checkpoint was written; rerun to resume."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", d.local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device = {name!r} but CUDA is not available here: use auto or cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", d.local_rank)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device = {name!r} but MPS is not available here: use auto or cpu")
+    return dev
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, final: float) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    return (((seed * 1_000_003 + step) * 1_009 + rank) * 17 + stream) % (2**63 - 1)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclass
+class Outputs:
+    models: Path = Path("models")
+    metrics: Path = Path("metrics")
+    plots: Path = Path("plots")
+    checkpoints: Path = Path("checkpoints")
+
+
+@dataclass
+class State:
+    step: int = 0
+    train_rows: list = field(default_factory=list)
+    val_rows: list = field(default_factory=list)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second one kills)."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _check_finite(loss_means: dict, step: int) -> None:
+    bad = {k: v for k, v in loss_means.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in loss_means.items())
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} ({terms}). The last good checkpoint is kept; lower train.lr, "
+            "raise train.warmup_steps or set train.grad_clip, then rerun"
+        )
+
+
+def _eval_bpd(model: VDM, images: np.ndarray, n: int, seed: int, device, batch: int) -> dict:
+    x = to_nchw(images[:n])
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return estimate_bpd(model, x, time_samples=1, batch_size=batch, generator=gen, device=device)
+
+
+def _sample_grid(model: VDM, count: int, steps: int, size: int, seed: int, device) -> np.ndarray:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x, _ = model.sample(count, (3, size, size), steps, gen, device)
+    return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
+
+
+def train(params: Params, processed: str | os.PathLike = "data/processed", out: Outputs | None = None) -> dict:
+    out = out or Outputs()
+    tp, size = params.train, params.data.image_size
+    d = init_distributed()
+    try:
+        return _train(params, tp, size, Path(processed), out, d)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist) -> dict:
+    device = resolve_device(tp.device, d)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_x, val_x = load_split(processed, "train"), load_split(processed, "val")
+    if train_x.shape[1] != size:
+        raise UserError(
+            f"{processed}/train.npy holds {train_x.shape[1]}px images but data.image_size = {size}: "
+            "rerun `dvc repro preprocess`"
+        )
+    StepBatches(len(train_x), tp.batch_size, tp.seed, 0, tp.steps, d.rank, d.world)  # batch size check, up front
+
+    key = ckpt.config_hash(params, processed)
+    store = ckpt.Checkpoints(out.checkpoints, key)
+    model = build_vdm(params.model, size).to(device)
+    if device.type in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, tp.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
+    )
+
+    state = State()
+    saved = store.load()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = State(saved["step"], saved["train_rows"], saved["val_rows"])
+        if d.main:
+            print(f"train: resuming from {store.path} at step {state.step}/{tp.steps}", file=sys.stderr)
+    elif d.main:
+        others = store.others()
+        note = f" ({len(others)} checkpoint(s) of other configs left untouched in {out.checkpoints}/)" if others else ""
+        print(f"train: no checkpoint for this config ({key}); starting fresh{note}", file=sys.stderr)
+
+    train_model = model
+    if tp.compile and device.type == "cuda":
+        model.net.forward = torch.compile(model.net.forward)
+    if d.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    config = {
+        "params": {"data": as_dict(params.data), "model": as_dict(params.model), "train": as_dict(params.train)},
+        "config_hash": key,
+        "run_name": run_name(key),
+    }
+    tracker = Tracker(tp.wandb, config["params"], config["run_name"], enabled=d.main)
+    gen = torch.Generator(device=device)
+    loader = batch_loader(
+        train_x,
+        StepBatches(len(train_x), tp.batch_size, tp.seed, state.step, tp.steps, d.rank, d.world),
+        tp.num_workers,
+        device.type == "cuda",
+    )
+    eval_batch = max(1, min(64, tp.batch_size))
+
+    def save_checkpoint():
+        if d.main:
+            store.save(
+                {
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": state.step,
+                    "train_rows": state.train_rows,
+                    "val_rows": state.val_rows,
+                }
+            )
+
+    def evaluate(step: int):
+        ema.module.eval()
+        v = _eval_bpd(ema.module, val_x, tp.eval_images, tp.seed, device, eval_batch)
+        state.val_rows.append(
+            {
+                "step": step,
+                "val_bpd": v["total"],
+                "val_bpd_se": v["total_se"],
+                **{f"val_{k}": v[k] for k in ("diffusion", "latent", "recon")},
+            }
+        )
+        tracker.log({"val/bpd": v["total"], "val/bpd_se": v["total_se"]}, step)
+        return v
+
+    def sample(step: int):
+        ema.module.eval()
+        grid = _sample_grid(ema.module, tp.sample_count, tp.sample_steps, size, tp.seed, device)
+        write_bytes(out.plots / "samples" / f"step-{step:06d}.png", png_bytes(grid))
+        tracker.image("samples", grid, step, caption=f"EMA, step {step}, T={tp.sample_steps}")
+
+    t_start, images_seen = time.perf_counter(), 0
+    bar = tqdm(
+        total=tp.steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not d.main or None,
+        mininterval=2.0,
+        dynamic_ncols=True,
+    )
+    model.train()
+    with _StopFlag() as stop:
+        for x in loader:
+            step = state.step
+            x = to_nchw(x).to(device, non_blocking=True)
+            gen.manual_seed(step_seed(tp.seed, step, d.rank))
+            torch.manual_seed(step_seed(tp.seed, step, d.rank, stream=1))  # dropout
+            with autocast:
+                loss = train_model(x, gen)
+            total = loss.total.mean()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+                if tp.grad_clip > 0
+                else torch.tensor(float("nan"))
+            )
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            state.step = step = step + 1
+            images_seen += x.shape[0] * d.world
+            bar.update(1)
+
+            log_now = step % tp.log_every == 0 or step == tp.steps or step % tp.checkpoint_every == 0
+            if log_now:
+                means = loss.means()
+                _check_finite(means, step)
+                row = {
+                    "step": step,
+                    **{k: means[k] for k in ("total", "diffusion", "latent", "recon")},
+                    "gamma_0": means["gamma_0"],
+                    "gamma_1": means["gamma_1"],
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                }
+                if d.main:
+                    state.train_rows.append(row)
+                    rate = images_seen / (time.perf_counter() - t_start)
+                    bar.set_postfix(loss=f"{means['total']:.3f}", img_s=f"{rate:.1f}", refresh=False)
+                    tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"} | {"img_per_s": rate}, step)
+            if d.main and tp.eval_every and step % tp.eval_every == 0 and step != tp.steps:
+                evaluate(step)
+            if d.main and tp.sample_every and step % tp.sample_every == 0 and step != tp.steps and tp.sample_count:
+                sample(step)
+            if step % tp.checkpoint_every == 0 and step != tp.steps:
+                save_checkpoint()
+            if stop.signal is not None:
+                if not log_now:
+                    _check_finite(loss.means(), step)
+                save_checkpoint()
+                bar.close()
+                tracker.finish()
+                raise Interrupted(
+                    f"interrupted by signal {stop.signal} at step {step}/{tp.steps}; checkpoint "
+                    f"saved to {store.path}: rerun the stage to resume"
+                )
+    bar.close()
+    wall = time.perf_counter() - t_start
+
+    result = {}
+    if d.main:
+        v = evaluate(tp.steps)
+        t = _eval_bpd(ema.module, train_x, tp.eval_images, tp.seed, device, eval_batch)
+        if tp.sample_count:
+            sample(tp.steps)
+        last = state.train_rows[-1]
+        result = {
+            "steps": tp.steps,
+            "train_loss_bpd": last["total"],  # the last logged training batch (raw weights)
+            "train_bpd": t["total"],
+            "train_bpd_se": t["total_se"],  # EMA weights, train images
+            "val_bpd": v["total"],
+            "val_bpd_se": v["total_se"],
+            **{f"val_{k}": v[k] for k in ("diffusion", "latent", "recon")},
+            "gamma_0": last["gamma_0"],
+            "gamma_1": last["gamma_1"],
+            "eval_images": min(tp.eval_images, len(val_x)),
+        }
+        perf = {
+            "img_per_s": round(images_seen / wall, 2),
+            "wall_s": round(wall, 1),
+            "peak_memory_mb": round(peak_memory_mb(device)),
+            "device": str(device),
+            "processes": d.world,
+            "steps_this_run": images_seen // max(1, tp.batch_size * d.world),
+        }
+        ckpt.save_model(out.models, model, ema.module, {**config, "steps": tp.steps})
+        write_csv(out.plots / "train.csv", state.train_rows)
+        write_csv(out.plots / "val.csv", state.val_rows)
+        write_json(out.metrics / "train.json", result)
+        write_json(out.metrics / "train_perf.json", perf)
+        tracker.log({"final/" + k: v for k, v in result.items() if isinstance(v, (int, float))}, tp.steps)
+        store.remove()
+        result = {**result, **perf}
+    if d.world > 1:
+        _check_ranks_agree(model, d)
+    tracker.finish()
+    return result
+
+
+def _check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
+    """DDP keeps replicas identical; verify it (a hash of the weights, gathered from all ranks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()
+    hashes = [None] * d.world
+    dist.all_gather_object(hashes, digest)
+    if d.main:
+        same = len(set(hashes)) == 1
+        print(f"ddp: {d.world} processes, weights identical across ranks: {same} ({digest[:12]})")
+        if not same:
+            raise UserError(f"DDP replicas diverged: weight hashes {hashes}")
