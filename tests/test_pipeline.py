@@ -21,7 +21,24 @@ def run(cmd, cwd, check=True):
     return p
 
 
-def copy_project(dest, **data):
+TINY_TRAIN = {
+    "steps": 4,
+    "batch_size": 4,
+    "warmup_steps": 1,
+    "log_every": 2,
+    "eval_every": 0,
+    "eval_images": 4,
+    "sample_every": 0,
+    "sample_count": 2,
+    "sample_steps": 2,
+    "checkpoint_every": 2,
+    "device": "cpu",
+    "wandb": "disabled",
+}
+TINY_MODEL = {"channels": 32, "channel_mult": [1, 2], "attention_resolutions": [8], "patch_size": 2}
+
+
+def copy_project(dest, model=None, train=None, **data):
     dest.mkdir(exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -31,6 +48,8 @@ def copy_project(dest, **data):
             shutil.copy(src, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["data"].update(data)
+    params["model"].update(model or {})
+    params["train"].update(train or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
@@ -69,7 +88,9 @@ def test_preprocess_before_download_says_what_to_run(tmp_path):
 
 
 def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
-    proj = copy_project(tmp_path / "repo", source="synthetic", synthetic={"count": 60, "seed": 0})
+    proj = copy_project(
+        tmp_path / "repo", TINY_MODEL, TINY_TRAIN, source="synthetic", synthetic={"count": 60, "seed": 0}, image_size=32
+    )
     run(["git", "init", "-q"], proj)
     run(["git", "config", "user.email", "t@example.invalid"], proj)
     run(["git", "config", "user.name", "test"], proj)
@@ -78,20 +99,24 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
     run(["git", "commit", "-qm", "init"], proj)
 
     first = run(["dvc", "repro"], proj)
-    assert "Running stage 'download'" in first.stdout and "Running stage 'preprocess'" in first.stdout
+    for stage in ("download", "preprocess", "train"):
+        assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((proj / "metrics/data.json").read_text())
     assert metrics["images"] == 60 and metrics["source"] == "synthetic"
     assert json.loads((proj / "data/raw/SOURCE.json").read_text())["files"] == 60
     for split in ("train", "val", "test"):
         assert (proj / f"data/processed/{split}.npy").is_file()
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "preprocess"}
+    assert set(lock["stages"]) == {"download", "preprocess", "train"}
+    assert (proj / "models/ema.pt").is_file() and json.loads((proj / "metrics/train.json").read_text())["steps"] == 4
 
     second = run(["dvc", "repro"], proj)
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], proj).stdout)
     assert json.dumps(shown).count('"images": 60') == 1
+    plots = run(["dvc", "plots", "show", "--json"], proj).stdout
+    assert "plots/train.csv" in plots and "step-000004.png" in plots
 
     run(["git", "add", "-A"], proj)
     run(["git", "commit", "-qm", "baseline"], proj)
@@ -100,3 +125,7 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
     assert json.loads((proj / "metrics/data.json").read_text())["images"] == 80
     diff = run(["dvc", "metrics", "diff", "--json"], proj).stdout
     assert json.loads(diff)["metrics/data.json"]["images"] == {"old": 60, "new": 80, "diff": 20}
+
+    lr = run(["dvc", "exp", "run", "-S", "train.lr=0.003"], proj)
+    assert "Running stage 'train'" in lr.stdout and "Running stage 'preprocess'" not in lr.stdout
+    assert "0.003" in run(["dvc", "exp", "show", "--no-pager", "--csv"], proj).stdout

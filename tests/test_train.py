@@ -231,3 +231,43 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, processed):
     perf = json.loads((proj / "metrics/train_perf.json").read_text())
     assert perf["processes"] == 2
     assert (proj / "models/ema.pt").is_file() and len(list((proj / "plots/samples").iterdir())) == 2
+
+
+def test_profiler_writes_traces_tables_and_a_breakdown(tmp_path, processed):
+    from vdm.profiling import PHASES, profile_run
+
+    b = profile_run(parse_params(tiny()), processed, tmp_path, train_steps=2, sample_steps=2)
+    for name in ("train_trace.json", "sample_trace.json", "train_top_ops.txt", "sample_top_ops.txt", "breakdown.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert json.loads((tmp_path / "train_trace.json").read_text())["traceEvents"]
+    assert set(b["phases_fraction"]) == set(PHASES) and sum(b["phases_fraction"].values()) == pytest.approx(1, abs=0.01)
+    assert b["phases_fraction"]["forward"] > 0 and b["phases_fraction"]["backward"] > 0
+    assert "Self CPU" in (tmp_path / "train_top_ops.txt").read_text()
+
+
+def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
+    from stages.preset import command
+
+    monkeypatch.chdir(ROOT)
+    cmd = command("gpu")
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "gpu"]
+    sets = dict(a.split("=", 1) for a in cmd[6::2])
+    assert sets["model.patch_size"] == "1" and sets["train.compile"] == "true"
+    with pytest.raises(UserError, match="no preset"):
+        command("tpu")
+
+
+def test_wandb_offline_run_is_written_and_the_api_key_is_not(tmp_path, processed):
+    proj = project(tmp_path, processed, steps=2, eval_every=0, sample_every=0, wandb="offline")
+    secret = "wandb-test-key-3f9c1e7a5b2d4680aaaa"
+    env = subprocess_env() | {"WANDB_API_KEY": secret, "DVC_EXP_NAME": "exp-test", "WANDB_SILENT": "true"}
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.train"], cwd=proj, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    runs = list((proj / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    cfg = json.loads((proj / "models/config.json").read_text())
+    assert cfg["run_name"] == "exp-test"
+    leaked = [f for f in proj.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert not leaked and secret not in p.stdout + p.stderr

@@ -161,6 +161,52 @@ def _sample_grid(model: VDM, count: int, steps: int, size: int, seed: int, devic
     return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
 
 
+def build_training(params: Params, device: torch.device):
+    """(model, EMA, AdamW, lr scheduler) for params, on device, freshly initialised."""
+    tp = params.train
+    model = build_vdm(params.model, params.data.image_size).to(device)
+    if device.type in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, tp.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
+    )
+    return model, ema, opt, sched
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere (this CPU has no fast bf16)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float):
+    """One optimisation step on a (B, H, W, 3) uint8 batch; returns (Loss, grad norm).
+
+    `train_model` is `model` or its DDP wrapper. Phases are labelled for torch.profiler.
+    """
+    with torch.profiler.record_function("data_to_device"):
+        x = to_nchw(batch).to(device, non_blocking=True)
+    with torch.profiler.record_function("forward"), autocast_for(device):
+        loss = train_model(x, gen)
+        total = loss.total.mean()
+    with torch.profiler.record_function("backward"):
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+    with torch.profiler.record_function("optimizer"):
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(math.nan)
+        )
+        opt.step()
+        sched.step()
+    with torch.profiler.record_function("ema"):
+        ema.update_parameters(model)
+    return loss, grad_norm
+
+
 def train(params: Params, processed: str | os.PathLike = "data/processed", out: Outputs | None = None) -> dict:
     out = out or Outputs()
     tp, size = params.train, params.data.image_size
@@ -186,17 +232,7 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
 
     key = ckpt.config_hash(params, processed)
     store = ckpt.Checkpoints(out.checkpoints, key)
-    model = build_vdm(params.model, size).to(device)
-    if device.type in ("cpu", "cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    ema = make_ema(model, tp.ema_decay)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
-    )
+    model, ema, opt, sched = build_training(params, device)
 
     state = State()
     saved = store.load()
@@ -220,7 +256,6 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -288,24 +323,11 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
     with _StopFlag() as stop:
         for x in loader:
             step = state.step
-            x = to_nchw(x).to(device, non_blocking=True)
             gen.manual_seed(step_seed(tp.seed, step, d.rank))
             torch.manual_seed(step_seed(tp.seed, step, d.rank, stream=1))  # dropout
-            with autocast:
-                loss = train_model(x, gen)
-            total = loss.total.mean()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-                if tp.grad_clip > 0
-                else torch.tensor(float("nan"))
-            )
-            opt.step()
-            sched.step()
-            ema.update_parameters(model)
+            loss, grad_norm = train_step(train_model, model, ema, opt, sched, x, gen, device, tp.grad_clip)
             state.step = step = step + 1
-            images_seen += x.shape[0] * d.world
+            images_seen += len(x) * d.world
             bar.update(1)
 
             log_now = step % tp.log_every == 0 or step == tp.steps or step % tp.checkpoint_every == 0

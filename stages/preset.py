@@ -1,0 +1,69 @@
+"""Run a DVC experiment with a preset of params (presets/<name>.yaml laid over params.yaml).
+
+    python -m stages.preset gpu                 # dvc exp run -n gpu -S model.channels=128 -S ...
+    python -m stages.preset gpu --dry-run       # print the command only
+    python -m stages.preset gpu -- --queue      # extra arguments go to `dvc exp run`
+
+The merged params are validated before DVC starts; every value the preset sets is passed
+with -S, so `dvc exp show` and `dvc params diff` show exactly what it changed.
+"""
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages._cli import run
+from vdm.errors import UserError
+from vdm.params import parse_params
+
+PRESETS = Path("presets")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> list[str]:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
+        raise UserError(f"no preset {path}; presets: {known}")
+    preset = yaml.safe_load(path.read_text()) or {}
+    merged = copy.deepcopy(yaml.safe_load(Path(params_path).read_text()))
+    for key, value in flatten(preset).items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf not in node:
+            raise UserError(f"preset {path}: {key} is not a key of {params_path}")
+        node[leaf] = value
+    parse_params(merged)  # fail before DVC starts
+    sets = [arg for k, v in flatten(preset).items() for arg in ("-S", f"{k}={json.dumps(v)}")]
+    return ["dvc", "exp", "run", "-n", name, *sets, *extra]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("extra", nargs="*", help="arguments passed on to `dvc exp run` (after --)")
+    args = ap.parse_args()
+    cmd = command(args.name, extra=tuple(args.extra))
+    print(shlex.join(cmd))
+    if not args.dry_run:
+        sys.exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    run(main)
