@@ -41,11 +41,18 @@ def decode_nearest(z_rescaled: torch.Tensor) -> torch.Tensor:
 
 
 def window_half_width(gamma_0: float) -> int:
-    """Levels each side of the nearest one that can carry mass, given gamma_0 = -log SNR_0."""
+    """Levels each side of the nearest one that can carry mass, given gamma_0 = -log SNR_0.
+
+    With s = sqrt(SNR_0) and spacing B, the nearest level is at most B/2 from z_0/alpha_0 and
+    a level k steps further at least (k - 1/2) B, so its logit trails the nearest one's by at
+    least (s B)^2 k (k - 1) / 2. Levels with k (k - 1) >= 2 * 60 / (s B)^2 carry < e^-60 of
+    the mass: the window keeps the offsets below the smallest such k.
+    """
     if not math.isfinite(gamma_0) or gamma_0 > 20:  # diverged: let the full sum show the NaN
         return LEVELS
-    scale = math.exp(-0.5 * gamma_0)  # sqrt(SNR_0): logits are -(scale * distance)^2 / 2
-    return int(math.ceil(math.sqrt(2 * _NEGLIGIBLE_LOGIT) / (scale * BIN))) + 1
+    c = 2 * _NEGLIGIBLE_LOGIT / (math.exp(-0.5 * gamma_0) * BIN) ** 2
+    k = math.ceil((1 + math.sqrt(1 + 4 * c)) / 2)  # smallest k with k (k - 1) >= c
+    return k - 1
 
 
 def log_prob_levels(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
