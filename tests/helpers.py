@@ -64,6 +64,15 @@ BASE_PARAMS = {
         "num_workers": 0,
         "wandb": "disabled",
     },
+    "sample": {"count": 4, "steps": 4, "batch_size": 4, "seed": 0, "strip_rows": 2, "strip_points": 3, "device": "cpu"},
+    "evaluate": {
+        "time_samples": 2,
+        "batch_size": 8,
+        "seed": 0,
+        "inception_weights": "",
+        "closest_pairs": 2,
+        "device": "cpu",
+    },
 }
 
 

@@ -38,6 +38,9 @@ TINY_TRAIN = {
 TINY_MODEL = {"channels": 32, "channel_mult": [1, 2], "attention_resolutions": [8], "patch_size": 2}
 
 
+TINY_SAMPLE = {"count": 4, "steps": 2, "batch_size": 4, "strip_rows": 2, "strip_points": 2, "device": "cpu"}
+
+
 def copy_project(dest, model=None, train=None, **data):
     dest.mkdir(exist_ok=True)
     for name in PROJECT_FILES:
@@ -50,6 +53,8 @@ def copy_project(dest, model=None, train=None, **data):
     params["data"].update(data)
     params["model"].update(model or {})
     params["train"].update(train or {})
+    params["sample"].update(TINY_SAMPLE)
+    params["evaluate"].update(time_samples=1, device="cpu")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
@@ -99,7 +104,7 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
     run(["git", "commit", "-qm", "init"], proj)
 
     first = run(["dvc", "repro"], proj)
-    for stage in ("download", "preprocess", "train"):
+    for stage in ("download", "preprocess", "train", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((proj / "metrics/data.json").read_text())
     assert metrics["images"] == 60 and metrics["source"] == "synthetic"
@@ -107,7 +112,10 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
     for split in ("train", "val", "test"):
         assert (proj / f"data/processed/{split}.npy").is_file()
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "preprocess", "train"}
+    assert set(lock["stages"]) == {"download", "preprocess", "train", "sample", "evaluate"}
+    ev = json.loads((proj / "metrics/eval.json").read_text())
+    assert ev["test_bpd"] > 0 and ev["samples"] == 4 and (ev["fid"] is None) == bool(ev["fidelity_skipped_reason"])
+    assert (proj / "samples/grid.png").is_file() and (proj / "samples/strip.png").is_file()
     assert (proj / "models/ema.pt").is_file() and json.loads((proj / "metrics/train.json").read_text())["steps"] == 4
 
     second = run(["dvc", "repro"], proj)
@@ -129,4 +137,5 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(tmp_path):
 
     lr = run(["dvc", "exp", "run", "-S", "train.lr=0.003"], proj)
     assert "Running stage 'train'" in lr.stdout and "Running stage 'preprocess'" not in lr.stdout
+    assert "Running stage 'evaluate'" in lr.stdout
     assert "0.003" in run(["dvc", "exp", "show", "--no-pager", "--csv"], proj).stdout

@@ -87,14 +87,14 @@ def save_model(models_dir: str | os.PathLike, model: torch.nn.Module, ema: torch
 def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"):
     """The trained VDM (EMA weights by default) and its config, as saved by the train stage."""
     from vdm.diffusion import build_vdm
-    from vdm.params import parse_params
+    from vdm.params import ModelParams, parse_section
 
     d = Path(models_dir)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path} not found: train a model first (`dvc repro train`)")
     config = json.loads(cfg_path.read_text())
-    params = parse_params(config["params"])
-    model = build_vdm(params.model, params.data.image_size)
+    model_params = parse_section(ModelParams, config["params"]["model"], "model")
+    model = build_vdm(model_params, config["params"]["data"]["image_size"])
     model.load_state_dict(load(d / f"{which}.pt", f"{which} weights"))
     return model.to(device).eval(), config

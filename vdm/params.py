@@ -180,14 +180,54 @@ class TrainParams:
         positive("sample_steps", self.sample_steps)
         positive("checkpoint_every", self.checkpoint_every)
         _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
-        dev = self.device
-        _require(
-            dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
-            f"{p}.device",
-            dev,
-            "auto, cpu, cuda, cuda:N or mps",
-        )
+        _check_device(f"{p}.device", self.device)
         _require(0 <= self.num_workers <= 64, f"{p}.num_workers", self.num_workers, "an integer from 0 to 64")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleParams:
+    count: int  # sprites generated (EMA weights)
+    steps: int  # ancestral sampling steps T
+    batch_size: int
+    seed: int
+    strip_rows: int  # samples shown in the denoising strip
+    strip_points: int  # z_t snapshots per row, evenly spaced from t = 1 to 0
+    device: str  # auto | cpu | cuda | cuda:N | mps
+
+    def check(self, p: str) -> None:
+        _require(1 <= self.count <= 100_000, f"{p}.count", self.count, "an integer from 1 to 100000")
+        _require(1 <= self.steps <= 100_000, f"{p}.steps", self.steps, "an integer from 1 to 100000")
+        _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _require(0 <= self.strip_rows <= self.count, f"{p}.strip_rows", self.strip_rows, "0 to sample.count")
+        _require(2 <= self.strip_points <= 64, f"{p}.strip_points", self.strip_points, "an integer from 2 to 64")
+        _check_device(f"{p}.device", self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    time_samples: int  # K time samples per test image for bits/dim
+    batch_size: int
+    seed: int
+    inception_weights: str  # path to torch-fidelity's Inception weights; "" = torch hub cache only
+    closest_pairs: int  # sample/nearest-training-image pairs drawn in eval/closest_pairs.png
+    device: str
+
+    def check(self, p: str) -> None:
+        _require(1 <= self.time_samples <= 1000, f"{p}.time_samples", self.time_samples, "an integer from 1 to 1000")
+        _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
+        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _require(0 <= self.closest_pairs <= 256, f"{p}.closest_pairs", self.closest_pairs, "0 to 256")
+        _check_device(f"{p}.device", self.device)
+
+
+def _check_device(key: str, dev: str) -> None:
+    _require(
+        dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+        key,
+        dev,
+        "auto, cpu, cuda, cuda:N or mps",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +235,8 @@ class Params:
     data: DataParams
     model: ModelParams
     train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
 
 
 def _convert(value: object, tp: object, key: str) -> object:
@@ -255,6 +297,11 @@ def _build(cls: type, raw: object, prefix: str) -> object:
 def parse_params(raw: object) -> Params:
     """Validate a params mapping (as read from YAML) into typed, frozen params."""
     return _build(Params, raw, "")
+
+
+def parse_section(cls: type, raw: object, prefix: str):
+    """Validate one section (e.g. ModelParams from a saved model's config)."""
+    return _build(cls, raw, prefix)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

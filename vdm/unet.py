@@ -112,7 +112,7 @@ class UNet(nn.Module):
         super().__init__()
         self.checkpointing = checkpointing
         check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
-        self.patch, self.fourier = patch_size, (fourier_min, fourier_max)
+        self.patch, self.fourier, self.image_size = patch_size, (fourier_min, fourier_max), image_size
         self.gamma_range = (gamma_min, gamma_max)
         self.emb_dim = channels
         n_fourier = max(0, fourier_max - fourier_min + 1)

@@ -1,0 +1,18 @@
+"""evaluate: models/, samples/, data/processed -> metrics/eval.json, eval/closest_pairs.png."""
+
+from stages._cli import run
+from vdm.evaluation import evaluate
+from vdm.params import load_params
+
+
+def main() -> None:
+    r = evaluate(load_params().evaluate)
+    fid = f"FID {r['fid']:.1f}" if r["fid"] is not None else "FID/KID/IS skipped (no Inception weights)"
+    print(
+        f"evaluate: test {r['test_bpd']:.3f} +- {r['test_bpd_se']:.3f} bits/dim (EMA), {fid}, "
+        f"memorisation ratio median {r['memorisation_median_ratio']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    run(main)

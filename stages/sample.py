@@ -1,0 +1,32 @@
+"""sample: models/ema.pt -> samples/ (PNGs, samples.npy, grid.png, strip.png, info.json)."""
+
+from stages._cli import run
+from vdm.checkpoint import load_model
+from vdm.params import load_params
+from vdm.sampling import generate, write_samples
+from vdm.training import Dist, resolve_device
+
+
+def main() -> None:
+    sp = load_params().sample
+    device = resolve_device(sp.device, Dist())
+    model, config = load_model("models", "ema", device)
+    samples, strip, seconds = generate(
+        model, sp.count, sp.steps, sp.batch_size, sp.seed, sp.strip_rows, sp.strip_points, device
+    )
+    info = {
+        "count": sp.count,
+        "steps": sp.steps,
+        "seconds": round(seconds, 1),
+        "img_per_s": round(sp.count / seconds, 4),
+        "device": str(device),
+    }
+    write_samples("samples", samples, strip, info)
+    print(
+        f"sample: {sp.count} sprites at T={sp.steps} in {seconds:.0f} s ({info['img_per_s']:.3f} img/s on "
+        f"{device}) -> samples/"
+    )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,129 @@
+"""The sample and evaluate stages on a tiny trained model, and the real torch-fidelity path
+with an Inception weights file the test makes (random weights of the right architecture)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import BASE_PARAMS
+from tests.test_train import outs, tiny
+from vdm.checkpoint import load_model
+from vdm.evaluation import INCEPTION_FILE, evaluate, inception_weights, memorisation, nearest
+from vdm.params import parse_params
+from vdm.preprocess import preprocess
+from vdm.sampling import generate, write_samples
+from vdm.sources import fetch
+from vdm.training import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    p = parse_params(tiny(steps=2, eval_every=0, sample_every=0))
+    fetch(p.data, root / "raw")
+    preprocess(p.data, root / "raw", root / "data/processed", root / "data.json", workers=1)
+    train(p, root / "data/processed", outs(root))
+    return root
+
+
+def sample_into(root, count=12, seed=0):
+    model, _ = load_model(root / "models", "ema")
+    samples, strip, secs = generate(model, count, 3, 5, seed, 2, 3, torch.device("cpu"))
+    write_samples(
+        root / "samples", samples, strip, {"count": count, "steps": 3, "img_per_s": count / secs, "device": "cpu"}
+    )
+    return samples, strip
+
+
+def test_sample_outputs_are_seeded_and_complete(trained):
+    a, strip = sample_into(trained)
+    b, _ = sample_into(trained)
+    assert np.array_equal(a, b) and a.shape == (12, 32, 32, 3) and a.dtype == np.uint8
+    files = sorted(p.name for p in (trained / "samples").iterdir())
+    assert files[:3] == ["grid.png", "info.json", "sample-0000.png"] and "strip.png" in files
+    assert len([f for f in files if f.startswith("sample-")]) == 12
+    assert strip.shape[0] > strip.shape[1] / 4  # 2 rows of 3 snapshots + the final image
+    assert not np.array_equal(a, sample_into(trained, seed=1)[0])
+
+
+def test_memorisation_distances():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    copies = train[[3, 7]]
+    d, i = nearest(copies, train)
+    assert np.allclose(d, 0) and list(i) == [3, 7]
+    m = memorisation(np.concatenate([copies, test[:2]]), train, test)
+    assert (m["ratio"][:2] < 1e-6).all() and (m["ratio"][2:] > 1).all()  # copies of train vs. test images
+
+
+def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    sample_into(trained)
+    ep = parse_params({**BASE_PARAMS, "data": tiny()["data"]}).evaluate
+    r = evaluate(
+        ep,
+        trained / "models",
+        trained / "samples",
+        trained / "data/processed",
+        trained / "eval",
+        trained / "metrics/eval.json",
+    )
+    assert r["fid"] is None and r["kid"] is None and r["inception_score"] is None
+    assert (
+        INCEPTION_FILE in r["fidelity_skipped_reason"] and "evaluate.inception_weights" in r["fidelity_skipped_reason"]
+    )
+    assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["samples"] == 12
+    assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
+    assert json.loads((trained / "metrics/eval.json").read_text()) == r
+
+
+def test_pickled_weights_file_is_refused(tmp_path):
+    bad = tmp_path / "w.pth"
+    torch.save({"x": torch.zeros(1), "f": print}, bad)  # a global that weights_only refuses
+    path, why = inception_weights(str(bad))
+    assert path is None and "refusing" in why
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights, saved as a plain state dict."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    cls = fe.FeatureExtractorInceptionV3
+    orig_load, orig_url = cls.load_state_dict, fe.load_state_dict_from_url
+    try:
+        cls.load_state_dict = lambda self, sd, *a, **k: None
+        fe.load_state_dict_from_url = lambda *a, **k: {}
+        torch.manual_seed(0)
+        model = cls("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        cls.load_state_dict, fe.load_state_dict_from_url = orig_load, orig_url
+    path = tmp_path_factory.mktemp("w") / "inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_fid_kid_is_through_torch_fidelity_with_a_weights_file(trained, random_inception_weights):
+    sample_into(trained, count=12)
+    ep = parse_params(
+        {
+            **BASE_PARAMS,
+            "data": tiny()["data"],
+            "evaluate": {**BASE_PARAMS["evaluate"], "inception_weights": str(random_inception_weights)},
+        }
+    )
+    r = evaluate(
+        ep.evaluate,
+        trained / "models",
+        trained / "samples",
+        trained / "data/processed",
+        trained / "eval",
+        trained / "metrics/eval.json",
+    )
+    assert r["fidelity_skipped_reason"] is None
+    for k in ("fid", "kid", "inception_score"):
+        assert isinstance(r[k], float) and np.isfinite(r[k]), k
+    assert r["fid"] > 0 and r["inception_score"] >= 1.0

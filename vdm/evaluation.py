@@ -1,0 +1,170 @@
+"""Evaluation: held-out bits/dim, FID/KID/IS (torch-fidelity), memorisation distances.
+
+Inception weights: torch-fidelity downloads them from GitHub on first use, which fails
+offline. They are taken from `evaluate.inception_weights` (a local .pth) or torch hub's
+cache; when neither exists the metrics are null with the reason and a hint. The file is
+first loaded with torch.load(weights_only=True): torch-fidelity itself loads it with
+weights_only=False, so only a file that provably holds no pickled code is handed over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vdm.atomic import atomic_dir, write_json
+from vdm.checkpoint import load_model
+from vdm.data import load_split, to_nchw
+from vdm.diffusion import estimate_bpd
+from vdm.errors import UserError
+from vdm.images import image_grid, png_bytes
+from vdm.params import EvaluateParams
+from vdm.training import Dist, resolve_device
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def inception_weights(param: str) -> tuple[Path | None, str]:
+    """(path, "") of usable Inception weights, or (None, why not and how to get them)."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    how = (
+        f"download {INCEPTION_URL} on a machine with internet access and set evaluate.inception_weights "
+        f"to the file's path (or copy it to {cache})"
+    )
+    if param:
+        path = Path(param).expanduser()
+        if not path.is_file():
+            return None, f"evaluate.inception_weights = {param!r}: no such file; {how}"
+    elif cache.is_file():
+        path = cache
+    else:
+        return None, f"no Inception weights (evaluate.inception_weights is empty and {cache} does not exist); {how}"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return None, f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load it: {how}"
+    return path, ""
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).contiguous()
+
+
+def fidelity(samples: np.ndarray, reference: np.ndarray, weights: Path, device: torch.device) -> dict:
+    """FID and KID against `reference`, Inception Score of `samples` (torch-fidelity)."""
+    import torch_fidelity
+
+    n = min(len(samples), len(reference))
+    m = torch_fidelity.calculate_metrics(
+        input1=_Uint8Images(samples),
+        input2=_Uint8Images(reference),
+        cuda=device.type == "cuda",
+        fid=True,
+        kid=True,
+        isc=True,
+        kid_subset_size=min(1000, n),
+        isc_splits=min(10, len(samples)),
+        feature_extractor_weights_path=str(weights),
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )
+    return {
+        "fid": float(m["frechet_inception_distance"]),
+        "kid": float(m["kernel_inception_distance_mean"]),
+        "kid_std": float(m["kernel_inception_distance_std"]),
+        "inception_score": float(m["inception_score_mean"]),
+        "inception_score_std": float(m["inception_score_std"]),
+    }
+
+
+def nearest(samples: np.ndarray, reference: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample, the L2 distance (pixels in [0, 1]) to its nearest reference image, and its index."""
+    a = torch.from_numpy(samples.reshape(len(samples), -1).astype(np.float32) / 255.0)
+    best_d = torch.full((len(a),), float("inf"))
+    best_i = torch.zeros(len(a), dtype=torch.long)
+    for start in range(0, len(reference), chunk):
+        b = torch.from_numpy(np.asarray(reference[start : start + chunk]).reshape(-1, a.shape[1]).astype(np.float32))
+        d = torch.cdist(a, b / 255.0)
+        m, i = d.min(dim=1)
+        better = m < best_d
+        best_d[better], best_i[better] = m[better], i[better] + start
+    return best_d.numpy(), best_i.numpy()
+
+
+def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
+    """Nearest-train distance over nearest-test distance per sample: about 1 or above means
+    the samples are no closer to the training set than to unseen Pokémon (no copying)."""
+    d_train, i_train = nearest(samples, train)
+    d_test, _ = nearest(samples, test)
+    ratio = d_train / np.maximum(d_test, 1e-12)
+    return {"ratio": ratio, "d_train": d_train, "i_train": i_train, "d_test": d_test}
+
+
+def evaluate(
+    ep: EvaluateParams,
+    models="models",
+    samples_dir="samples",
+    processed="data/processed",
+    out_dir="eval",
+    metrics_path="metrics/eval.json",
+) -> dict:
+    """Test bits/dim (EMA), FID/KID/IS where weights exist, memorisation; writes eval.json and closest pairs."""
+    device = resolve_device(ep.device, Dist())
+    model, _ = load_model(models, "ema", device)
+    test, train = load_split(processed, "test"), load_split(processed, "train")
+    samples_path = Path(samples_dir) / "samples.npy"
+    if not samples_path.is_file():
+        raise UserError("samples/samples.npy not found: run the sample stage first (`dvc repro sample`)")
+    samples = np.load(samples_path, allow_pickle=False)
+    info = json.loads((Path(samples_dir) / "info.json").read_text())
+
+    bpd = estimate_bpd(
+        model,
+        to_nchw(test),
+        ep.time_samples,
+        ep.batch_size,
+        torch.Generator(device=device).manual_seed(ep.seed),
+        device,
+    )
+    weights, why = inception_weights(ep.inception_weights)
+    fid = {"fid": None, "kid": None, "kid_std": None, "inception_score": None, "inception_score_std": None}
+    if weights is not None:
+        fid = fidelity(samples, test, weights, device)
+    else:
+        print(f"evaluate: FID/KID/IS skipped: {why}")
+    mem = memorisation(samples, train, test)
+
+    result = {
+        "test_bpd": bpd["total"],
+        "test_bpd_se": bpd["total_se"],
+        **{f"test_{k}": bpd[k] for k in ("diffusion", "latent", "recon")},
+        "test_images": bpd["images"],
+        "time_samples": ep.time_samples,
+        **fid,
+        "fidelity_skipped_reason": why or None,
+        "memorisation_median_ratio": float(np.median(mem["ratio"])),
+        "memorisation_min_ratio": float(mem["ratio"].min()),
+        "samples": len(samples),
+        "sample_steps": info["steps"],
+        "sample_img_per_s": info["img_per_s"],
+        "sample_device": info["device"],
+    }
+    order = np.argsort(mem["ratio"])[: ep.closest_pairs]
+    with atomic_dir(out_dir) as tmp:
+        if len(order):
+            pairs = np.stack([im for i in order for im in (samples[i], np.asarray(train[mem["i_train"][i]]))])
+            (tmp / "closest_pairs.png").write_bytes(png_bytes(image_grid(pairs, ncol=2)))
+    write_json(metrics_path, result)
+    return result

@@ -1,0 +1,66 @@
+"""Generate sprites with a trained VDM: PNGs, a grid, a denoising strip, and the speed.
+
+samples/sample-0000.png ...   one PNG per sprite (96x96 RGB)
+samples/samples.npy           all of them, (N, H, W, 3) uint8, for evaluation
+samples/grid.png              the first 64 in a grid
+samples/strip.png             denoising strip: one row per sample, z_t at evenly spaced t (1 -> 0), then x
+samples/info.json             count, steps, seconds, images/s, device
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vdm.atomic import atomic_dir
+from vdm.diffusion import VDM
+from vdm.images import image_grid, png_bytes
+
+
+def generate(
+    model: VDM,
+    count: int,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    strip_rows: int,
+    strip_points: int,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    size = model.net.image_size
+    shape = (3, size, size)
+    out, strip = [], None
+    t0 = time.perf_counter()
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        points = strip_points if start == 0 and strip_rows else 0
+        x, traj = model.sample(n, shape, steps, gen, device, trajectory_points=points)
+        out.append(x.permute(0, 2, 3, 1).numpy())
+        if points:
+            rows = min(strip_rows, n)
+            frames = [t[:rows] for t in traj] + [x[:rows]]
+            tiles = torch.stack(frames, dim=1).flatten(0, 1)  # row-major: sample r, frame f
+            strip = image_grid(tiles.permute(0, 2, 3, 1).numpy(), ncol=len(frames))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return np.concatenate(out), strip, time.perf_counter() - t0
+
+
+def write_samples(out_dir: str | Path, samples: np.ndarray, strip: np.ndarray | None, info: dict) -> None:
+    import json
+
+    with atomic_dir(out_dir) as tmp:
+        for i, img in enumerate(samples):
+            (tmp / f"sample-{i:04d}.png").write_bytes(png_bytes(img))
+        np.save(tmp / "samples.npy", samples, allow_pickle=False)
+        ncol = int(math.ceil(math.sqrt(min(64, len(samples)))))
+        (tmp / "grid.png").write_bytes(png_bytes(image_grid(samples[:64], ncol=ncol)))
+        if strip is not None:
+            (tmp / "strip.png").write_bytes(png_bytes(strip))
+        (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
