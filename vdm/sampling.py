@@ -31,7 +31,11 @@ def generate(
     strip_points: int,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds."""
+    """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
+
+    Batches here rather than through VDM.sample(batch_size=...) so that z_t snapshots are
+    kept for the first batch only (the strip), not for every sample.
+    """
     gen = torch.Generator(device=device).manual_seed(seed)
     size = model.net.image_size
     shape = (3, size, size)
