@@ -1,17 +1,27 @@
-"""Benchmark: the VDM at 96x96 on this machine's CPU (or a CUDA device).
+"""Benchmark: training and sampling speed of the VDM at 96x96, and what each choice buys.
 
-    python benchmarks/model.py                  # default config + CIFAR-shaped config
-    python benchmarks/model.py --configs default --sample-n 64
+    python benchmarks/model.py                       # the full table (~6 minutes on a 2-core CPU)
+    python benchmarks/model.py --rows default,naive  # some rows only
+    python benchmarks/model.py --list                # the rows and what they change
 
-Each config runs in its own process (so peak RSS is its own) and reports: train img/s
-(forward + backward + AdamW step, median of timed steps after warm-up), model FLOPs per
-image (torch.utils.flop_counter, forward + backward), achieved FLOP/s and its fraction of
-the fp32 matmul peak measured in the same process, sampler img/s at T steps (a real
-ancestral-sampling run), and peak RSS.
+Every row runs in its own process (so its peak memory is its own) and reports: train img/s
+(the real `vdm.training.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
+of timed steps after warm-up), model FLOPs per image (torch.utils.flop_counter, forward +
+backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process
+(fp32 on a CPU, bf16 on CUDA), sampler img/s at T=256 and T=64 (real ancestral sampling),
+and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and written to
+--json.
 
-    default  params.yaml's model section, batch 32
-    cifar    shaped like the paper's CIFAR-10 net: no downsampling, 128 channels, 8 res
-             blocks per path, no attention, activation checkpointing; batch 8
+Rows:
+    default             params.yaml's model, batch 32: what `dvc repro` trains
+    naive               the same model and math, written the obvious way: the reconstruction
+                        term over the full (B, 3, 96, 96, 256) level tensor, attention as
+                        explicit softmax(QK^T)V, NCHW memory layout, per-parameter AdamW
+    naive-recon, naive-attention, naive-layout, naive-adamw
+                        one naive choice at a time (the gain of each choice)
+    gpu                 presets/gpu.yaml's full-scale model (no stem, 128 channels at
+                        96/48/24/12, attention at 24 and 12); on CUDA: batch 128, bf16
+                        autocast, torch.compile, TF32; on a CPU: batch 4, fp32, no sampler
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -31,26 +42,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {
-    "default": dict(batch=32, overrides={}),
-    "cifar": dict(
-        batch=8,
-        overrides=dict(
-            patch_size=1,
-            channels=128,
-            channel_mult=[1],
-            num_res_blocks=8,
-            attention_resolutions=[],
-            checkpointing=True,
-        ),
-    ),
+NAIVE = ("recon", "attention", "layout", "adamw")
+ROWS = {
+    "default": (),
+    "naive": NAIVE,
+    **{f"naive-{n}": (n,) for n in NAIVE},
+    "gpu": (),
 }
 
 
-def matmul_peak_gflops(device, n: int = 2048, reps: int = 5) -> float:
+def sync(device) -> None:
     import torch
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(device, dtype, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for i in range(reps + 2):
         sync(device)
@@ -62,42 +74,84 @@ def matmul_peak_gflops(device, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def sync(device) -> None:
+def explicit_attention(self, x):
+    """Attention.forward written out: softmax(Q K^T / sqrt(d)) V with the full score matrix."""
     import torch
 
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    b, c, h, w = x.shape
+    qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+    q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    out = torch.softmax(scores, dim=-1) @ v
+    return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
-def run_one(name: str, steps: int, sample_n: int, sample_steps: int) -> dict:
+def apply_naive(choices) -> None:
+    """Swap library pieces for their naive forms (this process only)."""
+    import vdm.diffusion
+    import vdm.unet
+
+    if "recon" in choices:
+        vdm.diffusion.log_prob_levels = vdm.diffusion.log_prob_levels_full
+    if "attention" in choices:
+        vdm.unet.Attention.forward = explicit_attention
+
+
+def row_params(row: str, device):
+    from vdm.params import load_params, parse_params
+
+    params = load_params(ROOT / "params.yaml")
+    if row != "gpu":
+        return params, params.train.batch_size, True
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in yaml.safe_load((ROOT / "presets" / "gpu.yaml").read_text()).items():
+        raw[section].update(values)
+    params = parse_params(raw)
+    cuda = device.type == "cuda"
+    if not cuda:  # a CPU runs it for its FLOP count and speed at a batch that fits in minutes
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, compile=False))
+    return params, params.train.batch_size if cuda else 4, cuda
+
+
+def run_row(row: str, steps: int, sample_n: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vdm.diffusion import build_vdm
-    from vdm.params import load_params
+    from vdm.training import autocast_for, build_training, train_step
 
-    cfg = CONFIGS[name]
-    params = load_params(ROOT / "params.yaml")
-    model_p = dataclasses.replace(params.model, **cfg["overrides"])
-    size, batch = params.data.image_size, cfg["batch"]
+    choices = ROWS[row]
+    apply_naive(choices)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak = matmul_peak_gflops(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    params, batch, sample = row_params(row, device)
+    size = params.data.image_size
+    peak = matmul_peak_gflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    model = build_vdm(model_p, size).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, ema, opt, sched = build_training(params, device)
+    if "layout" in choices:
+        model = model.to(memory_format=torch.contiguous_format)
+    if "adamw" in choices:
+        opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr, foreach=False, fused=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    with FlopCounterMode(display=False) as fc, autocast_for(device):  # 2 images: FLOPs are linear in batch
+        model.loss(x[:2].permute(0, 3, 1, 2).to(device), gen).objective.mean().backward()
+    flops = fc.get_total_flops() / 2
+    opt.zero_grad(set_to_none=True)
+    if params.train.compile and device.type == "cuda":
+        model.net.forward = torch.compile(model.net.forward)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        model.loss(x, gen).total.mean().backward()
-        opt.step()
+        train_step(model, model, ema, opt, sched, x, gen, device, params.train.grad_clip)
 
-    with FlopCounterMode(display=False) as fc:  # on 2 images: FLOPs are linear in batch, memory is not
-        model.loss(x[:2], gen).total.mean().backward()
-    flops = fc.get_total_flops() / 2
-    step()  # warm-up
+    for _ in range(3 if params.train.compile and device.type == "cuda" else 1):  # warm-up (and compile)
+        step()
     times = []
     for _ in range(steps):
         sync(device)
@@ -107,8 +161,8 @@ def run_one(name: str, steps: int, sample_n: int, sample_steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     out = dict(
-        config=name,
-        device=str(device),
+        row=row,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         batch=batch,
         step_s=round(step_s, 3),
@@ -118,69 +172,98 @@ def run_one(name: str, steps: int, sample_n: int, sample_steps: int) -> dict:
         matmul_peak_gflops=round(peak, 1),
     )
     out["fraction_of_peak"] = round(out["achieved_gflops"] / peak, 3)
-    if sample_n:
-        model.eval()
-        t0 = time.perf_counter()
-        model.sample(sample_n, (3, size, size), sample_steps, torch.Generator(device=device).manual_seed(0), device)
-        sync(device)
-        dt = time.perf_counter() - t0
-        out.update(
-            sample_n=sample_n, sample_steps=sample_steps, sample_s=round(dt, 1), sample_img_s=round(sample_n / dt, 3)
-        )
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if device.type == "cuda":
-        out["peak_cuda_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        out["peak_alloc_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    out["train_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    if sample and sample_n:
+        net = ema.module
+        if "layout" in choices:
+            net = net.to(memory_format=torch.contiguous_format)
+        net.eval()
+        for t_steps, n in ((256, sample_n), (64, min(sample_n, params.sample.batch_size))):
+            with autocast_for(device):
+                net.sample(1, (3, size, size), 2, torch.Generator(device=device).manual_seed(0), device)  # warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                net.sample(
+                    n,
+                    (3, size, size),
+                    t_steps,
+                    torch.Generator(device=device).manual_seed(0),
+                    device,
+                    batch_size=params.sample.batch_size,
+                )
+                sync(device)
+            dt = time.perf_counter() - t0
+            out[f"sample_t{t_steps}_n"] = n
+            out[f"sample_t{t_steps}_s"] = round(dt, 1)
+            out[f"sample_t{t_steps}_img_s"] = round(n / dt, 3)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
+
+
+COLUMNS = [
+    ("row", "row"),
+    ("params_m", "params (M)"),
+    ("batch", "batch"),
+    ("train_img_s", "train img/s"),
+    ("gflop_per_img", "GFLOP/img (fwd+bwd)"),
+    ("achieved_gflops", "achieved GFLOP/s"),
+    ("matmul_peak_gflops", "matmul peak GFLOP/s"),
+    ("fraction_of_peak", "of peak"),
+    ("speedup", "x naive"),
+    ("sample_t256_s", "T=256 sampler s (n)"),
+    ("sample_t64_img_s", "T=64 sampler img/s"),
+    ("train_peak_rss_mb", "train peak RSS MB"),
+]
+
+
+def table(rows: list[dict]) -> str:
+    naive = next((r for r in rows if r["row"] == "naive"), None)
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        r = dict(r)
+        if naive and r["row"].startswith(("default", "naive")):
+            r["speedup"] = round(r["train_img_s"] / naive["train_img_s"], 2)
+        if "sample_t256_s" in r:
+            r["sample_t256_s"] = f"{r['sample_t256_s']} ({r['sample_t256_n']})"
+        if "peak_alloc_mb" in r:
+            r["train_peak_rss_mb"] = f"{r['train_peak_rss_mb']} (CUDA alloc {r['peak_alloc_mb']})"
+        lines.append("| " + " | ".join(str(r.get(k, "-")) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="default,cifar")
-    ap.add_argument("--steps", type=int, default=5, help="timed train steps (after one warm-up)")
-    ap.add_argument("--sample-n", type=int, default=16, help="images sampled (0: skip the sampler)")
-    ap.add_argument("--sample-steps", type=int, default=256)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    ap.add_argument("--steps", type=int, default=5, help="timed train steps per row, after warm-up")
+    ap.add_argument("--sample-n", type=int, default=64, help="sprites sampled at T=256 (0: skip the sampler)")
     ap.add_argument("--json", default="reports/bench_model.json")
+    ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.list:
+        print(__doc__[__doc__.index("Rows:") :])
+        return
     if args.one:
-        sample_n = args.sample_n if args.one == "default" else 0
-        print(json.dumps(run_one(args.one, args.steps, sample_n, args.sample_steps)))
+        print(json.dumps(run_row(args.one, args.steps, args.sample_n)))
         return
     rows = []
-    for name in args.configs.split(","):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            name,
-            "--steps",
-            str(args.steps),
-            "--sample-n",
-            str(args.sample_n),
-            "--sample-steps",
-            str(args.sample_steps),
-        ]
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
+        sample_n = args.sample_n if name in ("default", "naive", "gpu") else 0
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--sample-n", str(sample_n)]
+        t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if p.returncode:
-            sys.exit(f"{name} failed:\n{p.stderr}")
+            sys.exit(f"row {name} failed:\n{p.stderr}")
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    cols = [
-        "config",
-        "params_m",
-        "batch",
-        "train_img_s",
-        "gflop_per_img",
-        "achieved_gflops",
-        "matmul_peak_gflops",
-        "fraction_of_peak",
-        "sample_img_s",
-        "peak_rss_mb",
-    ]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "-")) for c in cols))
+        print(f"{name}: {time.perf_counter() - t0:.0f} s  {json.dumps(rows[-1])}", flush=True)
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmachine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
+    print(table(rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

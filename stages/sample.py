@@ -12,11 +12,12 @@ def main() -> None:
     device = resolve_device(sp.device, Dist())
     model, config = load_model("models", "ema", device)
     samples, strip, seconds = generate(
-        model, sp.count, sp.steps, sp.batch_size, sp.seed, sp.strip_rows, sp.strip_points, device
+        model, sp.count, sp.steps, sp.batch_size, sp.seed, sp.strip_rows, sp.strip_points, device, sp.clip_denoised
     )
     info = {
         "count": sp.count,
         "steps": sp.steps,
+        "clip_denoised": sp.clip_denoised,
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
         "device": str(device),

@@ -39,6 +39,9 @@ BASE_PARAMS = {
         "checkpointing": False,
         "antithetic": True,
         "timesteps": 0,
+        "prediction": "v",
+        "loss_weighting": "sigmoid",
+        "sigmoid_bias": -2.0,
         "seed": 0,
     },
     "train": {
@@ -64,7 +67,16 @@ BASE_PARAMS = {
         "num_workers": 0,
         "wandb": "disabled",
     },
-    "sample": {"count": 4, "steps": 4, "batch_size": 4, "seed": 0, "strip_rows": 2, "strip_points": 3, "device": "cpu"},
+    "sample": {
+        "count": 4,
+        "steps": 4,
+        "batch_size": 4,
+        "seed": 0,
+        "strip_rows": 2,
+        "strip_points": 3,
+        "clip_denoised": True,
+        "device": "cpu",
+    },
     "evaluate": {
         "time_samples": 2,
         "batch_size": 8,

@@ -181,6 +181,70 @@ def test_estimate_bpd_mean_and_standard_error():
     assert r1["images"] == 10 and r8["time_samples"] == 8
 
 
+class Oracle(torch.nn.Module):
+    """Returns whatever tensor the test put in `out` (a perfect prediction, or garbage)."""
+
+    out = None
+
+    def forward(self, z, gamma):
+        return self.out
+
+
+def test_v_prediction_recovers_eps_and_x():
+    """A net that outputs the true v = alpha eps - sigma f gives eps_hat = eps exactly."""
+    g = torch.Generator().manual_seed(0)
+    f = encode(images(n=3))
+    eps = torch.randn(f.shape, generator=g)
+    gamma = torch.tensor([-10.0, 0.0, 4.0])
+    a, s = torch.sqrt(torch.sigmoid(-gamma)).view(-1, 1, 1, 1), torch.sqrt(torch.sigmoid(gamma)).view(-1, 1, 1, 1)
+    z = a * f + s * eps
+    net = Oracle()
+    net.out = a * eps - s * f
+    model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
+    assert torch.allclose(model.eps_hat(z, gamma), eps, atol=1e-5)
+    net.out = torch.zeros_like(z)  # an untrained v-net: eps_hat = sigma z, i.e. x_hat = alpha z (bounded)
+    assert torch.allclose(model.eps_hat(z, gamma), s * z)
+    # the same net read as an eps-predictor predicts eps = 0
+    assert torch.equal(VDM(net, make_schedule("fixed_linear", -13.3, 5.0)).eps_hat(z, gamma), net.out)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sigmoid_weighting_changes_the_objective_never_the_reported_bound(prediction):
+    x = images(n=8)
+    losses = {}
+    for name, weighting, bias in [("elbo", "elbo", 0.0), ("w~1", "sigmoid", 25.0), ("w~0", "sigmoid", -25.0)]:
+        torch.manual_seed(0)
+        model = VDM(Linear(0.5), make_schedule("learned_nn", -13.3, 5.0), False, 0, prediction, weighting, bias)
+        losses[name] = model.loss(x, torch.Generator().manual_seed(3))
+    elbo = losses["elbo"]
+    assert torch.equal(elbo.objective, elbo.total)
+    for name in ("w~1", "w~0"):  # same draws: the bound is identical whatever the weighting
+        assert torch.allclose(losses[name].total, elbo.total)
+    assert torch.allclose(losses["w~1"].objective, elbo.total, rtol=1e-4)  # sigmoid(gamma + 25) ~ 1
+    assert torch.allclose(losses["w~0"].objective, elbo.latent + elbo.recon, rtol=1e-4)  # ~ 0: no diffusion term
+
+
+def test_clipping_keeps_a_wild_model_inside_the_data_range():
+    """A net whose x_hat is far outside [-1, 1]: unclipped, one step throws z_s far outside
+    anything the data can produce; clipped, z_s is what x = -1 (black) would give."""
+    net = Oracle()
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    net.out = torch.full_like(z, 50.0)  # v = 50: x_hat = alpha z - 50 sigma
+    model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
+    gamma_t, gamma_s = torch.full((4,), -4.0), torch.full((4,), -4.5)
+    noise = torch.zeros_like(z)
+    wild = model.step(z, gamma_t, gamma_s, noise, clip_denoised=False)
+    tame = model.step(z, gamma_t, gamma_s, noise, clip_denoised=True)
+    assert wild.mean() < -2  # pulled towards x_hat = z - 6.7
+    # clipped: exactly the step of a net whose x_hat is -1 everywhere
+    a, s = math.sqrt(torch.sigmoid(torch.tensor(4.0))), math.sqrt(torch.sigmoid(torch.tensor(-4.0)))
+    net.out = (a * z + 1.0) / s  # alpha z - sigma v = -1
+    assert torch.allclose(tame, model.step(z, gamma_t, gamma_s, noise, clip_denoised=False), atol=1e-4)
+    net.out = torch.full_like(z, 50.0)
+    x, _ = model.sample(4, (3, 8, 8), 8, torch.Generator().manual_seed(1), clip_denoised=True)
+    assert (x == 0).all()  # every step's x_hat was clipped to -1: black
+
+
 def test_overfits_a_few_sprites():
     """A tiny model on 8 synthetic sprites: train bits/dim clearly falls within 200 CPU steps."""
     from vdm.images import decode
@@ -188,7 +252,11 @@ def test_overfits_a_few_sprites():
 
     x = torch.from_numpy(np.stack([decode(png_bytes(draw_sprite(0, k)), 32).pixels for k in range(8)]))
     x = x.permute(0, 3, 1, 2).contiguous()
-    model = build_vdm(model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[]), image_size=32)
+    # trained on the bound itself (the weighted objective trades bits/dim for sample quality)
+    config = model_params(
+        channels=32, channel_mult=[1, 2], attention_resolutions=[], prediction="eps", loss_weighting="elbo"
+    )
+    model = build_vdm(config, image_size=32)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
 

@@ -9,6 +9,18 @@ With alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t 
     recon      -log p(x|z_0), p(x = k|z_0) proportional to exp(-(z_0/alpha_0 - f_k)^2 SNR_0 / 2)
 
 each summed over dimensions and reported in bits per dimension (divided by D ln 2).
+
+The network may predict eps directly (`prediction: eps`) or v = alpha_t eps - sigma_t f
+(`prediction: v`), from which eps_hat = sigma_t z_t + alpha_t v_hat: at low SNR eps_hat is then
+z_t plus a small correction, so an untrained net already gets the identity right instead of
+having to learn to copy z_t through its stem, and x_hat = alpha_t z_t - sigma_t v_hat stays
+bounded where dividing by alpha_t would amplify every error. The bound is the same either way.
+
+The network trains on the bound, or (`loss_weighting: sigmoid`) on the bound with the
+diffusion integrand weighted by w(gamma_t) = sigmoid(gamma_t + b) (Kingma & Gao, 2023): w is
+about 1 at low SNR and e^(gamma_t + b) at high SNR, which moves the network's effort from
+imperceptible high-SNR detail to the coarse structure that sampling needs first. The
+reported bits/dim (`Loss.total`, every metric) is always the unweighted bound.
 """
 
 from __future__ import annotations
@@ -88,7 +100,8 @@ def log_prob_levels_full(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: tor
 class Loss:
     """Per-example terms in bits/dim (shape (B,)), and the schedule's endpoints."""
 
-    total: torch.Tensor
+    total: torch.Tensor  # the bound (what every metric reports)
+    objective: torch.Tensor  # what the network trains on: the bound, diffusion term weighted
     diffusion: torch.Tensor
     latent: torch.Tensor
     recon: torch.Tensor
@@ -108,11 +121,37 @@ def sample_times(batch: int, antithetic: bool, generator: torch.Generator | None
 
 
 class VDM(nn.Module):
-    def __init__(self, net: nn.Module, schedule: Schedule, antithetic: bool = True, timesteps: int = 0):
-        """`net(z_t, gamma_t) -> eps_hat`; timesteps = 0 for continuous time, else T."""
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        antithetic: bool = True,
+        timesteps: int = 0,
+        prediction: str = "eps",
+        loss_weighting: str = "elbo",
+        sigmoid_bias: float = 0.0,
+    ):
+        """`net(z_t, gamma_t)` predicts eps or v; timesteps = 0 for continuous time, else T."""
         super().__init__()
+        if prediction not in ("eps", "v") or loss_weighting not in ("elbo", "sigmoid"):
+            raise ValueError(f"prediction {prediction!r} / loss_weighting {loss_weighting!r}")
         self.net, self.schedule = net, schedule
         self.antithetic, self.timesteps = antithetic, timesteps
+        self.prediction, self.loss_weighting, self.sigmoid_bias = prediction, loss_weighting, sigmoid_bias
+
+    def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The network's prediction of eps at (z_t, gamma_t), gamma of shape (B,)."""
+        out = self.net(z, gamma).float()
+        if self.prediction == "eps":
+            return out
+        g = gamma.view(-1, 1, 1, 1)
+        return torch.sqrt(torch.sigmoid(g)) * z + torch.sqrt(torch.sigmoid(-g)) * out
+
+    def weight(self, gamma: torch.Tensor) -> torch.Tensor:
+        """w(gamma_t) for the training objective's diffusion term (1 for the bound)."""
+        if self.loss_weighting == "elbo":
+            return torch.ones_like(gamma)
+        return torch.sigmoid(gamma + self.sigmoid_bias)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim."""
@@ -130,15 +169,16 @@ class VDM(nn.Module):
         eps = torch.randn(f.shape, generator=generator, device=x.device)
         g = gamma_t.view(b, 1, 1, 1)
         z_t = torch.sqrt(torch.sigmoid(-g)) * f + torch.sqrt(torch.sigmoid(g)) * eps
-        eps_hat = self.net(z_t, gamma_t)
-        sse = torch.square(eps - eps_hat.float()).flatten(1).sum(1)
+        eps_hat = self.eps_hat(z_t, gamma_t)
+        sse = torch.square(eps - eps_hat).flatten(1).sum(1)
         if self.timesteps:
             gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, box)
             diffusion = 0.5 * self.timesteps * torch.expm1(gamma_t - gamma_s) * sse
         else:
             diffusion = 0.5 * dgamma_t * sse
         diffusion = diffusion * to_bpd
-        box.scale = 2.0 * diffusion.detach()  # the schedule's shape descends E[L^2]
+        weighted = self.weight(gamma_t.detach()) * diffusion
+        box.scale = 2.0 * weighted.detach()  # the schedule's shape descends E[L^2] of the objective
 
         # latent term: KL(q(z_1|x) || N(0, I))
         g1 = self.schedule.gamma_1
@@ -153,7 +193,8 @@ class VDM(nn.Module):
         recon = -log_prob_levels(x, z_0_rescaled, g0).flatten(1).sum(1) * to_bpd
 
         total = diffusion + latent + recon
-        return Loss(total, diffusion, latent, recon, g0.detach().expand(b), g1.detach().expand(b))
+        objective = total if self.loss_weighting == "elbo" else weighted + latent + recon
+        return Loss(total, objective, diffusion, latent, recon, g0.detach().expand(b), g1.detach().expand(b))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         return self.loss(x, generator)
@@ -168,8 +209,13 @@ class VDM(nn.Module):
         device: str | torch.device = "cpu",
         trajectory_points: int = 0,
         batch_size: int | None = None,
+        clip_denoised: bool = True,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Ancestral sampling with the paper's p(z_s | z_t) over `steps` steps.
+
+        p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)); with clip_denoised, x_hat is clipped to the
+        data range [-1, 1] first (and eps_hat recomputed from it), which keeps an imperfect
+        model's early, low-SNR steps from pushing z outside anything the data can produce.
 
         Returns (n, C, H, W) uint8 images and, if trajectory_points > 0, that many snapshots
         of z_t at evenly spaced t from 1 to 0 (each (n, C, H, W) uint8, z_t clipped to [-1, 1]).
@@ -178,13 +224,28 @@ class VDM(nn.Module):
         outs, trajs = [], []
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            x, traj = self._sample_batch(m, shape, steps, generator, torch.device(device), trajectory_points)
+            x, traj = self._sample_batch(
+                m, shape, steps, generator, torch.device(device), trajectory_points, clip_denoised
+            )
             outs.append(x)
             trajs.append(traj)
         traj = [torch.cat([t[i] for t in trajs]) for i in range(len(trajs[0]))] if trajectory_points else []
         return torch.cat(outs), traj
 
-    def _sample_batch(self, n, shape, steps, generator, device, trajectory_points):
+    def step(self, z, gamma_t, gamma_s, noise, clip_denoised: bool = True) -> torch.Tensor:
+        """One ancestral step: z_s ~ p(z_s | z_t) = q(z_s | z_t, x_hat), gamma of shape (B,)."""
+        eps_hat = self.eps_hat(z, gamma_t)
+        gt, gs = gamma_t.view(-1, 1, 1, 1), gamma_s.view(-1, 1, 1, 1)
+        if clip_denoised:
+            alpha_t, sigma_t = torch.sqrt(torch.sigmoid(-gt)), torch.sqrt(torch.sigmoid(gt))
+            x_hat = ((z - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
+            eps_hat = (z - alpha_t * x_hat) / sigma_t
+        c = -torch.expm1(gs - gt)  # 1 - SNR(t)/SNR(s)
+        alpha_ratio = torch.sqrt(torch.sigmoid(-gs) / torch.sigmoid(-gt))
+        mean = alpha_ratio * (z - c * torch.sqrt(torch.sigmoid(gt)) * eps_hat)
+        return mean + torch.sqrt(torch.sigmoid(gs) * c) * noise
+
+    def _sample_batch(self, n, shape, steps, generator, device, trajectory_points, clip_denoised):
         z = torch.randn((n, *shape), generator=generator, device=device)
         keep = set()
         if trajectory_points:
@@ -197,17 +258,10 @@ class VDM(nn.Module):
         for i in range(steps, 0, -1):
             if steps - i in keep:
                 traj.append(snap(z))
-            t = torch.full((n,), i / steps, device=device)
-            s = torch.full((n,), (i - 1) / steps, device=device)
-            gamma_t, _ = self.schedule(t)
-            gamma_s, _ = self.schedule(s)
-            eps_hat = self.net(z, gamma_t).float()
-            gt, gs = gamma_t.view(-1, 1, 1, 1), gamma_s.view(-1, 1, 1, 1)
-            c = -torch.expm1(gs - gt)  # 1 - SNR(t)/SNR(s)
-            alpha_ratio = torch.sqrt(torch.sigmoid(-gs) / torch.sigmoid(-gt))
-            mean = alpha_ratio * (z - c * torch.sqrt(torch.sigmoid(gt)) * eps_hat)
-            std = torch.sqrt(torch.sigmoid(gs) * c)
-            z = mean + std * torch.randn(z.shape, generator=generator, device=device)
+            gamma_t, _ = self.schedule(torch.full((n,), i / steps, device=device))
+            gamma_s, _ = self.schedule(torch.full((n,), (i - 1) / steps, device=device))
+            noise = torch.randn(z.shape, generator=generator, device=device)
+            z = self.step(z, gamma_t, gamma_s, noise, clip_denoised)
         if steps in keep:
             traj.append(snap(z))
         g0 = self.schedule.gamma_0
@@ -275,4 +329,12 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
         except ValueError as e:
             raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None
         schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)
-    return VDM(net, schedule, antithetic=model.antithetic, timesteps=model.timesteps)
+    return VDM(
+        net,
+        schedule,
+        antithetic=model.antithetic,
+        timesteps=model.timesteps,
+        prediction=model.prediction,
+        loss_weighting=model.loss_weighting,
+        sigmoid_bias=model.sigmoid_bias,
+    )

@@ -107,6 +107,9 @@ class ModelParams:
     checkpointing: bool  # recompute activations in backward: less memory, ~1/3 more compute
     antithetic: bool  # antithetic (low-discrepancy) time sampling
     timesteps: int  # 0 = continuous-time loss, else T discrete steps
+    prediction: typing.Literal["eps", "v"]  # what the UNet outputs (v = alpha eps - sigma x)
+    loss_weighting: typing.Literal["elbo", "sigmoid"]  # weighting of the diffusion term the net trains on
+    sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
     seed: int  # weight initialisation
 
     def check(self, p: str) -> None:
@@ -133,6 +136,7 @@ class ModelParams:
             "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
         )
         _require(0 <= self.timesteps <= 100_000, f"{p}.timesteps", self.timesteps, "0 (continuous) or a step count")
+        _require(-20 <= self.sigmoid_bias <= 20, f"{p}.sigmoid_bias", self.sigmoid_bias, "a number in [-20, 20]")
         _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
 
 
@@ -192,6 +196,7 @@ class SampleParams:
     seed: int
     strip_rows: int  # samples shown in the denoising strip
     strip_points: int  # z_t snapshots per row, evenly spaced from t = 1 to 0
+    clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
     device: str  # auto | cpu | cuda | cuda:N | mps
 
     def check(self, p: str) -> None:

@@ -30,6 +30,7 @@ def generate(
     strip_rows: int,
     strip_points: int,
     device: torch.device,
+    clip_denoised: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
@@ -44,7 +45,7 @@ def generate(
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         points = strip_points if start == 0 and strip_rows else 0
-        x, traj = model.sample(n, shape, steps, gen, device, trajectory_points=points)
+        x, traj = model.sample(n, shape, steps, gen, device, trajectory_points=points, clip_denoised=clip_denoised)
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:
             rows = min(strip_rows, n)

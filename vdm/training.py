@@ -192,10 +192,10 @@ def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_cli
         x = to_nchw(batch).to(device, non_blocking=True)
     with torch.profiler.record_function("forward"), autocast_for(device):
         loss = train_model(x, gen)
-        total = loss.total.mean()
+        objective = loss.objective.mean()  # the bound, or the weighted objective (see vdm.diffusion)
     with torch.profiler.record_function("backward"):
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        objective.backward()
     with torch.profiler.record_function("optimizer"):
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(math.nan)
