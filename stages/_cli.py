@@ -1,7 +1,11 @@
-"""Run a stage's main(): a UserError prints one clear line and exits 2, no traceback."""
+"""Run a stage's main(): a UserError, or a full disk, prints one clear line and exits 2, no traceback.
+
+Other OSErrors are bugs or environment problems worth a traceback: only ENOSPC/EDQUOT are caught.
+"""
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -13,6 +17,16 @@ def run(main: Callable[[], object]) -> None:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(
+            f"error: no space left on device{where}: free space and rerun. Every output is written atomically, "
+            "so the previous outputs are kept as they were",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,4 +1,3 @@
-import io
 import os
 import tarfile
 import zipfile
@@ -6,28 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import add_tar_member, make_zip
 from vdm.archives import copy_tree, safe_extract
 from vdm.errors import UnsafeArchive, UserError
 
 CAPS = dict(max_files=100, max_bytes=1 << 20)
-
-
-def make_zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return path
-
-
-def add_tar_member(tf: tarfile.TarFile, name: str, data: bytes = b"", **kw) -> None:
-    info = tarfile.TarInfo(name)
-    for k, v in kw.items():
-        setattr(info, k, v)
-    if info.isreg():
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    else:
-        tf.addfile(info)
 
 
 def outside_files(tmp_path: Path) -> set[str]:

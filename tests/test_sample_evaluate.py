@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import BASE_PARAMS
-from tests.test_train import outs, tiny
+from tests.helpers import BASE_PARAMS, outs, tiny
 from vdm.checkpoint import load_model
 from vdm.evaluation import INCEPTION_FILE, evaluate, inception_weights, memorisation, nearest
 from vdm.params import parse_params

@@ -1,52 +1,18 @@
-"""The train stage: outputs, determinism, resume equivalence (SIGINT and SIGKILL), the
-non-finite guard, bad input, and DDP under torchrun with 2 CPU processes."""
+"""The train stage: outputs, determinism, resume equivalence after SIGINT/SIGTERM, the
+non-finite guard, bad input, and DDP under torchrun with 2 CPU processes. (SIGKILL at random
+points, corrupt checkpoints and leaked secrets: tests/test_reliability.py.)"""
 
-import copy
 import json
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-import yaml
 
-from tests.helpers import BASE_PARAMS, ROOT, subprocess_env
-from vdm.errors import ParamError, UserError
+from tests.helpers import LONG, ROOT, outs, project, same_weights, start, tiny, wait_for_checkpoint, weights
+from vdm.errors import UserError
 from vdm.params import parse_params
-from vdm.preprocess import preprocess
-from vdm.sources import fetch
-from vdm.training import NonFiniteLoss, Outputs, lr_factor, train
-
-
-def tiny(**train):
-    p = copy.deepcopy(BASE_PARAMS)
-    p["data"]["image_size"] = 32
-    p["model"]["attention_resolutions"] = [8]
-    p["train"].update(train)
-    return p
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    data = parse_params(tiny()).data
-    fetch(data, root / "raw")
-    preprocess(data, root / "raw", root / "processed", root / "data.json", workers=1)
-    return root / "processed"
-
-
-def outs(base):
-    return Outputs(base / "models", base / "metrics", base / "plots", base / "checkpoints")
-
-
-def weights(base, name="model.pt"):
-    return torch.load(base / "models" / name, weights_only=True)
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from vdm.training import NonFiniteLoss, lr_factor, train
 
 
 def test_outputs_and_bit_identical_reruns(tmp_path, processed):
@@ -54,8 +20,15 @@ def test_outputs_and_bit_identical_reruns(tmp_path, processed):
     r1 = train(p, processed, outs(tmp_path / "a"))
     train(p, processed, outs(tmp_path / "b"))
     for base in ("a", "b"):
-        assert {f.name for f in (tmp_path / base / "models").iterdir()} == {"model.pt", "ema.pt", "config.json"}
-    assert (tmp_path / "a/metrics/train.json").read_bytes() == (tmp_path / "b/metrics/train.json").read_bytes()
+        assert {f.name for f in (tmp_path / base / "models").iterdir()} == {
+            "model.pt",
+            "ema.pt",
+            "config.json",
+            "model.pt.sha256",
+            "ema.pt.sha256",
+        }
+    for name in ("metrics/train.json", "models/model.pt", "models/ema.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert same_weights(weights(tmp_path / "a", "ema.pt"), weights(tmp_path / "b", "ema.pt"))
     assert not same_weights(weights(tmp_path / "a"), weights(tmp_path / "a", "ema.pt"))
@@ -117,17 +90,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, proc
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.parametrize(
-    "train_over,model_over,match",
-    [({"lr": -0.001}, {}, "train.lr"), ({}, {"schedule": "cosine"}, "model.schedule")],
-)
-def test_bad_params(train_over, model_over, match):
-    p = tiny(**train_over)
-    p["model"].update(model_over)
-    with pytest.raises(ParamError, match=match):
-        parse_params(p)
-
-
 def test_batch_larger_than_the_training_set(tmp_path, processed):
     with pytest.raises(UserError, match="batch_size = 1000 is larger than the training set"):
         train(parse_params(tiny(batch_size=1000)), processed, outs(tmp_path))
@@ -159,65 +121,24 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path, processed):
     assert ck.read_bytes() == b"PK\x03\x04 truncated"
 
 
-# --- as a process: signals, SIGKILL, DDP ------------------------------------------------
+# --- as a process: signals, DDP ------- ------------------------------------------------
 
 
-def project(tmp_path, processed, **train_over):
-    import shutil
-
-    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
-    if not (tmp_path / "data/processed").exists():
-        shutil.copytree(processed, tmp_path / "data/processed")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**train_over)))
-    for name in ("vdm", "stages"):
-        if not (tmp_path / name).exists():
-            shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
-
-
-def start(proj, *cmd):
-    env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
-    cmd = cmd or (sys.executable, "-m", "stages.train")
-    return subprocess.Popen(cmd, cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(proj, p, timeout=120):
-    t0 = time.time()
-    while not list((proj / "checkpoints").glob("*.pt")):
-        assert p.poll() is None, p.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
-
-
-LONG = dict(steps=30, checkpoint_every=3, eval_every=0, sample_every=0, log_every=3)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, processed):
-    proj = project(tmp_path_factory.mktemp("ref"), processed, **LONG)
-    p = start(proj)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    return weights(proj), (proj / "metrics/train.json").read_bytes()
-
-
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, processed, uninterrupted, how):
     proj = project(tmp_path, processed, **LONG)
     p = start(proj)
     wait_for_checkpoint(proj, p)
     p.send_signal(how)
     out, err = p.communicate(timeout=120)
-    if how != signal.SIGKILL:
-        assert p.returncode == 2 and "checkpoint saved" in err and "Traceback" not in err, err
+    assert p.returncode == 2 and "checkpoint saved" in err and "Traceback" not in err, err
     assert list((proj / "checkpoints").glob("*.pt"))
     p = start(proj)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert "resuming from" in err
-    ref_weights, ref_metrics = uninterrupted
-    assert same_weights(weights(proj), ref_weights)
-    assert (proj / "metrics/train.json").read_bytes() == ref_metrics
+    assert same_weights(weights(proj), weights(uninterrupted))
+    assert (proj / "metrics/train.json").read_bytes() == (uninterrupted / "metrics/train.json").read_bytes()
 
 
 def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, processed):
@@ -255,19 +176,3 @@ def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
     assert sets["model.patch_size"] == "1" and sets["train.compile"] == "true"
     with pytest.raises(UserError, match="no preset"):
         command("tpu")
-
-
-def test_wandb_offline_run_is_written_and_the_api_key_is_not(tmp_path, processed):
-    proj = project(tmp_path, processed, steps=2, eval_every=0, sample_every=0, wandb="offline")
-    secret = "wandb-test-key-3f9c1e7a5b2d4680aaaa"
-    env = subprocess_env() | {"WANDB_API_KEY": secret, "DVC_EXP_NAME": "exp-test", "WANDB_SILENT": "true"}
-    p = subprocess.run(
-        [sys.executable, "-m", "stages.train"], cwd=proj, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert p.returncode == 0, p.stderr
-    runs = list((proj / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
-    cfg = json.loads((proj / "models/config.json").read_text())
-    assert cfg["run_name"] == "exp-test"
-    leaked = [f for f in proj.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
-    assert not leaked and secret not in p.stdout + p.stderr

@@ -1,12 +1,15 @@
 """Atomic writes: a killed process never leaves a half-written artifact.
 
 Everything is written to a temporary sibling first and renamed into place, so the
-old artifact survives until the new one is complete.
+old artifact survives until the new one is complete. A failed write (a full disk) removes
+the temporary file and names the artifact in the OSError (stages/_cli.py turns ENOSPC into
+one line: free space and rerun).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,6 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _name_artifact(e: OSError, path: Path, tmp_dir: Path | None = None) -> None:
+    """A write to a full disk raises OSError without a file name (or with a temporary one): name the artifact."""
+    if e.errno not in _DISK_FULL:
+        return
+    if not e.filename:
+        e.filename = str(path)
+    elif tmp_dir is not None and Path(e.filename).is_relative_to(tmp_dir):
+        e.filename = str(path / Path(e.filename).relative_to(tmp_dir))
 
 
 def _umask() -> int:
@@ -37,13 +52,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
+    except OSError as e:
+        _name_artifact(e, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
@@ -61,10 +80,22 @@ def save_npy_rows(path: str | os.PathLike, array: np.ndarray, rows: np.ndarray, 
     """Save array[rows] as .npy without materialising the selection in memory."""
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=(len(rows), *array.shape[1:]))
+        _reserve(tmp)
         for i in range(0, len(rows), chunk):
             out[i : i + chunk] = array[rows[i : i + chunk]]
         out.flush()
         del out
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a (sparse) file's blocks now: on a full disk, writing through a memory map would
+    kill the process with SIGBUS; this raises OSError(ENOSPC) instead."""
+    with open(path, "rb+") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # filesystems without it
+                raise
 
 
 @contextlib.contextmanager
@@ -86,6 +117,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    except OSError as e:
+        _name_artifact(e, path, tmp)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,13 +13,17 @@ torch.load(weights_only=True): no pickled code ever runs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import torch
 
-from vdm.atomic import atomic_path, write_json
+from vdm.atomic import atomic_dir, atomic_path, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.params import Params, as_dict
 
@@ -38,20 +42,75 @@ def config_hash(params: Params, processed: str | os.PathLike) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def save(obj: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+CHECKSUM_SUFFIX = ".sha256"
 
 
-def load(path: str | os.PathLike, what: str) -> dict:
+def checksum_path(path: str | os.PathLike) -> Path:
     path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` atomically, then its checksum file (see the module docstring).
+
+    Serialised in memory first: the bytes are hashed without reading the file back, the zip's
+    inner folder is always "archive" (saving to a path names it after the temporary file, so
+    identical weights gave different bytes), and a full disk is an OSError from a plain write.
+    """
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    side = checksum_path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        side.unlink(missing_ok=True)  # before the rename: a stale checksum never sits beside a new file
+    write_bytes(side, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+
+
+def _read_verified(path: Path, what: str, fix: str) -> bytes:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle opcode, forbidden global, ...
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} not found. {fix}") from None
+    side = checksum_path(path)
+    if not side.is_file():
+        print(
+            f"note: {path} has no checksum file {side.name} (written before checksums existed, or the run "
+            "stopped between the two writes): checked by loading only",
+            file=sys.stderr,
+        )
+        return data
+    expected = (side.read_text(errors="replace").split() or ["<empty>"])[0]
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
         raise UserError(
-            f"{what} {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"It is left in place: delete or move it to start over"
+            f"{what} {path} is damaged (truncated or changed on disk after it was written): its sha256 is "
+            f"{actual} but {side.name} records {expected}. Both files are left in place. {fix}"
+        )
+    return data
+
+
+def load(path: str | os.PathLike, what: str, fix: str = "Delete or move it to start over") -> dict:
+    path = Path(path)
+    data = _read_verified(path, what, fix)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL \S+", str(e))
+        if found is None:
+            raise UserError(f"{what} {path} cannot be loaded ({_first_line(e)}). It is left in place. {fix}") from None
+        raise UserError(
+            f"{what} {path} holds pickled Python objects, not only tensors ({found.group(0).rstrip('.')}): refusing "
+            f"to load it, and nothing in it was run. This pipeline never writes such files; it is left in place. {fix}"
         ) from None
+    except Exception as e:  # truncated zip, bad pickle opcode, ...
+        raise UserError(f"{what} {path} cannot be loaded ({_first_line(e)}). It is left in place. {fix}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 class Checkpoints:
@@ -63,10 +122,14 @@ class Checkpoints:
         return sorted(p for p in self.dir.glob("*.pt") if p != self.path) if self.dir.is_dir() else []
 
     def load(self) -> dict | None:
+        # Temporary files of this config's checkpoint left by a killed run (SIGKILL cannot clean
+        # up). Safe: only the training run that owns this config writes them, and it has not yet.
+        for tmp in self.dir.glob(f".{self.key}.pt*.tmp") if self.dir.is_dir() else ():
+            tmp.unlink(missing_ok=True)
         if not self.path.is_file():
             return None
-        state = load(self.path, "checkpoint")
-        if state.get("config_hash") != self.key:
+        state = load(self.path, "checkpoint", "Delete or move it (and its .sha256) to start over from step 0")
+        if not isinstance(state, dict) or state.get("config_hash") != self.key:
             raise UserError(f"checkpoint {self.path} belongs to another config; delete it to start over")
         return state
 
@@ -75,13 +138,15 @@ class Checkpoints:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        checksum_path(self.path).unlink(missing_ok=True)
 
 
 def save_model(models_dir: str | os.PathLike, model: torch.nn.Module, ema: torch.nn.Module, config: dict) -> None:
-    d = Path(models_dir)
-    save(model.state_dict(), d / "model.pt")
-    save(ema.state_dict(), d / "ema.pt")
-    write_json(d / "config.json", config)
+    """models/ is replaced whole: a failure (a full disk) leaves the previous model files intact and matching."""
+    with atomic_dir(models_dir) as tmp:
+        save(model.state_dict(), tmp / "model.pt")
+        save(ema.state_dict(), tmp / "ema.pt")
+        write_json(tmp / "config.json", config)
 
 
 def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"):
@@ -96,5 +161,6 @@ def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | 
     config = json.loads(cfg_path.read_text())
     model_params = parse_section(ModelParams, config["params"]["model"], "model")
     model = build_vdm(model_params, config["params"]["data"]["image_size"])
-    model.load_state_dict(load(d / f"{which}.pt", f"{which} weights"))
+    fix = "Restore it with `dvc checkout models`, or retrain with `dvc repro -f train`"
+    model.load_state_dict(load(d / f"{which}.pt", f"{which} weights", fix))
     return model.to(device).eval(), config

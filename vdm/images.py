@@ -21,6 +21,10 @@ from PIL import Image, UnidentifiedImageError
 FORMATS = ("PNG", "GIF", "JPEG", "WEBP", "BMP")
 MAX_PIXELS = 4096 * 4096  # a sprite is ~96x96; anything near this is not a sprite
 
+# Signatures: a file that starts like an image but cannot be identified is a damaged image
+# ("corrupt", e.g. a bad header checksum), not some other kind of file ("not_image").
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"\xff\xd8\xff")
+
 # Why a file was skipped (counted in metrics/data.json).
 EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE, UNSUPPORTED = "empty", "not_image", "corrupt", "too_large", "unsupported_mode"
 SKIP_REASONS = (EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE, UNSUPPORTED)
@@ -78,6 +82,8 @@ def decode(data: bytes, size: int) -> Decoded:
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
         except UnidentifiedImageError:
+            if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+                return Decoded(None, CORRUPT, "an image signature, but its header cannot be read")
             return Decoded(None, NOT_IMAGE, "not a PNG/GIF/JPEG/WebP/BMP image")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             return Decoded(None, TOO_LARGE, str(e))

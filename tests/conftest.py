@@ -1,0 +1,81 @@
+"""Fixtures shared by several test modules (session-scoped: built once per run)."""
+
+import json
+import uuid
+
+import pytest
+
+from tests.helpers import LONG, TINY_MODEL, TINY_TRAIN, copy_project, project, run, start, subprocess_env, tiny
+from vdm.params import parse_params
+from vdm.preprocess import preprocess
+from vdm.sources import fetch
+
+
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory):
+    """data/processed of 40 synthetic 32x32 sprites."""
+    root = tmp_path_factory.mktemp("data")
+    data = parse_params(tiny()).data
+    fetch(data, root / "raw")
+    preprocess(data, root / "raw", root / "processed", root / "data.json", workers=1)
+    return root / "processed"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, processed):
+    """The project folder of an uninterrupted `python -m stages.train` run of LONG: the reference
+    that interrupted-and-resumed runs must match bit for bit."""
+    proj = project(tmp_path_factory.mktemp("ref"), processed, **LONG)
+    p = start(proj)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    return proj
+
+
+class Pipeline:
+    """A fresh git + DVC repository after `dvc repro` of all five stages on tiny synthetic data,
+    run with credentials in the environment (see `pipeline`)."""
+
+    def __init__(self, proj, home, env, secrets, logs):
+        self.proj, self.home, self.env, self.secrets, self.logs = proj, home, env, secrets, logs
+
+    def run(self, cmd, check=True):
+        p = run(cmd, self.proj, check, self.env)
+        self.logs.append(p.stdout + p.stderr)
+        return p
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """Shared by tests/test_pipeline.py (DVC behaviour, experiments) and tests/test_reliability.py
+    (no credential leaks): one pipeline run for both. Every command runs with a W&B API key and a
+    Kaggle token (environment and ~/.kaggle/kaggle.json in a temporary HOME), each a unique random
+    string, and with train.wandb: offline."""
+    names = ("WANDB_API_KEY", "KAGGLE_USERNAME", "KAGGLE_KEY")
+    secrets = {name: f"{name.lower()}-{uuid.uuid4().hex}" for name in names}
+    home = tmp_path_factory.mktemp("home")
+    (home / ".kaggle").mkdir()
+    token = home / ".kaggle/kaggle.json"
+    token.write_text(json.dumps({"username": secrets["KAGGLE_USERNAME"], "key": secrets["KAGGLE_KEY"]}))
+    token.chmod(0o600)
+    env = subprocess_env() | secrets | {"HOME": str(home), "WANDB_SILENT": "true"}
+    proj = copy_project(
+        tmp_path_factory.mktemp("pipeline") / "repo",
+        TINY_MODEL,
+        {**TINY_TRAIN, "wandb": "offline"},
+        source="synthetic",
+        synthetic={"count": 60, "seed": 0},
+        image_size=32,
+    )
+    pl = Pipeline(proj, home, env, secrets, [])
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.invalid"],
+        ["git", "config", "user.name", "test"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
+        pl.run(cmd)
+    pl.first = pl.run(["dvc", "repro"])
+    return pl
