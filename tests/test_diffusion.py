@@ -190,8 +190,8 @@ class Oracle(torch.nn.Module):
         return self.out
 
 
-def test_v_prediction_recovers_eps_and_x():
-    """A net that outputs the true v = alpha eps - sigma f gives eps_hat = eps exactly."""
+def test_v_and_x_prediction_recover_eps():
+    """A net that outputs the true v = alpha eps - sigma f (or the true f) gives eps_hat = eps."""
     g = torch.Generator().manual_seed(0)
     f = encode(images(n=3))
     eps = torch.randn(f.shape, generator=g)
@@ -202,13 +202,26 @@ def test_v_prediction_recovers_eps_and_x():
     net.out = a * eps - s * f
     model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
     assert torch.allclose(model.eps_hat(z, gamma), eps, atol=1e-5)
+    net.out = f
+    x_model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x")
+    assert torch.allclose(x_model.eps_hat(z, gamma), eps, atol=1e-4)
+    # x with a skip below noise-to-signal 0.02: the net's F is blended with z_t / alpha_t
+    skip = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x", x_skip_noise=0.02)
+    c_skip = torch.sigmoid(2 * math.log(0.02) - gamma).view(-1, 1, 1, 1)
+    net.out = (f - c_skip * z / a) / torch.sqrt(1 - c_skip)
+    assert torch.allclose(skip.eps_hat(z, gamma), eps, atol=1e-3)
+    net.out = torch.zeros_like(z[:2])  # F = 0: x_hat = z / alpha at very high SNR, 0 (the net's F) at low SNR
+    g = torch.tensor([-13.3, 0.0])
+    a2, s2 = torch.sqrt(torch.sigmoid(-g)).view(-1, 1, 1, 1), torch.sqrt(torch.sigmoid(g)).view(-1, 1, 1, 1)
+    x_hat = (z[:2] - s2 * skip.eps_hat(z[:2], g)) / a2
+    assert torch.allclose(x_hat[0], z[0] / a2[0], rtol=0.01) and x_hat[1].abs().max() < 5e-3
     net.out = torch.zeros_like(z)  # an untrained v-net: eps_hat = sigma z, i.e. x_hat = alpha z (bounded)
     assert torch.allclose(model.eps_hat(z, gamma), s * z)
     # the same net read as an eps-predictor predicts eps = 0
     assert torch.equal(VDM(net, make_schedule("fixed_linear", -13.3, 5.0)).eps_hat(z, gamma), net.out)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x"])
 def test_sigmoid_weighting_changes_the_objective_never_the_reported_bound(prediction):
     x = images(n=8)
     losses = {}

@@ -53,7 +53,7 @@ def test_channels_last_gives_the_same_output():
     "kw,match",
     [
         (dict(channels=40, patch_size=4), "too few for a 4x4 stem"),
-        (dict(channels=16, patch_size=2), "too few for a 2x2 stem"),
+        (dict(channels=8, patch_size=2), "too few for a 2x2 stem"),
         (dict(patch_size=3), "patch_size"),
         (dict(channel_mult=[1, 2, 2, 2, 2]), "cannot be halved"),
         (dict(attention_resolutions=[7]), "not feature-map sizes"),

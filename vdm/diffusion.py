@@ -128,16 +128,20 @@ class VDM(nn.Module):
         antithetic: bool = True,
         timesteps: int = 0,
         prediction: str = "eps",
+        x_skip_noise: float = 0.0,
         loss_weighting: str = "elbo",
         sigmoid_bias: float = 0.0,
     ):
         """`net(z_t, gamma_t)` predicts eps or v; timesteps = 0 for continuous time, else T."""
         super().__init__()
-        if prediction not in ("eps", "v") or loss_weighting not in ("elbo", "sigmoid"):
+        if prediction not in ("eps", "v", "x") or loss_weighting not in ("elbo", "sigmoid"):
             raise ValueError(f"prediction {prediction!r} / loss_weighting {loss_weighting!r}")
         self.net, self.schedule = net, schedule
         self.antithetic, self.timesteps = antithetic, timesteps
         self.prediction, self.loss_weighting, self.sigmoid_bias = prediction, loss_weighting, sigmoid_bias
+        # x-prediction's skip: x_hat = c_skip z_t / alpha_t + c_out F, switching from F (the net's
+        # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
+        self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
 
     def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """The network's prediction of eps at (z_t, gamma_t), gamma of shape (B,)."""
@@ -145,7 +149,14 @@ class VDM(nn.Module):
         if self.prediction == "eps":
             return out
         g = gamma.view(-1, 1, 1, 1)
-        return torch.sqrt(torch.sigmoid(g)) * z + torch.sqrt(torch.sigmoid(-g)) * out
+        if self.prediction == "v":
+            return torch.sqrt(torch.sigmoid(g)) * z + torch.sqrt(torch.sigmoid(-g)) * out
+        alpha, sigma = torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
+        x_hat = out
+        if self.log_skip2 > -math.inf:
+            c_skip = torch.sigmoid(self.log_skip2 - g)  # s_d^2 / (s^2 + s_d^2), s^2 = e^gamma
+            x_hat = c_skip * z / alpha + torch.sqrt(1 - c_skip) * out  # c_out = s / sqrt(s^2 + s_d^2)
+        return (z - alpha * x_hat) / sigma
 
     def weight(self, gamma: torch.Tensor) -> torch.Tensor:
         """w(gamma_t) for the training objective's diffusion term (1 for the bound)."""
@@ -335,6 +346,7 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
         antithetic=model.antithetic,
         timesteps=model.timesteps,
         prediction=model.prediction,
+        x_skip_noise=model.x_skip_noise,
         loss_weighting=model.loss_weighting,
         sigmoid_bias=model.sigmoid_bias,
     )

@@ -107,7 +107,8 @@ class ModelParams:
     checkpointing: bool  # recompute activations in backward: less memory, ~1/3 more compute
     antithetic: bool  # antithetic (low-discrepancy) time sampling
     timesteps: int  # 0 = continuous-time loss, else T discrete steps
-    prediction: typing.Literal["eps", "v"]  # what the UNet outputs (v = alpha eps - sigma x)
+    prediction: typing.Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
+    x_skip_noise: float  # prediction x: below this noise-to-signal ratio x_hat defaults to z_t / alpha_t
     loss_weighting: typing.Literal["elbo", "sigmoid"]  # weighting of the diffusion term the net trains on
     sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
     seed: int  # weight initialisation
@@ -136,6 +137,7 @@ class ModelParams:
             "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
         )
         _require(0 <= self.timesteps <= 100_000, f"{p}.timesteps", self.timesteps, "0 (continuous) or a step count")
+        _require(0 <= self.x_skip_noise <= 1, f"{p}.x_skip_noise", self.x_skip_noise, "a number in [0, 1]")
         _require(-20 <= self.sigmoid_bias <= 20, f"{p}.sigmoid_bias", self.sigmoid_bias, "a number in [-20, 20]")
         _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
 

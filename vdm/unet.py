@@ -195,11 +195,11 @@ def check_unet_config(image_size, channels, channel_mult, attention_resolutions,
         raise ValueError(f"patch_size must be 1, 2 or 4, got {patch_size}")
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-    if channels < 2 * in_channels * patch_size**2:
+    if channels < in_channels * patch_size**2:
         raise ValueError(
             f"channels = {channels} is too few for a {patch_size}x{patch_size} stem: each position carries "
-            f"{in_channels * patch_size**2} values of z_t, and the first level needs at least twice that "
-            f"({2 * in_channels * patch_size**2}) to pass z_t through and compute with it"
+            f"{in_channels * patch_size**2} values of z_t, and the first level needs at least that many "
+            f"channels to pass z_t through"
         )
     if not channel_mult:
         raise ValueError("channel_mult must list at least one level")
