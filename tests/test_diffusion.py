@@ -227,7 +227,7 @@ def test_sigmoid_weighting_changes_the_objective_never_the_reported_bound(predic
     losses = {}
     for name, weighting, bias in [("elbo", "elbo", 0.0), ("w~1", "sigmoid", 25.0), ("w~0", "sigmoid", -25.0)]:
         torch.manual_seed(0)
-        model = VDM(Linear(0.5), make_schedule("learned_nn", -13.3, 5.0), False, 0, prediction, weighting, bias)
+        model = VDM(Linear(0.5), make_schedule("learned_nn", -13.3, 5.0), False, 0, prediction, 0.0, weighting, bias)
         losses[name] = model.loss(x, torch.Generator().manual_seed(3))
     elbo = losses["elbo"]
     assert torch.equal(elbo.objective, elbo.total)

@@ -125,4 +125,4 @@ def test_fid_kid_is_through_torch_fidelity_with_a_weights_file(trained, random_i
     assert r["fidelity_skipped_reason"] is None
     for k in ("fid", "kid", "inception_score"):
         assert isinstance(r[k], float) and np.isfinite(r[k]), k
-    assert r["fid"] > 0 and r["inception_score"] >= 1.0
+    assert r["fid"] > 0 and r["inception_score"] >= 1.0 - 1e-9  # IS = exp(E KL) >= 1, up to rounding
