@@ -12,11 +12,24 @@ def main() -> None:
     device = resolve_device(sp.device, Dist())
     model, config = load_model("models", "ema", device)
     samples, strip, seconds = generate(
-        model, sp.count, sp.steps, sp.batch_size, sp.seed, sp.strip_rows, sp.strip_points, device, sp.clip_denoised
+        model,
+        sp.count,
+        sp.steps,
+        sp.batch_size,
+        sp.seed,
+        sp.strip_rows,
+        sp.strip_points,
+        device,
+        sp.clip_denoised,
+        sp.sampler,
+        sp.spacing,
+        progress=True,
     )
     info = {
         "count": sp.count,
+        "sampler": sp.sampler,
         "steps": sp.steps,
+        "spacing": sp.spacing,
         "clip_denoised": sp.clip_denoised,
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
@@ -24,8 +37,8 @@ def main() -> None:
     }
     write_samples("samples", samples, strip, info)
     print(
-        f"sample: {sp.count} sprites at T={sp.steps} in {seconds:.0f} s ({info['img_per_s']:.3f} img/s on "
-        f"{device}) -> samples/"
+        f"sample: {sp.count} sprites, {sp.sampler} with {sp.steps} steps (spacing {sp.spacing}), in {seconds:.0f} s "
+        f"({info['img_per_s']:.3f} img/s on {device}) -> samples/"
     )
 
 

@@ -76,7 +76,9 @@ BASE_PARAMS = {
     },
     "sample": {
         "count": 4,
+        "sampler": "ancestral",
         "steps": 4,
+        "spacing": "t",
         "batch_size": 4,
         "seed": 0,
         "strip_rows": 2,
@@ -90,6 +92,7 @@ BASE_PARAMS = {
         "seed": 0,
         "inception_weights": "",
         "closest_pairs": 2,
+        "swd_repeats": 2,
         "device": "cpu",
     },
 }

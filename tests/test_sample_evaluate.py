@@ -74,7 +74,7 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
     assert (
         INCEPTION_FILE in r["fidelity_skipped_reason"] and "evaluate.inception_weights" in r["fidelity_skipped_reason"]
     )
-    assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["samples"] == 12
+    assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["sample_count"] == 12
     assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
     assert json.loads((trained / "metrics/eval.json").read_text()) == r
 

@@ -1,4 +1,5 @@
-"""Evaluation: held-out bits/dim, FID/KID/IS (torch-fidelity), memorisation distances.
+"""Evaluation: held-out bits/dim, sliced Wasserstein distance and graininess beside their
+real-vs-real floor (vdm/quality.py), FID/KID/IS (torch-fidelity), memorisation distances.
 
 Inception weights: torch-fidelity downloads them from GitHub on first use, which fails
 offline. They are taken from `evaluate.inception_weights` (a local .pth) or torch hub's
@@ -22,6 +23,7 @@ from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import EvaluateParams
+from vdm.quality import graininess, swd
 from vdm.training import Dist, resolve_device
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -31,9 +33,13 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 def inception_weights(param: str) -> tuple[Path | None, str]:
     """(path, "") of usable Inception weights, or (None, why not and how to get them)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    home = str(Path.home())
+    shown = (
+        "~" + str(cache)[len(home) :] if str(cache).startswith(home + "/") else str(cache)
+    )  # no user path in metrics
     how = (
         f"download {INCEPTION_URL} on a machine with internet access and set evaluate.inception_weights "
-        f"to the file's path (or copy it to {cache})"
+        f"to the file's path (or copy it to {shown})"
     )
     if param:
         path = Path(param).expanduser()
@@ -42,7 +48,7 @@ def inception_weights(param: str) -> tuple[Path | None, str]:
     elif cache.is_file():
         path = cache
     else:
-        return None, f"no Inception weights (evaluate.inception_weights is empty and {cache} does not exist); {how}"
+        return None, f"no Inception weights (evaluate.inception_weights is empty and {shown} does not exist); {how}"
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -112,6 +118,25 @@ def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> di
     return {"ratio": ratio, "d_train": d_train, "i_train": i_train, "d_test": d_test}
 
 
+def sample_quality(samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int) -> dict:
+    """SWD (x 1000, mean over pyramid levels and per level, each +- bootstrap s.e.) of the samples
+    against the test split, beside the floor: as many training images as samples (a seeded
+    subset) against the test split, with the same bootstrap; graininess of samples and test."""
+    n = len(samples)
+    pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
+    floor_images = np.asarray(train[pick])
+    out = {}
+    for name, images in (("swd", samples), ("swd_floor", floor_images)):
+        r = swd(images, test, n, repeats, seed)
+        out[name], out[f"{name}_se"] = r["avg"], r["avg_se"]
+        for side, m, se in zip(r["levels"], r["mean"], r["se"], strict=True):
+            out[f"{name}_{side}"], out[f"{name}_{side}_se"] = m, se
+    out["swd_ratio"] = out["swd"] / out["swd_floor"]
+    out["graininess"] = graininess(samples)
+    out["graininess_test"] = graininess(test)
+    return out
+
+
 def evaluate(
     ep: EvaluateParams,
     models="models",
@@ -145,6 +170,7 @@ def evaluate(
     else:
         print(f"evaluate: FID/KID/IS skipped: {why}")
     mem = memorisation(samples, train, test)
+    quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed)
 
     result = {
         "test_bpd": bpd["total"],
@@ -152,11 +178,13 @@ def evaluate(
         **{f"test_{k}": bpd[k] for k in ("diffusion", "latent", "recon")},
         "test_images": bpd["images"],
         "time_samples": ep.time_samples,
+        **quality,
         **fid,
         "fidelity_skipped_reason": why or None,
         "memorisation_median_ratio": float(np.median(mem["ratio"])),
         "memorisation_min_ratio": float(mem["ratio"].min()),
-        "samples": len(samples),
+        "sample_count": len(samples),
+        "sampler": info.get("sampler", "ancestral"),
         "sample_steps": info["steps"],
         "sample_img_per_s": info["img_per_s"],
         "sample_device": info["device"],

@@ -193,7 +193,9 @@ class TrainParams:
 @dataclasses.dataclass(frozen=True)
 class SampleParams:
     count: int  # sprites generated (EMA weights)
-    steps: int  # ancestral sampling steps T
+    sampler: typing.Literal["ancestral", "ddim", "dpmpp_2m"]  # see vdm/samplers.py
+    steps: int  # network evaluations per sprite
+    spacing: typing.Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
     batch_size: int
     seed: int
     strip_rows: int  # samples shown in the denoising strip
@@ -218,9 +220,11 @@ class EvaluateParams:
     seed: int
     inception_weights: str  # path to torch-fidelity's Inception weights; "" = torch hub cache only
     closest_pairs: int  # sample/nearest-training-image pairs drawn in eval/closest_pairs.png
+    swd_repeats: int  # bootstrap repeats of the sliced Wasserstein distance (its standard error)
     device: str
 
     def check(self, p: str) -> None:
+        _require(2 <= self.swd_repeats <= 1000, f"{p}.swd_repeats", self.swd_repeats, "an integer from 2 to 1000")
         _require(1 <= self.time_samples <= 1000, f"{p}.time_samples", self.time_samples, "an integer from 1 to 1000")
         _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
         _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")

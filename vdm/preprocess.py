@@ -35,6 +35,7 @@ from vdm.atomic import atomic_dir, save_npy_rows, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
 from vdm.params import DataParams
+from vdm.quality import codec_bits_per_subpixel
 from vdm.sources import FILES, read_source
 
 SPLITS = ("train", "val", "test")
@@ -197,13 +198,15 @@ def preprocess(
     sp = data.split
     split = split_by_group(df.group[kept].tolist(), sp.train, sp.val, sp.test, sp.seed)
     df.loc[kept, "split"] = split
-    counts = {}
+    counts, codec = {}, {}
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             sel = np.flatnonzero(split == name)  # positions among kept images, in path order
             df.loc[kept[sel], "index"] = np.arange(len(sel))
             save_npy_rows(tmp / f"{name}.npy", images, sel)
             counts[name] = int(len(sel))
+            if name == "test":  # the yardstick for the model's test bits/dim
+                codec = codec_bits_per_subpixel(images[sel])
             if name == "train" and data.preview:
                 write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[: data.preview]], ncol=8)))
         df.to_csv(tmp / "manifest.csv", index=False)
@@ -222,6 +225,8 @@ def preprocess(
             **{n: int(kept_df.group[kept_df.split == n].nunique()) for n in SPLITS},
         },
         **counts,
+        # lossless codecs on the test split, in bits per subpixel (= bits/dim; 8 = uniform)
+        **{f"test_{k}_bpd": v for k, v in codec.items()},
     }
     write_json(metrics_path, metrics)
     return metrics

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdm import samplers
 from vdm.atomic import atomic_dir
 from vdm.diffusion import VDM
 from vdm.images import image_grid, png_bytes
@@ -31,21 +32,28 @@ def generate(
     strip_points: int,
     device: torch.device,
     clip_denoised: bool = True,
+    sampler: str = "ancestral",
+    spacing: str = "t",
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
-    Batches here rather than through VDM.sample(batch_size=...) so that z_t snapshots are
-    kept for the first batch only (the strip), not for every sample.
+    z_t snapshots are kept for the first batch only (the strip), not for every sample.
+    `progress` shows a bar over all network evaluations (tqdm; a log line every few seconds
+    when not in a terminal).
     """
+    from vdm.progress import Progress
+
     gen = torch.Generator(device=device).manual_seed(seed)
-    size = model.net.image_size
-    shape = (3, size, size)
     out, strip = [], None
+    bar = Progress(total=steps * math.ceil(count / batch_size), desc="sample", unit="step", enabled=progress)
     t0 = time.perf_counter()
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         points = strip_points if start == 0 and strip_rows else 0
-        x, traj = model.sample(n, shape, steps, gen, device, trajectory_points=points, clip_denoised=clip_denoised)
+        x, traj = samplers.sample(
+            model, n, steps, sampler, spacing, gen, device, points, clip_denoised, on_step=lambda _: bar.update(1)
+        )
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:
             rows = min(strip_rows, n)
@@ -54,6 +62,7 @@ def generate(
             strip = image_grid(tiles.permute(0, 2, 3, 1).numpy(), ncol=len(frames))
     if device.type == "cuda":
         torch.cuda.synchronize()
+    bar.close()
     return np.concatenate(out), strip, time.perf_counter() - t0
 
 

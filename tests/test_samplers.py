@@ -1,0 +1,112 @@
+"""Samplers in gamma = -log SNR: exact denoisers land on the data, the deterministic samplers
+converge to the probability-flow ODE's exact solution at their order, and the ancestral sampler
+is the paper's (the same draws as VDM.sample)."""
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import model_params
+from vdm.diffusion import build_vdm, decode_nearest, encode
+from vdm.samplers import SAMPLERS, gamma_grid, sample, solve
+
+
+def _alpha_sigma(g):
+    return torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_exact_denoiser_lands_on_the_data_point(sampler):
+    x0 = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    f = encode(x0)
+    gammas = torch.linspace(5.0, -16.0, 13)  # sigma / alpha at the end: e^-8 = 3e-4, a tenth of a level's half-width
+
+    def exact(z, gamma):  # the data is the single point f
+        return f
+
+    z1 = torch.randn(f.shape, generator=torch.Generator().manual_seed(1))
+    z, _ = solve(exact, z1, gammas, sampler, torch.Generator().manual_seed(2))
+    alpha_end = math.sqrt(float(torch.sigmoid(-gammas[-1])))
+    assert torch.equal(decode_nearest(z / alpha_end), x0)
+
+
+def _gaussian_case(mu=0.3, s=0.5):
+    """Data x ~ N(mu, s^2) per element: the exact denoiser E[x | z_t] and the exact
+    probability-flow map z_1 -> z_0 (it keeps the standardised value of z_t constant)."""
+
+    def denoise(z, gamma):
+        g = gamma.view(-1, *([1] * (z.dim() - 1)))
+        a, sg = _alpha_sigma(g)
+        return mu + a * s**2 * (z - a * mu) / (a**2 * s**2 + sg**2)
+
+    def flow(z, g_from, g_to):
+        a1, s1 = _alpha_sigma(torch.tensor(g_from, dtype=torch.float64))
+        a0, s0 = _alpha_sigma(torch.tensor(g_to, dtype=torch.float64))
+        u = (z - a1 * mu) / torch.sqrt(a1**2 * s**2 + s1**2)
+        return a0 * mu + torch.sqrt(a0**2 * s**2 + s0**2) * u
+
+    return denoise, flow
+
+
+@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("dpmpp_2m", 2)])
+def test_deterministic_samplers_converge_to_the_ode_at_their_order(sampler, order):
+    denoise, flow = _gaussian_case()
+    g1, g0 = 5.0, -8.0
+    z1 = torch.randn(2000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = flow(z1, g1, g0)
+    errors = []
+    for steps in (10, 20, 40, 80):
+        gammas = torch.linspace(g1, g0, steps + 1, dtype=torch.float64)
+        z, _ = solve(denoise, z1, gammas, sampler)
+        errors.append(float((z - exact).abs().max()))
+    ratios = [a / b for a, b in zip(errors, errors[1:], strict=False)]
+    # halving the step size divides the error by 2^order (within 25% at these step counts)
+    assert all(0.75 * 2**order < r < 1.25 * 2**order for r in ratios), (errors, ratios)
+    assert errors[-1] < 0.05
+
+
+def test_ancestral_sampling_at_many_steps_matches_the_data_distribution():
+    denoise, _ = _gaussian_case(mu=0.3, s=0.5)
+    z1 = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gammas = torch.linspace(5.0, -10.0, 201, dtype=torch.float64)
+    z, _ = solve(denoise, z1, gammas, "ancestral", torch.Generator().manual_seed(1))
+    x = z / math.sqrt(float(torch.sigmoid(torch.tensor(10.0))))
+    assert float(x.mean()) == pytest.approx(0.3, abs=0.02) and float(x.std()) == pytest.approx(0.5, abs=0.02)
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return build_vdm(model_params(channels=16, channel_mult=[1], attention_resolutions=[]), 8).eval()
+
+
+def test_ancestral_is_the_models_own_sampler():
+    model = _tiny_model()
+    a, _ = sample(model, 3, 6, "ancestral", "t", torch.Generator().manual_seed(5))
+    b, _ = model.sample(3, (3, 8, 8), 6, torch.Generator().manual_seed(5))
+    assert (a.int() - b.int()).abs().max() <= 1 and (a == b).float().mean() > 0.99
+
+
+def test_grids_and_trajectory():
+    model = _tiny_model()
+    g = gamma_grid(model.schedule, 4, "t", "cpu")
+    assert torch.allclose(g, model.schedule(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))[0])
+    lg = gamma_grid(model.schedule, 4, "logsnr", "cpu")
+    assert torch.allclose(lg[[0, -1]], g[[0, -1]]) and torch.allclose(lg.diff(), lg.diff()[0].expand(4))
+    steps_seen = []
+    x, traj = sample(
+        model,
+        2,
+        4,
+        "dpmpp_2m",
+        "logsnr",
+        torch.Generator().manual_seed(0),
+        trajectory_points=3,
+        on_step=steps_seen.append,
+    )
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 8, 8)
+    assert len(traj) == 3 and all(t.shape == (2, 3, 8, 8) for t in traj) and steps_seen == [1, 2, 3, 4]
+    again, _ = sample(model, 2, 4, "dpmpp_2m", "logsnr", torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(model, 1, 2, "euler")

@@ -1,0 +1,133 @@
+"""Samplers for a trained VDM, written in gamma = -log SNR so that any monotone schedule works.
+
+Every sampler walks a grid gamma_0 > ... (from gamma(1) down to gamma(0)) and needs only a
+denoiser x_hat(z, gamma), the estimate of the data given z_t (clipped to [-1, 1] when asked).
+With alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), lambda = -gamma / 2 = log(alpha / sigma)
+and a step from gamma_t to gamma_s < gamma_t:
+
+    ancestral  z_s ~ q(z_s | z_t, x = x_hat): mean (alpha_s / alpha_t) e^(gamma_s - gamma_t) z_t
+               + alpha_s c x_hat, variance sigma_s^2 c, c = 1 - SNR_t / SNR_s (the paper's sampler)
+    ddim       z_s = alpha_s x_hat + sigma_s eps_hat, eps_hat = (z_t - alpha_t x_hat) / sigma_t
+               (Song et al. 2021, eta = 0: the probability-flow ODE to first order)
+    dpmpp_2m   z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D, h = lambda_s - lambda_t,
+               D = x_hat on the first step, else (1 + 1/2r) x_hat - (1/2r) x_hat_prev with
+               r = h_prev / h (Lu et al. 2022, DPM-Solver++(2M): second order, one net call a step)
+
+Step spacing: `t` takes the grid at t = i / steps, so it follows the learned schedule (which
+puts its steps where the training loss varies most); `logsnr` spaces gamma uniformly between
+the schedule's endpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from vdm.diffusion import VDM, decode_nearest
+
+SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
+SPACINGS = ("t", "logsnr")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, gamma of shape (B,)) -> x_hat
+
+
+def _alpha_sigma(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
+
+
+@torch.no_grad()
+def gamma_grid(schedule: Callable, steps: int, spacing: str, device) -> torch.Tensor:
+    """steps + 1 values of gamma from gamma(1) down to gamma(0) (float32, on device)."""
+    if spacing == "t":
+        t = torch.arange(steps, -1, -1, device=device, dtype=torch.float32) / steps
+        return schedule(t)[0].float()
+    if spacing == "logsnr":
+        ends = schedule(torch.tensor([1.0, 0.0], device=device))[0].float()
+        return torch.linspace(float(ends[0]), float(ends[1]), steps + 1, device=device)
+    raise ValueError(f"unknown spacing {spacing!r}: one of {', '.join(SPACINGS)}")
+
+
+def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
+    """x_hat(z, gamma) of a VDM, whatever the net predicts."""
+
+    def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = _alpha_sigma(gamma.view(-1, 1, 1, 1))
+        x_hat = (z - sigma * model.eps_hat(z, gamma)) / alpha
+        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+
+    return denoise
+
+
+@torch.no_grad()
+def solve(
+    denoise: Denoiser,
+    z: torch.Tensor,
+    gammas: torch.Tensor,
+    sampler: str,
+    generator: torch.Generator | None = None,
+    snapshots: set[int] = frozenset(),
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run `sampler` from z at gammas[0] to gammas[-1]; returns z there and {step index: z} at the
+    indices in `snapshots` (0 = the start, len(gammas) - 1 = the end)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    n = z.shape[0]
+    kept = {}
+    x_prev, h_prev = None, None
+    for i in range(len(gammas) - 1):
+        if i in snapshots:
+            kept[i] = z.clone()
+        gt, gs = gammas[i], gammas[i + 1]
+        x_hat = denoise(z, gt.expand(n))
+        alpha_t, sigma_t = _alpha_sigma(gt)
+        alpha_s, sigma_s = _alpha_sigma(gs)
+        if sampler == "ancestral":
+            c = -torch.expm1(gs - gt)
+            noise = torch.randn(z.shape, generator=generator, device=z.device)
+            z = (alpha_s / alpha_t) * (1 - c) * z + alpha_s * c * x_hat + torch.sqrt(sigma_s**2 * c) * noise
+        elif sampler == "ddim":
+            z = alpha_s * x_hat + sigma_s * (z - alpha_t * x_hat) / sigma_t
+        else:  # dpmpp_2m
+            h = 0.5 * (gt - gs)
+            d = x_hat
+            if x_prev is not None:
+                r = h_prev / h
+                d = (1 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
+            z = (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h) * d
+            x_prev, h_prev = x_hat, h
+        if on_step is not None:
+            on_step(i + 1)
+    if len(gammas) - 1 in snapshots:
+        kept[len(gammas) - 1] = z.clone()
+    return z, kept
+
+
+@torch.no_grad()
+def sample(
+    model: VDM,
+    n: int,
+    steps: int,
+    sampler: str = "ancestral",
+    spacing: str = "t",
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    trajectory_points: int = 0,
+    clip_denoised: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
+    [-1, 1], as uint8) at evenly spaced steps from the start to the end."""
+    device = torch.device(device)
+    size = model.net.image_size
+    z = torch.randn((n, 3, size, size), generator=generator, device=device)
+    gammas = gamma_grid(model.schedule, steps, spacing, device)
+    keep = set()
+    if trajectory_points:
+        keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
+    z, kept = solve(vdm_denoiser(model, clip_denoised), z, gammas, sampler, generator, keep, on_step)
+    alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
+    traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
+    return decode_nearest(z / alpha_0).cpu(), traj
