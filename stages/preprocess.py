@@ -11,7 +11,8 @@ def main() -> None:
     print(
         f"preprocess: {m['images']} images ({m['train']} train / {m['val']} val / {m['test']} test) in "
         f"{m['groups']['total']} groups from {m['files']} files; {m['duplicates']} duplicates, "
-        f"{m['skipped_total']} skipped {m['skipped']}"
+        f"{m['skipped_total']} skipped {m['skipped']}; test split losslessly: PNG {m['test_png_bpd']:.3f}, "
+        f"WebP {m['test_webp_lossless_bpd']:.3f} bits/subpixel"
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import data_params, image_bytes, solid
 from vdm.errors import UserError
 from vdm.preprocess import group_of, preprocess, split_by_group
+from vdm.quality import codec_bits_per_subpixel
 from vdm.sources import fetch
 
 
@@ -75,6 +76,10 @@ def test_preprocess_outputs_counts_and_manifest(tmp_path):
     assert m["duplicates"] == 1 and m["images"] == 41
     assert m["train"] + m["val"] + m["test"] == 41
     assert m["groups"]["total"] == 21 and min(m["groups"][s] for s in ("train", "val", "test")) >= 1
+    # the codec yardstick is the test split's, and agrees with encoding it again
+    test = np.load(out / "test.npy")
+    assert m["test_png_bpd"] == pytest.approx(codec_bits_per_subpixel(test)["png"])
+    assert 0 < m["test_webp_lossless_bpd"] < m["test_png_bpd"] < 8
 
     df = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert len(df) == m["files"] and set(df.status) == {"kept", "duplicate", "empty", "not_image", "corrupt"}

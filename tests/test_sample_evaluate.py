@@ -76,6 +76,10 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
     )
     assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["sample_count"] == 12
     assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
+    # sample quality beside its real floor, each with a bootstrap standard error
+    assert r["swd"] > 0 and r["swd_se"] > 0 and r["swd_floor"] > 0 and r["swd_floor_se"] > 0
+    assert r["swd_ratio"] == pytest.approx(r["swd"] / r["swd_floor"])
+    assert r["graininess"] > 0 and r["graininess_test"] > 0
     assert json.loads((trained / "metrics/eval.json").read_text()) == r
 
 

@@ -118,10 +118,13 @@ def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> di
     return {"ratio": ratio, "d_train": d_train, "i_train": i_train, "d_test": d_test}
 
 
-def sample_quality(samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int) -> dict:
+def sample_quality(
+    samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int, per_repeat: bool = False
+) -> dict:
     """SWD (x 1000, mean over pyramid levels and per level, each +- bootstrap s.e.) of the samples
     against the test split, beside the floor: as many training images as samples (a seeded
-    subset) against the test split, with the same bootstrap; graininess of samples and test."""
+    subset) against the test split, with the same bootstrap; graininess of samples and test.
+    per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
     n = len(samples)
     pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
     floor_images = np.asarray(train[pick])
@@ -129,6 +132,8 @@ def sample_quality(samples: np.ndarray, train: np.ndarray, test: np.ndarray, rep
     for name, images in (("swd", samples), ("swd_floor", floor_images)):
         r = swd(images, test, n, repeats, seed)
         out[name], out[f"{name}_se"] = r["avg"], r["avg_se"]
+        if per_repeat and name == "swd":
+            out["swd_per_repeat"] = r["per_repeat"]
         for side, m, se in zip(r["levels"], r["mean"], r["se"], strict=True):
             out[f"{name}_{side}"], out[f"{name}_{side}_se"] = m, se
     out["swd_ratio"] = out["swd"] / out["swd_floor"]

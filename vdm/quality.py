@@ -142,8 +142,10 @@ def swd(images: np.ndarray, reference: np.ndarray, n: int, repeats: int, seed: i
     """Bootstrap SWD: `repeats` times, n images drawn with replacement from each set.
 
     Returns per-level and mean-over-levels figures: {"levels": [side, ...], "mean": [...],
-    "se": [...], "avg": mean of the level average, "avg_se": its standard error}. With
-    repeats = 1 there is no resampling (the first n images of each set) and se is 0.
+    "se": [...], "avg": mean of the level average, "avg_se": its standard error, "per_repeat":
+    the level average of each repeat}. With repeats = 1 there is no resampling (the first n
+    images of each set) and se is 0. The same seed and n draw the same bootstrap indices, so
+    two image sets scored with the same seed can be compared repeat by repeat (paired).
     """
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -163,6 +165,7 @@ def swd(images: np.ndarray, reference: np.ndarray, n: int, repeats: int, seed: i
         "se": [spread(r[:, i]) for i in range(r.shape[1])],
         "avg": float(avg.mean()),
         "avg_se": spread(avg),
+        "per_repeat": [float(v) for v in avg],
     }
 
 

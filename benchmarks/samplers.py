@@ -1,0 +1,140 @@
+"""Sampler sweep on a trained model: each sampler and step count draws the same sprites (same seed)
+and is scored by the evaluate stage's metric, with its wall-clock.
+
+    python benchmarks/samplers.py                                 # the default sweep on models/
+    python benchmarks/samplers.py --rows ancestral:256:t ddim:32:t dpmpp_2m:32:logsnr
+
+Writes reports/samplers/samplers.json, a Markdown table (samplers.md) and samplers.png (the first
+8 sprites of each row, one row each). The sample count, batch, seed, clipping, SWD repeats and
+evaluation seed come from params.yaml, so the figures are those the sample/evaluate stages give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdm.checkpoint import load_model  # noqa: E402
+from vdm.evaluation import sample_quality  # noqa: E402
+from vdm.images import image_grid, png_bytes  # noqa: E402
+from vdm.params import parse_params  # noqa: E402
+from vdm.sampling import generate  # noqa: E402
+
+DEFAULT_ROWS = [
+    "ancestral:256:t",
+    "ancestral:128:t",
+    "ancestral:64:t",
+    "ddim:16:t",
+    "ddim:32:t",
+    "ddim:64:t",
+    "ddim:128:t",
+    "dpmpp_2m:16:t",
+    "dpmpp_2m:32:t",
+    "dpmpp_2m:64:t",
+    "dpmpp_2m:128:t",
+    "ddim:32:logsnr",
+    "dpmpp_2m:32:logsnr",
+    "ancestral:64:logsnr",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--processed", default="data/processed")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="sampler:steps:spacing[:ema|model] ...")
+    ap.add_argument("--count", type=int, default=None, help="sprites per row (default: sample.count)")
+    ap.add_argument(
+        "--weights", default="ema", choices=("ema", "model"), help="weights of rows that do not name theirs"
+    )
+    ap.add_argument("--out", default="reports/samplers")
+    args = ap.parse_args()
+
+    p = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
+    sp, ep = p.sample, p.evaluate
+    count = args.count or sp.count
+    torch.manual_seed(0)
+    models = {}
+    train = np.load(Path(args.processed) / "train.npy", mmap_mode="r")
+    test = np.load(Path(args.processed) / "test.npy")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, strips = [], []
+    for spec in args.rows:
+        sampler, steps, spacing, weights = (spec.split(":") + [args.weights])[:4]
+        if weights not in models:
+            models[weights] = load_model(args.models, weights, torch.device("cpu"))[0].to(
+                memory_format=torch.channels_last
+            )
+        model = models[weights]
+        samples, _, secs = generate(
+            model,
+            count,
+            int(steps),
+            sp.batch_size,
+            sp.seed,
+            0,
+            2,
+            torch.device("cpu"),
+            sp.clip_denoised,
+            sampler,
+            spacing,
+        )
+        t0 = time.perf_counter()
+        q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, per_repeat=True)
+        metric_s = time.perf_counter() - t0
+        # paired with the first row (same seeds, same bootstrap draws): the difference and its s.e.
+        diff = np.asarray(q["swd_per_repeat"]) - np.asarray((rows[0] if rows else q)["swd_per_repeat"])
+        q["swd_diff"], q["swd_diff_se"] = float(diff.mean()), float(diff.std(ddof=1))
+        row = {
+            "weights": weights,
+            "sampler": sampler,
+            "steps": int(steps),
+            "spacing": spacing,
+            "count": count,
+            "sample_s": round(secs, 1),
+            "metric_s": round(metric_s, 1),
+            **q,
+        }
+        rows.append(row)
+        strips.append(samples[:8])
+        print(
+            f"{sampler:>9} {steps:>4} {spacing:>6}: SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
+            f"(96: {q['swd_96']:6.1f} +- {q['swd_96_se']:4.1f}; floor {q['swd_floor']:.1f}), "
+            f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), {secs:6.1f} s; "
+            f"vs first row {q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}",
+            flush=True,
+        )
+    (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [
+        "| weights | sampler | steps | spacing | SWD x1e3 (mean of levels) | paired difference to the first row "
+        f"| SWD at 96 px | graininess | seconds for {count} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['weights']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['swd']:.1f} +- {r['swd_se']:.1f} "
+            f"| {r['swd_diff']:+.1f} +- {r['swd_diff_se']:.1f} | {r['swd_96']:.1f} +- {r['swd_96_se']:.1f} "
+            f"| {r['graininess']:.1f} | {r['sample_s']:.0f} |"
+        )
+    r0 = rows[0]
+    lines.append(
+        f"| real floor (train vs test) | | | | {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
+        f"{r0['swd_floor_96']:.1f} +- {r0['swd_floor_96_se']:.1f} | {r0['graininess_test']:.1f} (test) | |"
+    )
+    (out / "samplers.md").write_text("\n".join(lines) + "\n")
+    (out / "samplers.png").write_bytes(png_bytes(image_grid(np.concatenate(strips), ncol=8)))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
