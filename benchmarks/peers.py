@@ -173,7 +173,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch size (the VDM default's)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--expected-steps", type=int, default=1100, help="cosine decay horizon")
+    ap.add_argument(
+        "--expected-steps", type=int, default=650, help="cosine decay horizon (~ the steps the budget allows)"
+    )
     ap.add_argument("--count", type=int, default=None, help="sprites to sample (default: sample.count)")
     ap.add_argument("--ddpm-steps", type=int, default=256)
     ap.add_argument("--ddim-steps", type=int, default=64)

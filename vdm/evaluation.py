@@ -122,15 +122,12 @@ def sample_quality(
     samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int, per_repeat: bool = False
 ) -> dict:
     """SWD (x 1000, mean over pyramid levels and per level, each +- bootstrap s.e.) of the samples
-    against the test split, beside the floor: as many training images as samples (a seeded
-    subset) against the test split, with the same bootstrap; graininess of samples and test.
+    against the test split, beside the floor: as many training images as samples (a fresh
+    seeded subset in every repeat) against the test split; graininess of samples and test.
     per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
-    n = len(samples)
-    pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(n, len(train)), replace=False))
-    floor_images = np.asarray(train[pick])
-    out = {}
-    for name, images in (("swd", samples), ("swd_floor", floor_images)):
-        r = swd(images, test, n, repeats, seed)
+    n, out = len(samples), {}
+    for name, images, subsets in (("swd", samples, False), ("swd_floor", train, True)):
+        r = swd(images, test, n, repeats, seed, subsets=subsets)
         out[name], out[f"{name}_se"] = r["avg"], r["avg_se"]
         if per_repeat and name == "swd":
             out["swd_per_repeat"] = r["per_repeat"]

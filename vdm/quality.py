@@ -19,8 +19,8 @@ Sliced Wasserstein distance (SWD), as defined for Progressive GAN (Karras et al.
 Lower is better; 0 for identical sets. Its scale depends on the sample count and the data, so
 it is always reported beside the real-vs-real floor: as many training images as samples
 against the test split. The uncertainty is a bootstrap: every repeat resamples both image sets
-with replacement and draws fresh patches and directions, and the spread of the repeats is
-the figure's standard error.
+with replacement (the floor: a fresh subset of the training split) and draws fresh patches and
+directions, and the spread of the repeats is the figure's standard error.
 """
 
 from __future__ import annotations
@@ -138,8 +138,10 @@ def swd_once(a: np.ndarray, b: np.ndarray, gen: torch.Generator) -> list[float]:
     return out
 
 
-def swd(images: np.ndarray, reference: np.ndarray, n: int, repeats: int, seed: int) -> dict:
-    """Bootstrap SWD: `repeats` times, n images drawn with replacement from each set.
+def swd(images: np.ndarray, reference: np.ndarray, n: int, repeats: int, seed: int, subsets: bool = False) -> dict:
+    """Bootstrap SWD: `repeats` times, n images drawn with replacement from each set (with
+    subsets, n distinct images of `images`, a new subset each repeat: for a large set such as
+    the training split, whose figure should not hang on one lucky or unlucky subset).
 
     Returns per-level and mean-over-levels figures: {"levels": [side, ...], "mean": [...],
     "se": [...], "avg": mean of the level average, "avg_se": its standard error, "per_repeat":
@@ -153,9 +155,12 @@ def swd(images: np.ndarray, reference: np.ndarray, n: int, repeats: int, seed: i
         if repeats == 1:
             ia, ib = np.arange(min(n, len(images))), np.arange(min(n, len(reference)))
         else:
-            ia = torch.randint(len(images), (n,), generator=gen).numpy()
+            if subsets:
+                ia = torch.randperm(len(images), generator=gen)[:n].numpy()
+            else:
+                ia = torch.randint(len(images), (n,), generator=gen).numpy()
             ib = torch.randint(len(reference), (n,), generator=gen).numpy()
-        rows.append(swd_once(images[np.sort(ia)], reference[np.sort(ib)], gen))
+        rows.append(swd_once(np.asarray(images[np.sort(ia)]), np.asarray(reference[np.sort(ib)]), gen))
     r = np.asarray(rows)  # (repeats, levels)
     avg = r.mean(axis=1)
     spread = (lambda v: float(np.std(v, ddof=1))) if repeats > 1 else (lambda v: 0.0)
