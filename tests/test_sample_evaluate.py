@@ -31,7 +31,10 @@ def sample_into(root, count=12, seed=0):
     model, _ = load_model(root / "models", "ema")
     samples, strip, secs = generate(model, count, 3, 5, seed, 2, 3, torch.device("cpu"))
     write_samples(
-        root / "samples", samples, strip, {"count": count, "steps": 3, "img_per_s": count / secs, "device": "cpu"}
+        root / "samples",
+        samples,
+        strip,
+        {"count": count, "sampler": "ancestral", "steps": 3, "img_per_s": count / secs, "device": "cpu"},
     )
     return samples, strip
 

@@ -33,10 +33,8 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 def inception_weights(param: str) -> tuple[Path | None, str]:
     """(path, "") of usable Inception weights, or (None, why not and how to get them)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    home = str(Path.home())
-    shown = (
-        "~" + str(cache)[len(home) :] if str(cache).startswith(home + "/") else str(cache)
-    )  # no user path in metrics
+    # shown with ~ for the home folder: the reason lands in committed metrics
+    shown = f"~/{cache.relative_to(Path.home())}" if cache.is_relative_to(Path.home()) else str(cache)
     how = (
         f"download {INCEPTION_URL} on a machine with internet access and set evaluate.inception_weights "
         f"to the file's path (or copy it to {shown})"
@@ -186,7 +184,7 @@ def evaluate(
         "memorisation_median_ratio": float(np.median(mem["ratio"])),
         "memorisation_min_ratio": float(mem["ratio"].min()),
         "sample_count": len(samples),
-        "sampler": info.get("sampler", "ancestral"),
+        "sampler": info["sampler"],
         "sample_steps": info["steps"],
         "sample_img_per_s": info["img_per_s"],
         "sample_device": info["device"],
