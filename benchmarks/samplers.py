@@ -88,6 +88,7 @@ def main() -> None:
             sp.clip_denoised,
             sampler,
             spacing,
+            denoise_last=sp.denoise_last,
         )
         t0 = time.perf_counter()
         q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, per_repeat=True)

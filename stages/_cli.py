@@ -5,6 +5,7 @@ Other OSErrors are bugs or environment problems worth a traceback: only ENOSPC/E
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -12,7 +13,19 @@ from collections.abc import Callable
 from vdm.errors import UserError
 
 
-def run(main: Callable[[], object]) -> None:
+def run(main: Callable[[], object], doc: str | None = None) -> None:
+    """With `doc` (the stage's docstring), the command line is parsed first: `--help` prints the doc
+    and exits, any other argument is refused (exit 2) before any work starts. Stages take no
+    arguments: params.yaml drives them."""
+    if doc is not None:
+        module = getattr(sys.modules.get("__main__"), "__spec__", None)
+        prog = f"python -m {module.name}" if module is not None else None
+        argparse.ArgumentParser(
+            prog=prog,
+            description=doc,
+            epilog="Every setting comes from params.yaml (see README); run through `dvc repro` to track outputs.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        ).parse_args()
     try:
         main()
     except UserError as e:

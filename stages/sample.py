@@ -24,6 +24,7 @@ def main() -> None:
         sp.sampler,
         sp.spacing,
         progress=True,
+        denoise_last=sp.denoise_last,
     )
     info = {
         "count": sp.count,
@@ -31,6 +32,7 @@ def main() -> None:
         "steps": sp.steps,
         "spacing": sp.spacing,
         "clip_denoised": sp.clip_denoised,
+        "denoise_last": sp.denoise_last,
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
         "device": str(device),
@@ -43,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, __doc__)

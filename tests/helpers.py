@@ -61,6 +61,8 @@ BASE_PARAMS = {
         "weight_decay": 0.0,
         "grad_clip": 1.0,
         "ema_decay": 0.999,
+        "hflip": False,
+        "fit_gamma_0": False,
         "log_every": 2,
         "eval_every": 3,
         "eval_images": 4,
@@ -84,6 +86,7 @@ BASE_PARAMS = {
         "strip_rows": 2,
         "strip_points": 3,
         "clip_denoised": True,
+        "denoise_last": False,
         "device": "cpu",
     },
     "evaluate": {

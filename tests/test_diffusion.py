@@ -285,3 +285,55 @@ def test_overfits_a_few_sprites():
     after = bpd()
     print(f"bits/dim before {before:.3f}, after {after:.3f}")
     assert after < 0.6 * before, (before, after)
+
+
+class BadBelow(torch.nn.Module):
+    """The exact eps of a data set of one image, plus an error of 3 wherever gamma < `below`."""
+
+    def __init__(self, f, below):
+        super().__init__()
+        self.f, self.below = f, below
+
+    def forward(self, z, gamma):
+        g = gamma.view(-1, 1, 1, 1)
+        exact = (z - torch.sqrt(torch.sigmoid(-g)) * self.f) / torch.sqrt(torch.sigmoid(g))
+        return exact + 3.0 * (g < self.below).float()
+
+
+@pytest.mark.parametrize("below, expected", [(-math.inf, -13.0), (-6.0, -6.0), (-6.2, -6.0)])
+def test_fit_gamma_0_moves_the_endpoint_to_where_denoising_stops_paying(below, expected):
+    from vdm.diffusion import fit_gamma_0
+
+    x = images(n=64).clone()
+    x[:] = x[:1]  # one image: the exact denoiser is known in closed form
+    model = VDM(BadBelow(encode(x[:1]), below), make_schedule("learned_linear", -13.0, 5.0))
+    fit = fit_gamma_0(model, x, seed=0, batch_size=64)  # antithetic times: 64 strata of t per batch
+    # exact above `below`: the bound is the decoder term alone, which only grows with gamma_0; below it
+    # an eps error of 3 costs 0.5 * 9 / ln 2 = 6.5 bits per dim per unit of gamma, more than the decoder saves
+    assert fit["gamma_0"] == expected and model.schedule.gamma_0.item() == expected
+    assert fit["gamma_0_learned"] == -13.0 and model.schedule.gamma_1.item() == 5.0
+    curve = dict((g, b) for g, b in fit["curve"])
+    assert fit["bpd_fitted"] == min(curve.values()) == curve[expected]
+    assert fit["bpd_learned"] == curve[-13.0] and fit["bpd_fitted"] <= fit["bpd_learned"]
+    if below > -math.inf:
+        assert fit["bpd_learned"] > fit["bpd_fitted"] + 6.0  # 7 units of gamma at 6.5 bits each, less the decoder
+    # the fitted model's own bound, with the same draws, is the curve's value
+    again = estimate_bpd(model, x, 1, 64, torch.Generator().manual_seed(0))["total"]
+    assert again == pytest.approx(fit["bpd_fitted"], rel=1e-6)
+
+
+def test_edm_weighting_is_its_log_normal_density_times_its_loss_weight():
+    from vdm.diffusion import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
+
+    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0), loss_weighting="edm")
+    gamma = torch.linspace(-12.0, 6.0, 37, dtype=torch.float64)
+    w = model.weight(gamma)
+    sigma = torch.exp(gamma / 2)  # noise-to-signal ratio
+    # EDM: E over ln sigma ~ N(P_mean, P_std^2) of (sigma^2 + sd^2)/(sigma sd)^2 ||x - x_hat||^2, and
+    # ||x - x_hat||^2 = sigma^2 ||eps - eps_hat||^2; per unit of gamma = 2 ln sigma the density halves
+    density = torch.exp(-0.5 * ((torch.log(sigma) - EDM_P_MEAN) / EDM_P_STD) ** 2) / 2
+    edm = density * (sigma**2 + EDM_SIGMA_DATA**2) / (sigma * EDM_SIGMA_DATA) ** 2 * sigma**2
+    ratio = w / edm
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-9)  # the same up to one constant
+    assert model.weight(torch.tensor([2 * EDM_P_MEAN])).item() == pytest.approx(1.0)
+    assert w.max() > 1.0 and w[0] < 1e-3  # peaks in eps-space above EDM's mean noise; ~0 at low noise

@@ -25,6 +25,17 @@ def test_bad_params_give_one_clear_line_and_no_traceback(tmp_path, data, message
     assert "Traceback" not in p.stderr and not (proj / "data").exists()
 
 
+@pytest.mark.parametrize("stage", ["download", "preprocess", "train", "sample", "evaluate"])
+def test_every_stage_answers_help_and_refuses_unknown_arguments_before_any_work(tmp_path, stage):
+    proj = copy_project(tmp_path / "p")
+    before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
+    h = run([sys.executable, "-m", f"stages.{stage}", "--help"], proj, check=False)
+    assert h.returncode == 0 and h.stdout.startswith(f"usage: python -m stages.{stage}") and "params.yaml" in h.stdout
+    bad = run([sys.executable, "-m", f"stages.{stage}", "--steps", "3"], proj, check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --steps 3" in bad.stderr and "Traceback" not in bad.stderr
+    assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before  # nothing written, nothing removed
+
+
 def test_bad_archive_source_is_refused_by_the_stage(tmp_path):
     import zipfile
 

@@ -110,3 +110,32 @@ def test_grids_and_trajectory():
     assert torch.equal(x, again)
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(model, 1, 2, "euler")
+
+
+class _OnePoint(torch.nn.Module):
+    """An eps-net that is exact for a data set of one image f: eps_hat = (z - alpha f) / sigma."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.image_size = f.shape[-1]
+
+    def forward(self, z, gamma):
+        a, s = _alpha_sigma(gamma.view(-1, 1, 1, 1))
+        return (z - a * self.f) / s
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
+    from vdm.diffusion import VDM
+    from vdm.schedules import make_schedule
+
+    x0 = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    model = VDM(_OnePoint(encode(x0)), make_schedule("fixed_linear", -5.0, 5.0))  # sigma_0 / alpha_0 = 0.08: 10 levels
+    kwargs = dict(generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    noisy, _ = sample(model, 4, 16, sampler, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(1)
+    clean, _ = sample(model, 4, 16, sampler, denoise_last=True, **kwargs)
+    assert torch.equal(clean, x0.expand_as(clean))
+    if sampler == "ancestral":  # its last step leaves sigma_0 of fresh noise in z_0: the decoder keeps it
+        assert (noisy.float() - x0.float()).abs().mean() > 3

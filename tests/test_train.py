@@ -176,3 +176,38 @@ def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
     assert sets["model.patch_size"] == "1" and sets["train.compile"] == "true"
     with pytest.raises(UserError, match="no preset"):
         command("tpu")
+
+
+def test_hflip_mirrors_a_seeded_half_of_the_batch():
+    from vdm.data import hflip_half
+
+    batch = torch.arange(64 * 2 * 3 * 3, dtype=torch.int64).reshape(64, 2, 3, 3).to(torch.uint8)
+    out = hflip_half(batch, torch.Generator().manual_seed(5))
+    again = hflip_half(batch, torch.Generator().manual_seed(5))
+    assert torch.equal(out, again)
+    flipped = [i for i in range(64) if not torch.equal(out[i], batch[i])]
+    for i in range(64):
+        assert torch.equal(out[i], torch.flip(batch[i], dims=[1]) if i in flipped else batch[i])
+    assert 16 <= len(flipped) <= 48 and torch.equal(batch[0, 0, :, 0], torch.arange(0, 9, 3).to(torch.uint8))
+
+
+def test_hflip_and_gamma_0_fit_in_a_training_run(tmp_path, processed):
+    from vdm.checkpoint import load_model
+
+    p = parse_params(tiny(hflip=True, fit_gamma_0=True))
+    train(p, processed, outs(tmp_path / "a"))
+    m = json.loads((tmp_path / "a/metrics/train.json").read_text())
+    assert m["gamma_0"] >= m["gamma_0_learned"]
+    for which in ("ema", "model"):  # both saved weights carry the fitted endpoint
+        model, _ = load_model(tmp_path / "a/models", which)
+        assert model.schedule.gamma_0.item() == pytest.approx(m["gamma_0"], abs=1e-6)
+    plain = parse_params(tiny())
+    train(plain, processed, outs(tmp_path / "b"))  # hflip changes what the network saw
+    assert not same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_training_outside_a_terminal_prints_log_lines(tmp_path, processed, capsys):
+    train(parse_params(tiny()), processed, outs(tmp_path))
+    err = capsys.readouterr().err  # captured: not a terminal, so no bar but plain lines
+    last = [line for line in err.splitlines() if line.startswith("train: 6/6 steps")]
+    assert len(last) == 1 and "s left, bound " in last[0] and "img_s " in last[0]

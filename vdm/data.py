@@ -40,6 +40,16 @@ def to_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+def hflip_half(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(B, H, W, C): each image mirrored left-right with probability 1/2, drawn from gen."""
+    flip = torch.rand(len(batch), generator=gen) < 0.5
+    if not bool(flip.any()):
+        return batch
+    out = batch.clone()
+    out[flip] = torch.flip(batch[flip], dims=[2])
+    return out
+
+
 class _Range:
     def __init__(self, n: int):
         self.n = n

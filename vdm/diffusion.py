@@ -36,6 +36,10 @@ from vdm.params import ModelParams
 from vdm.schedules import GradScale, Schedule
 
 LEVELS = 256
+WEIGHTINGS = ("elbo", "sigmoid", "edm")
+# EDM's training distribution of the noise level (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2),
+# sigma the noise-to-signal ratio e^(gamma/2), and its data standard deviation
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 BIN = 2.0 / LEVELS  # spacing of the 256 levels in [-1, 1]
 # Levels whose logit is more than this below the best one carry < e^-60 of the mass:
 # nothing a float32 (or float64) sum can see.
@@ -134,7 +138,7 @@ class VDM(nn.Module):
     ):
         """`net(z_t, gamma_t)` predicts eps or v; timesteps = 0 for continuous time, else T."""
         super().__init__()
-        if prediction not in ("eps", "v", "x") or loss_weighting not in ("elbo", "sigmoid"):
+        if prediction not in ("eps", "v", "x") or loss_weighting not in WEIGHTINGS:
             raise ValueError(f"prediction {prediction!r} / loss_weighting {loss_weighting!r}")
         self.net, self.schedule = net, schedule
         self.antithetic, self.timesteps = antithetic, timesteps
@@ -159,9 +163,19 @@ class VDM(nn.Module):
         return (z - alpha * x_hat) / sigma
 
     def weight(self, gamma: torch.Tensor) -> torch.Tensor:
-        """w(gamma_t) for the training objective's diffusion term (1 for the bound)."""
+        """w(gamma_t) for the training objective's diffusion term (1 for the bound).
+
+        edm: EDM's objective as a weighting of the bound's integrand over gamma (Kingma & Gao
+        2023): its log-normal density of sigma, times its loss weight (sigma^2 + sigma_data^2) /
+        (sigma sigma_data)^2 turned from x-space into eps-space (a factor sigma^2). As a density
+        over gamma = 2 ln sigma it is N(gamma; 2 P_mean, (2 P_std)^2); scaled to peak at 1 there.
+        """
         if self.loss_weighting == "elbo":
             return torch.ones_like(gamma)
+        if self.loss_weighting == "edm":
+            mean, std, sd2 = 2 * EDM_P_MEAN, 2 * EDM_P_STD, EDM_SIGMA_DATA**2
+            density = torch.exp(-0.5 * torch.square((gamma - mean) / std))
+            return density * (torch.exp(gamma) + sd2) / (math.exp(mean) + sd2)
         return torch.sigmoid(gamma + self.sigmoid_bias)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
@@ -313,6 +327,52 @@ def estimate_bpd(
     out["images"] = len(images)
     out["time_samples"] = time_samples
     return out
+
+
+@torch.no_grad()
+def fit_gamma_0(
+    model: VDM,
+    images: torch.Tensor,
+    seed: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    step: float = 0.5,
+    span: float = 10.0,
+) -> dict:
+    """Set the schedule's gamma_0 to the value in [gamma_0, gamma_0 + span] (a grid of `step`)
+    that minimises the bound of `images`; returns the learned and fitted gamma_0, the bound at
+    each, and the whole curve.
+
+    In continuous time the bound depends on the schedule only through its endpoints, and the
+    network is conditioned on gamma itself, so any gamma_0 gives a valid bound for the same
+    network: the diffusion integral from gamma_0 up plus the decoder's -log p(x | z_0) at gamma_0.
+    A network trained with a weighting that hardly sees low noise (sigmoid, edm) denoises badly
+    there, yet the weighted objective keeps pushing gamma_0 down (only the decoder term sees it);
+    the fit moves gamma_0 to where denoising stops paying. Every candidate sees the same time and
+    noise draws (one generator seed), so the curve is smooth. Fit on training images: the
+    held-out bound stays unbiased.
+    """
+    schedule = model.schedule
+    learned = float(schedule.endpoints[0])
+    top = float(schedule.endpoints[1]) - 1.0
+    candidates = [learned + k * step for k in range(int(span / step) + 1) if learned + k * step <= top]
+    curve = []
+    try:
+        for g in candidates:
+            schedule.endpoints[0] = g
+            gen = torch.Generator(device=device).manual_seed(seed)
+            curve.append(estimate_bpd(model, images, 1, batch_size, gen, device)["total"])
+    finally:
+        schedule.endpoints[0] = learned
+    best = min(range(len(curve)), key=curve.__getitem__)
+    schedule.endpoints[0] = candidates[best]
+    return {
+        "gamma_0_learned": learned,
+        "gamma_0": candidates[best],
+        "bpd_learned": curve[0],
+        "bpd_fitted": curve[best],
+        "curve": [[g, b] for g, b in zip(candidates, curve, strict=True)],
+    }
 
 
 def build_vdm(model: ModelParams, image_size: int) -> VDM:

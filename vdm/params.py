@@ -109,7 +109,7 @@ class ModelParams:
     timesteps: int  # 0 = continuous-time loss, else T discrete steps
     prediction: typing.Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
     x_skip_noise: float  # prediction x: below this noise-to-signal ratio x_hat defaults to z_t / alpha_t
-    loss_weighting: typing.Literal["elbo", "sigmoid"]  # weighting of the diffusion term the net trains on
+    loss_weighting: typing.Literal["elbo", "sigmoid", "edm"]  # weighting of the diffusion term the net trains on
     sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
     seed: int  # weight initialisation
 
@@ -153,6 +153,8 @@ class TrainParams:
     weight_decay: float
     grad_clip: float  # max gradient norm; 0 = off
     ema_decay: float  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
+    hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
+    fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
     log_every: int  # steps between logged loss rows (and non-finite checks)
     eval_every: int  # steps between validation bits/dim (EMA weights); 0 = only at the end
     eval_images: int  # validation (and train) images in each bits/dim estimate
@@ -201,6 +203,7 @@ class SampleParams:
     strip_rows: int  # samples shown in the denoising strip
     strip_points: int  # z_t snapshots per row, evenly spaced from t = 1 to 0
     clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
+    denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
     device: str  # auto | cpu | cuda | cuda:N | mps
 
     def check(self, p: str) -> None:

@@ -117,9 +117,15 @@ def sample(
     trajectory_points: int = 0,
     clip_denoised: bool = True,
     on_step: Callable[[int], None] | None = None,
+    denoise_last: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
-    [-1, 1], as uint8) at evenly spaced steps from the start to the end."""
+    [-1, 1], as uint8) at evenly spaced steps from the start to the end.
+
+    The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
+    `denoise_last` the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network call
+    that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
+    is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0)."""
     device = torch.device(device)
     size = model.net.image_size
     z = torch.randn((n, 3, size, size), generator=generator, device=device)
@@ -127,7 +133,10 @@ def sample(
     keep = set()
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
-    z, kept = solve(vdm_denoiser(model, clip_denoised), z, gammas, sampler, generator, keep, on_step)
-    alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
+    denoise = vdm_denoiser(model, clip_denoised)
+    z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
+    if denoise_last:
+        return decode_nearest(denoise(z, gammas[-1].expand(n))).cpu(), traj
+    alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
     return decode_nearest(z / alpha_0).cpu(), traj

@@ -35,6 +35,7 @@ def generate(
     sampler: str = "ancestral",
     spacing: str = "t",
     progress: bool = False,
+    denoise_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
@@ -52,7 +53,17 @@ def generate(
         n = min(batch_size, count - start)
         points = strip_points if start == 0 and strip_rows else 0
         x, traj = samplers.sample(
-            model, n, steps, sampler, spacing, gen, device, points, clip_denoised, on_step=lambda _: bar.update(1)
+            model,
+            n,
+            steps,
+            sampler,
+            spacing,
+            gen,
+            device,
+            points,
+            clip_denoised,
+            on_step=lambda _: bar.update(1),
+            denoise_last=denoise_last,
         )
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:

@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from vdm import checkpoint as ckpt
 from vdm.atomic import write_bytes, write_json
-from vdm.data import StepBatches, batch_loader, load_split, to_nchw
-from vdm.diffusion import VDM, build_vdm, estimate_bpd
+from vdm.data import StepBatches, batch_loader, hflip_half, load_split, to_nchw
+from vdm.diffusion import VDM, build_vdm, estimate_bpd, fit_gamma_0
 from vdm.ema import make_ema
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import Params, as_dict
+from vdm.progress import Progress
 from vdm.tracking import Tracker, run_name, write_csv
 
 
@@ -310,21 +310,16 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
         tracker.image("samples", grid, step, caption=f"EMA, step {step}, T={tp.sample_steps}")
 
     t_start, images_seen = time.perf_counter(), 0
-    bar = tqdm(
-        total=tp.steps,
-        initial=state.step,
-        desc="train",
-        unit="step",
-        disable=not d.main or None,
-        mininterval=2.0,
-        dynamic_ncols=True,
-    )
+    # a bar in a terminal, a log line every 30 s otherwise (CI, nohup, DVC without a tty)
+    bar = Progress(tp.steps, "train", "step", enabled=d.main, every_s=30.0, initial=state.step)
     model.train()
     with _StopFlag() as stop:
         for x in loader:
             step = state.step
             gen.manual_seed(step_seed(tp.seed, step, d.rank))
             torch.manual_seed(step_seed(tp.seed, step, d.rank, stream=1))  # dropout
+            if tp.hflip:
+                x = hflip_half(x, torch.Generator().manual_seed(step_seed(tp.seed, step, d.rank, stream=2)))
             loss, grad_norm = train_step(train_model, model, ema, opt, sched, x, gen, device, tp.grad_clip)
             state.step = step = step + 1
             images_seen += len(x) * d.world
@@ -345,7 +340,7 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
                 if d.main:
                     state.train_rows.append(row)
                     rate = images_seen / (time.perf_counter() - t_start)
-                    bar.set_postfix(loss=f"{means['total']:.3f}", img_s=f"{rate:.1f}", refresh=False)
+                    bar.set_postfix(bound=f"{means['total']:.3f}", img_s=f"{rate:.1f}")
                     tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"} | {"img_per_s": rate}, step)
             if d.main and tp.eval_every and step % tp.eval_every == 0 and step != tp.steps:
                 evaluate(step)
@@ -366,6 +361,19 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
     bar.close()
     wall = time.perf_counter() - t_start
 
+    fit = None
+    if tp.fit_gamma_0:  # on every rank (deterministic), so DDP replicas stay identical
+        ema.module.eval()
+        fit = fit_gamma_0(ema.module, to_nchw(train_x[: tp.eval_images]), tp.seed, eval_batch, device)
+        with torch.no_grad():
+            model.schedule.endpoints[0] = fit["gamma_0"]
+        if d.main:
+            print(
+                f"train: gamma_0 fitted on {min(tp.eval_images, len(train_x))} training images: "
+                f"{fit['gamma_0_learned']:.2f} -> {fit['gamma_0']:.2f} "
+                f"(bound {fit['bpd_learned']:.2f} -> {fit['bpd_fitted']:.2f} bits/dim)",
+                file=sys.stderr,
+            )
     result = {}
     if d.main:
         v = evaluate(tp.steps)
@@ -381,7 +389,8 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
             "val_bpd": v["total"],
             "val_bpd_se": v["total_se"],
             **{f"val_{k}": v[k] for k in ("diffusion", "latent", "recon")},
-            "gamma_0": last["gamma_0"],
+            "gamma_0": fit["gamma_0"] if fit else last["gamma_0"],  # what the saved model uses
+            "gamma_0_learned": last["gamma_0"],
             "gamma_1": last["gamma_1"],
             "eval_images": min(tp.eval_images, len(val_x)),
         }

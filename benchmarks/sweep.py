@@ -1,0 +1,182 @@
+"""Training sweep decided by the sample metric: each row trains params.yaml with a few values
+changed, from the same seeds, then scores the same way the sample and evaluate stages do.
+
+    python benchmarks/sweep.py --steps 300 --row base --row "b0 model.sigmoid_bias=0" \\
+        --row "edm model.loss_weighting=edm"
+    python benchmarks/sweep.py --steps 1100 --row base ...      # full-budget rows
+
+A row is "NAME key=value ..." (values in YAML, keys as in `dvc exp run -S`); each row's
+full-budget twin is `dvc exp run -S key=value ...`. Every row draws the same sprites (seed,
+count, sampler and steps from params.yaml's sample section) with its EMA weights and, with
+--raw, its raw weights; SWD is paired with the first row (same bootstrap draws: the
+difference has a much smaller s.e. than either figure). Test bits/dim uses one time sample
+per image. Finished rows are kept in OUT/NAME/row.json and reused when their params match.
+
+Writes OUT/sweep.json, OUT/sweep.md (the table) and OUT/sweep.png (8 sprites per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdm.checkpoint import load_model  # noqa: E402
+from vdm.diffusion import estimate_bpd  # noqa: E402
+from vdm.evaluation import sample_quality  # noqa: E402
+from vdm.images import image_grid, png_bytes  # noqa: E402
+from vdm.params import parse_params  # noqa: E402
+from vdm.sampling import generate  # noqa: E402
+from vdm.training import Outputs, train  # noqa: E402
+
+
+def parse_row(spec: str) -> tuple[str, dict]:
+    name, *pairs = spec.split()
+    sets = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"sweep: row {name!r}: {pair!r} is not key=value")
+        sets[key] = yaml.safe_load(value)
+    return name, sets
+
+
+def apply(raw: dict, sets: dict) -> dict:
+    raw = copy.deepcopy(raw)
+    for key, value in sets.items():
+        *path, last = key.split(".")
+        node = raw
+        for k in path:
+            node = node[k]
+        if last not in node:
+            raise SystemExit(f"sweep: no key {key} in params.yaml")
+        node[last] = value
+    return raw
+
+
+def _same(cached: dict, raw: dict) -> bool:
+    """The cached row's params equal these, ignoring keys added to params.yaml since it ran (new keys
+    default to the behaviour before them)."""
+    for key, value in cached.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            if not _same(value, raw[key]):
+                return False
+        elif raw.get(key) != value:
+            return False
+    return True
+
+
+def score(models: Path, which: str, p, train_x, test_x) -> tuple[dict, np.ndarray]:
+    model = load_model(models, which, torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    sp, ep = p.sample, p.evaluate
+    samples, _, secs = generate(
+        model,
+        sp.count,
+        sp.steps,
+        sp.batch_size,
+        sp.seed,
+        0,
+        2,
+        torch.device("cpu"),
+        sp.clip_denoised,
+        sp.sampler,
+        sp.spacing,
+        denoise_last=sp.denoise_last,
+    )
+    q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, per_repeat=True)
+    gen = torch.Generator().manual_seed(ep.seed)
+    bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen)
+    return {**q, "sample_s": round(secs, 1), "test_bpd": bpd["total"], "test_bpd_se": bpd["total_se"]}, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--row", action="append", required=True, help='"NAME key=value ..." (repeatable)')
+    ap.add_argument("--steps", type=int, default=None, help="train.steps for every row (default: params.yaml)")
+    ap.add_argument("--count", type=int, default=None, help="sample.count for every row (default: params.yaml)")
+    ap.add_argument("--raw", action="store_true", help="also score each row's raw (non-EMA) weights")
+    ap.add_argument("--processed", default="data/processed")
+    ap.add_argument("--out", default="reports/sweep")
+    args = ap.parse_args()
+
+    base = yaml.safe_load(Path("params.yaml").read_text())
+    common = {"train.wandb": "disabled", "train.eval_every": 0, "train.sample_every": 0}
+    if args.steps:
+        common["train.steps"] = args.steps
+    if args.count:
+        common["sample.count"] = args.count
+    train_x = np.load(Path(args.processed) / "train.npy", mmap_mode="r")
+    test_x = np.load(Path(args.processed) / "test.npy")
+    out = Path(args.out)
+    rows, strips = [], []
+    for spec in args.row:
+        name, sets = parse_row(spec)
+        raw = apply(base, {**common, **sets})
+        p = parse_params(raw)
+        d = out / name
+        cached = d / "row.json"
+        if cached.is_file() and _same(json.loads(cached.read_text())["params"], raw):
+            row = json.loads(cached.read_text())
+            print(f"{name}: reusing {cached}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            r = train(p, args.processed, Outputs(d / "models", d / "metrics", d / "plots", d / "checkpoints"))
+            row = {"name": name, "sets": sets, "params": raw, "train_s": round(time.perf_counter() - t0, 1)}
+            row.update({k: r[k] for k in ("val_bpd", "img_per_s", "wall_s", "gamma_0", "gamma_1")})
+            for which in ("ema", "model") if args.raw else ("ema",):
+                q, samples = score(d / "models", which, p, train_x, test_x)
+                row[which] = q
+                np.save(d / f"samples-{which}.npy", samples)
+            cached.write_text(json.dumps(row, indent=1) + "\n")
+        rows.append(row)
+        strips.append(np.load(d / "samples-ema.npy")[:8])
+        ref = np.asarray(rows[0]["ema"]["swd_per_repeat"])
+        for which in ("ema", "model"):
+            if which in row:
+                diff = np.asarray(row[which]["swd_per_repeat"]) - ref
+                row[which]["swd_diff"], row[which]["swd_diff_se"] = float(diff.mean()), float(diff.std(ddof=1))
+        q = row["ema"]
+        print(
+            f"{name}: SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
+            f"{q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}, graininess {q['graininess']:.1f}, "
+            f"test {q['test_bpd']:.2f} bpd, {row['img_per_s']:.1f} img/s",
+            flush=True,
+        )
+    lines = [
+        "| row | changed | SWD (mean of levels) | paired vs first row | SWD 96 px | graininess | test bits/dim "
+        "| raw weights: SWD (paired) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q = r["ema"]
+        changed = " ".join(f"{k}={v}" for k, v in r["sets"].items()) or "(params.yaml)"
+        rawq = r.get("model")
+        rawcol = f"{rawq['swd']:.1f} ({rawq['swd_diff']:+.1f} +- {rawq['swd_diff_se']:.1f})" if rawq else ""
+        lines.append(
+            f"| {r['name']} | {changed} | {q['swd']:.1f} +- {q['swd_se']:.1f} | {q['swd_diff']:+.1f} +- "
+            f"{q['swd_diff_se']:.1f} | {q['swd_96']:.1f} +- {q['swd_96_se']:.1f} | {q['graininess']:.1f} | "
+            f"{q['test_bpd']:.2f} +- {q['test_bpd_se']:.2f} | {rawcol} | {r['img_per_s']:.1f} |"
+        )
+    q0 = rows[0]["ema"]
+    lines.append(
+        f"| real floor | train vs test | {q0['swd_floor']:.1f} +- {q0['swd_floor_se']:.1f} | | "
+        f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} (test) | | | |"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    (out / "sweep.png").write_bytes(png_bytes(image_grid(np.concatenate(strips), ncol=8)))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
