@@ -56,7 +56,7 @@ def main() -> None:
         if 10**y0 <= level <= 10**y1:
             _, y = px(x0, level)
             d.line([PAD, y, W - PAD, y], fill=(180, 180, 180))
-            d.text((W - PAD - 130, y - 14), name, fill=(120, 120, 120))
+            d.text((PAD + 8, y - 14), name, fill=(120, 120, 120))
     fx, _ = px(args.floor, 10**y0)
     d.line([fx, PAD, fx, H - PAD], fill=(180, 180, 180))
     d.text((fx + 4, PAD + 4), "real floor", fill=(120, 120, 120))
