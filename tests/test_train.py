@@ -211,3 +211,13 @@ def test_training_outside_a_terminal_prints_log_lines(tmp_path, processed, capsy
     err = capsys.readouterr().err  # captured: not a terminal, so no bar but plain lines
     last = [line for line in err.splitlines() if line.startswith("train: 6/6 steps")]
     assert len(last) == 1 and "s left, bound " in last[0] and "img_s " in last[0]
+
+
+def test_likelihood_preset_is_the_papers_objective_and_valid(monkeypatch):
+    from stages.preset import command
+
+    monkeypatch.chdir(ROOT)
+    cmd = command("likelihood")  # validates the merged params before anything runs
+    sets = dict(a.split("=", 1) for a in cmd[6::2])
+    assert sets["model.loss_weighting"] == '"elbo"' and sets["model.prediction"] == '"eps"'
+    assert sets["model.fourier_min"] == "6" and sets["model.fourier_max"] == "8"
