@@ -1,5 +1,6 @@
 # One entry point for people and CI. Each target creates the virtual environment first
-# (Python 3.11, exact pins from requirements.txt) and reinstalls only when that file changes.
+# (Python 3.11, exact pins from requirements.txt, the `vdm` package in editable mode) and
+# reinstalls only when requirements.txt or pyproject.toml changes.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,10 +10,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup repro test lint bench-data
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	cp requirements.txt $@
 
 setup: $(STAMP)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from vdm.diffusion import VDM, decode_nearest
+from vdm.diffusion import encode as level_centres
 
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 SPACINGS = ("t", "logsnr")
@@ -49,6 +50,16 @@ def gamma_grid(schedule: Callable, steps: int, spacing: str, device) -> torch.Te
     raise ValueError(f"unknown spacing {spacing!r}: one of {', '.join(SPACINGS)}")
 
 
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, device) -> torch.Tensor:
+    """Standard normal noise; with a list of generators, row k comes from generator k (so each
+    sample's draws do not depend on the others in its batch)."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device)
+
+
 def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
     """x_hat(z, gamma) of a VDM, whatever the net predicts."""
 
@@ -66,7 +77,7 @@ def solve(
     z: torch.Tensor,
     gammas: torch.Tensor,
     sampler: str,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     snapshots: set[int] = frozenset(),
     on_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -86,7 +97,7 @@ def solve(
         alpha_s, sigma_s = _alpha_sigma(gs)
         if sampler == "ancestral":
             c = -torch.expm1(gs - gt)
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
+            noise = randn(z.shape, generator, z.device)
             z = (alpha_s / alpha_t) * (1 - c) * z + alpha_s * c * x_hat + torch.sqrt(sigma_s**2 * c) * noise
         elif sampler == "ddim":
             z = alpha_s * x_hat + sigma_s * (z - alpha_t * x_hat) / sigma_t
@@ -112,15 +123,20 @@ def sample(
     steps: int,
     sampler: str = "ancestral",
     spacing: str = "t",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     device: str | torch.device = "cpu",
     trajectory_points: int = 0,
     clip_denoised: bool = True,
     on_step: Callable[[int], None] | None = None,
     denoise_last: bool = False,
+    z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
     [-1, 1], as uint8) at evenly spaced steps from the start to the end.
+
+    The walk starts from z_1 ~ N(0, I) drawn from `generator` (one for the batch, or a list: one
+    per sample), or from the given latents `z`
+    (n, 3, H, W), e.g. those of `encode`: with a deterministic sampler (ddim, dpmpp_2m) that decodes them.
 
     The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
     `denoise_last` the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network call
@@ -128,7 +144,10 @@ def sample(
     is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0)."""
     device = torch.device(device)
     size = model.net.image_size
-    z = torch.randn((n, 3, size, size), generator=generator, device=device)
+    if z is None:
+        z = randn((n, 3, size, size), generator, device)
+    else:
+        z = z.to(device=device, dtype=torch.float32)
     gammas = gamma_grid(model.schedule, steps, spacing, device)
     keep = set()
     if trajectory_points:
@@ -140,3 +159,27 @@ def sample(
         return decode_nearest(denoise(z, gammas[-1].expand(n))).cpu(), traj
     alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
     return decode_nearest(z / alpha_0).cpu(), traj
+
+
+@torch.no_grad()
+def encode(
+    model: VDM,
+    images: torch.Tensor,
+    steps: int,
+    sampler: str = "dpmpp_2m",
+    spacing: str = "t",
+    clip_denoised: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Latents z_1 of images (n, 3, H, W) uint8: the probability-flow ODE of the learned schedule run
+    forward, from z_0 = alpha_0 x at gamma(0) up to gamma(1), with a deterministic sampler (the same
+    update rules as sampling, on the reversed gamma grid). `sample(..., z=latents)` with the same
+    sampler and step count runs the ODE back; the round trip is exact as steps grow."""
+    if sampler not in ("ddim", "dpmpp_2m"):
+        raise ValueError(f"encoding needs a deterministic sampler (ddim or dpmpp_2m), not {sampler!r}")
+    device = next(model.parameters()).device
+    x = level_centres(images.to(device))
+    gammas = gamma_grid(model.schedule, steps, spacing, device).flip(0)
+    alpha_0, _ = _alpha_sigma(gammas[0])
+    z, _ = solve(vdm_denoiser(model, clip_denoised), alpha_0 * x, gammas, sampler, on_step=on_step)
+    return z

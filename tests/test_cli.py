@@ -1,0 +1,291 @@
+"""Using a trained model outside DVC: the Python API (vdm.api), the `vdm` command, the
+probability-flow encoding behind interpolation, and the package's pins."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.helpers import ROOT, subprocess_env, tiny
+from vdm import api
+from vdm.checkpoint import save_model
+from vdm.diffusion import build_vdm, decode_nearest, encode
+from vdm.errors import UserError
+from vdm.params import parse_params
+from vdm.samplers import sample, solve
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A models/ folder as the train stage writes it: a tiny 32x32 VDM, untrained (its output
+    layer starts at zero, so its probability-flow ODE is smooth; random weights make it chaotic)."""
+    raw = tiny()
+    raw["model"].update(channels=16, channel_mult=[1, 2], attention_resolutions=[], patch_size=2)
+    p = parse_params(raw)
+    model = build_vdm(p.model, p.data.image_size)
+    ema = build_vdm(p.model, p.data.image_size)
+    d = tmp_path_factory.mktemp("m") / "models"
+    save_model(d, model, ema, {"params": raw, "steps": 3, "config_hash": "x", "run_name": "t"})
+    return d
+
+
+def vdm_cmd(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "vdm", *map(str, args)],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+
+
+# --- the Python API ------------------------------------------------------------------------------
+
+
+def test_generate_is_seeded_per_sprite_whatever_the_batch(model_dir):
+    m = api.load(model_dir)
+    a = m.generate(5, seed=3, steps=4)
+    assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, m.generate(5, seed=3, steps=4))
+    assert not np.array_equal(a, m.generate(5, seed=4, steps=4))
+    # each sprite has its own random stream: batch size and count do not change sprite k beyond
+    # the rounding of batched convolutions (a level, on a few pixels)
+    for other in (m.generate(5, seed=3, steps=4, batch_size=2), np.concatenate([m.generate(2, seed=3, steps=4)] * 3)):
+        d = np.abs(a[:2].astype(int) - other[:2])
+        assert d.max() <= 1 and (d > 0).mean() < 1e-3
+    assert len({s.tobytes() for s in a}) == 5
+    imgs = m.images(2, seed=3, steps=4)
+    assert imgs[0].size == (32, 32) and np.array_equal(np.asarray(imgs[0]), a[0])
+
+
+def test_api_defaults_are_the_sample_stage_defaults():
+    sample_params = yaml.safe_load((ROOT / "params.yaml").read_text())["sample"]
+    for key, value in api.SAMPLE_DEFAULTS.items():
+        assert sample_params[key] == value, key
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda m: m.generate(0), "at least 1 sprite"),
+        (lambda m: m.generate(2, sampler="euler"), "unknown sampler"),
+        (lambda m: m.generate(2, steps=0), "steps"),
+        (lambda m: m.generate(2, seed=2**64), "seed"),
+        (lambda m: m.generate(2, seed=-1), "seed"),
+        (lambda m: m.encode(np.zeros((2, 8, 8, 3), np.uint8)), "shape (32, 32, 3)"),
+        (lambda m: m.interpolate(np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.uint8), 1), "frames"),
+    ],
+)
+def test_api_refuses_bad_arguments_with_a_user_error(model_dir, call, words):
+    m = api.load(model_dir)
+    with pytest.raises(UserError, match=re.escape(words)):
+        call(m)
+
+
+def test_load_refuses_missing_dirs_bad_devices_and_damaged_weights(model_dir, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        api.load(tmp_path / "nope")
+    for bad in ("cuda:²", "gpu", "cpu "):
+        with pytest.raises(UserError, match="not one of"):
+            api.load(model_dir, device=bad)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "ema.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    with pytest.raises(UserError, match="ema weights"):
+        api.load(broken)
+
+
+# --- probability-flow encoding -------------------------------------------------------------------
+
+
+def _gaussian_denoiser(mu=0.3, s=0.5):
+    def denoise(z, gamma):
+        g = gamma.view(-1, *([1] * (z.dim() - 1)))
+        a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
+        return mu + a2.sqrt() * s**2 * (z - a2.sqrt() * mu) / (a2 * s**2 + s2)
+
+    return denoise
+
+
+def test_encode_then_decode_returns_every_level_with_an_exact_denoiser():
+    """Data x ~ N(0.3, 0.5^2): the exact denoiser is linear, so the probability-flow ODE is
+    invertible and the round trip's only error is the solver's, both ways. DPM-Solver++(2M)
+    at 32 steps over gamma 5 .. -8 keeps it under half a level (1/256 in [-1, 1]) for every
+    one of 6,000 values; DDIM, first order, needs many more steps (its error halves as steps double)."""
+    denoise = _gaussian_denoiser()
+    x0 = torch.randint(0, 256, (2000, 3, 1, 1), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    alpha_0 = math.sqrt(float(torch.sigmoid(torch.tensor(8.0))))
+    z0 = alpha_0 * encode(x0).double()
+
+    def round_trip(sampler, steps):
+        gammas = torch.linspace(5.0, -8.0, steps + 1, dtype=torch.float64)
+        z1, _ = solve(denoise, z0, gammas.flip(0), sampler)
+        back, _ = solve(denoise, z1, gammas, sampler)
+        return (decode_nearest(back / alpha_0).int() - x0.int()).abs().max().item()
+
+    assert round_trip("dpmpp_2m", 32) == 0
+    ddim = [round_trip("ddim", n) for n in (32, 64, 128)]
+    assert ddim[0] > 0 and all(1.6 < a / b < 2.4 for a, b in zip(ddim, ddim[1:], strict=False)), ddim
+
+
+def test_model_encode_and_decode_run_the_same_ode_both_ways(model_dir):
+    m = api.load(model_dir)
+    sprites = m.generate(2, seed=1, steps=3)
+    z = m.encode(sprites, steps=6)
+    assert z.shape == (2, 3, 32, 32) and torch.isfinite(z).all()
+    assert torch.equal(z, m.encode(sprites, steps=6))  # deterministic
+    # decoding is sampling from the given latents with the same deterministic sampler
+    x, _ = sample(m.model, 2, 6, "dpmpp_2m", "t", None, "cpu", denoise_last=True, z=z)
+    assert np.array_equal(m.decode(z, steps=6), x.permute(0, 2, 3, 1).numpy())
+    frames = m.interpolate(sprites[0], sprites[1], frames=4, steps=6)
+    assert frames.shape == (4, 32, 32, 3)
+    assert np.array_equal(frames[0], m.decode(z[:1], steps=6)[0])  # the ends are the decoded ends
+    assert np.array_equal(frames[-1], m.decode(z[1:], steps=6)[0])
+
+
+def test_slerp_keeps_the_norm_of_gaussian_latents():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, 16, generator=g), torch.randn(3, 16, 16, generator=g)
+    w = torch.linspace(0, 1, 5)
+    s = api.slerp(a, b, w)
+    assert torch.allclose(s[0], a, atol=1e-5) and torch.allclose(s[-1], b, atol=1e-5)
+    norms = s.flatten(1).norm(dim=1)
+    assert float(norms.min()) > 0.97 * min(float(a.norm()), float(b.norm()))
+    line = (1 - 0.5) * a + 0.5 * b  # the straight line's midpoint shrinks to ~1/sqrt(2)
+    assert float(line.norm()) < 0.8 * float(norms[2])
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
+    out = tmp_path / "new"
+    p = vdm_cmd("generate", "--model", model_dir, "--n", 3, "--seed", 2, "--steps", 3, "--out", out, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out.iterdir()) == [
+        "grid.png",
+        "info.json",
+        "sprite-0000.png",
+        "sprite-0001.png",
+        "sprite-0002.png",
+    ]
+    info = json.loads((out / "info.json").read_text())
+    assert info["n"] == 3 and info["seed"] == 2 and info["steps"] == 3 and info["sampler"] == "ancestral"
+    from PIL import Image
+
+    expected = api.load(model_dir).generate(3, seed=2, steps=3)
+    assert np.array_equal(np.asarray(Image.open(out / "sprite-0001.png")), expected[1])
+    # a rerun replaces its own folder; a folder with other files (a DVC output) is refused
+    assert vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out).returncode == 0
+    assert len(list(out.glob("sprite-*.png"))) == 1
+    (out / "samples.npy").write_bytes(b"x")
+    p = vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out)
+    assert p.returncode == 2 and "did not write" in p.stderr and (out / "samples.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["generate", "--n", "0"], "--n: 0 is not at least 1"),
+        (["generate", "--n", "x"], "not a whole number"),
+        (["generate", "--sampler", "euler"], "invalid choice"),
+        (["generate", "--seed", str(2**64)], "outside"),
+        (["generate", "--model", "MISSING"], "not found"),
+        (["generate", "--device", "cuda:²"], "not one of"),
+        (["interpolate", "test:0"], "required"),
+        (["interpolate", "nothing.png", "test:0"], "neither an image file"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(model_dir, tmp_path, args, words):
+    args = [a if a != "MISSING" else str(tmp_path / "missing") for a in args]
+    if args[0] in ("generate", "interpolate") and "--model" not in args:
+        args += ["--model", str(model_dir)]
+    p = vdm_cmd(*args, cwd=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_pickled_weights_are_refused_without_running_them(model_dir, tmp_path):
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"w": Payload()}, d / "ema.pt")
+    p = vdm_cmd("generate", "--model", d, "--out", tmp_path / "o")
+    # a note that the file has no checksum (hand-made), then the refusal; nothing unpickled ran
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "ema weights" in p.stderr.strip().splitlines()[-1]
+    assert not marker.exists()
+
+
+def test_interpolate_command_writes_a_strip_of_both_ends_and_the_frames(model_dir, tmp_path):
+    from PIL import Image
+
+    sprites = api.load(model_dir).generate(2, seed=5, steps=3)
+    for k in range(2):
+        Image.fromarray(sprites[k]).save(tmp_path / f"{k}.png")
+    out = tmp_path / "strip.png"
+    p = vdm_cmd(
+        "interpolate", tmp_path / "0.png", tmp_path / "1.png", "--model", model_dir, "--frames", 3, "--steps", 4,
+        "--out", out,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    strip = np.asarray(Image.open(out))
+    assert strip.shape == (32 + 4, 5 * (32 + 2) + 2, 3)  # A | 3 frames | B, 2 px padding
+    assert np.array_equal(strip[2:34, 2:34], sprites[0])
+
+
+def test_help_explains_every_option():
+    for command in ("generate", "interpolate", "serve"):
+        p = vdm_cmd(command, "--help")
+        assert p.returncode == 0
+        options = set(re.findall(r"(--[a-z][a-z-]+)", p.stdout)) - {"--help"}
+        assert options, command
+        for opt in options:  # every option has a help line of its own
+            assert re.search(rf"{opt}( [A-Z_{{][^ ]*)?\s+\S", p.stdout), (command, opt)
+
+
+# --- the package ---------------------------------------------------------------------------------
+
+
+def _pins(lines):
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            out[name.strip().lower()] = version.strip()
+    return out
+
+
+def test_package_dependencies_are_the_requirements_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = _pins(project["dependencies"])
+    reqs = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    tools = {"dvc", "pytest", "ruff", "setuptools"}  # run or build the project; the package never imports them
+    assert deps == {k: v for k, v in reqs.items() if k not in tools}
+    assert project["scripts"]["vdm"] == "vdm.cli:main"
+
+
+def test_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "vdm"]
+    assert ep.value == "vdm.cli:main"
