@@ -6,6 +6,8 @@ import uuid
 import pytest
 
 from tests.helpers import LONG, TINY_MODEL, TINY_TRAIN, copy_project, project, run, start, subprocess_env, tiny
+from vdm.checkpoint import save_model
+from vdm.diffusion import build_vdm
 from vdm.params import parse_params
 from vdm.preprocess import preprocess
 from vdm.sources import fetch
@@ -79,3 +81,17 @@ def pipeline(tmp_path_factory):
         pl.run(cmd)
     pl.first = pl.run(["dvc", "repro"])
     return pl
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A models/ folder as the train stage writes it: a tiny 32x32 VDM, untrained (its output
+    layer starts at zero, so its probability-flow ODE is smooth; random weights make it chaotic)."""
+    raw = tiny()
+    raw["model"].update(channels=16, channel_mult=[1, 2], attention_resolutions=[], patch_size=2)
+    p = parse_params(raw)
+    model = build_vdm(p.model, p.data.image_size)
+    ema = build_vdm(p.model, p.data.image_size)
+    d = tmp_path_factory.mktemp("m") / "models"
+    save_model(d, model, ema, {"params": raw, "steps": 3, "config_hash": "x", "run_name": "t"})
+    return d

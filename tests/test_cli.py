@@ -13,27 +13,11 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, subprocess_env, tiny
+from tests.helpers import ROOT, subprocess_env
 from vdm import api
-from vdm.checkpoint import save_model
-from vdm.diffusion import build_vdm, decode_nearest, encode
+from vdm.diffusion import decode_nearest, encode
 from vdm.errors import UserError
-from vdm.params import parse_params
 from vdm.samplers import sample, solve
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A models/ folder as the train stage writes it: a tiny 32x32 VDM, untrained (its output
-    layer starts at zero, so its probability-flow ODE is smooth; random weights make it chaotic)."""
-    raw = tiny()
-    raw["model"].update(channels=16, channel_mult=[1, 2], attention_resolutions=[], patch_size=2)
-    p = parse_params(raw)
-    model = build_vdm(p.model, p.data.image_size)
-    ema = build_vdm(p.model, p.data.image_size)
-    d = tmp_path_factory.mktemp("m") / "models"
-    save_model(d, model, ema, {"params": raw, "steps": 3, "config_hash": "x", "run_name": "t"})
-    return d
 
 
 def vdm_cmd(*args, cwd=None):
