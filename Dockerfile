@@ -4,6 +4,7 @@
 #
 #   docker build -t vdm-pokemon .
 #   docker run --rm -v "$PWD":/work --user "$(id -u):$(id -g)" vdm-pokemon
+#   docker run --rm -p 8000:8000 -v "$PWD":/work vdm-pokemon vdm serve     # the demo page
 #
 # Targets:
 #   runtime (the default: the last stage)   the image above
@@ -89,14 +90,21 @@ RUN set -eux; \
     mkdir -p /work; \
     chown "$VDM_UID:$VDM_GID" /work
 
-# The project itself (a reference copy: `dvc repro` runs the code of the clone in /work).
+# The project itself (a reference copy: `dvc repro` runs the code of the clone in /work), and
+# its package installed, which gives the `vdm` command (generate, interpolate, serve).
 COPY . /opt/vdm-pokemon
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation /opt/vdm-pokemon; \
+    vdm --help >/dev/null
 
 ENV HOME=/home/vdm \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DVC_NO_ANALYTICS=1 \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    VDM_SERVE_HOST=0.0.0.0
+# `docker run -p 8000:8000 -v "$PWD":/work IMAGE vdm serve` serves the demo page of /work/models
+# (VDM_SERVE_HOST: inside a container the server listens on every interface).
+EXPOSE 8000
 # WANDB_API_KEY is never baked in: pass it at run time (`-e WANDB_API_KEY`) if you log online.
 
 USER ${VDM_UID}:${VDM_GID}

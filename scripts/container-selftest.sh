@@ -49,16 +49,22 @@ check() {
 import json
 
 ev = json.load(open("metrics/eval.json"))
-assert ev["samples"] == 4 and ev["test_bpd"] > 0, ev
+assert ev["sample_count"] == 4 and ev["test_bpd"] > 0, ev
 assert json.load(open("metrics/train.json"))["steps"] == 4
 EOF
+    # the installed `vdm` command on the trained model, writing outside the DVC outputs
+    gen=$(mktemp -d)
+    vdm generate --model models --n 2 --steps 2 --device cpu --out "$gen/new"
+    test -s "$gen/new/grid.png" && test -s "$gen/new/sprite-0001.png" || {
+        echo "container-selftest: FAILED: vdm generate wrote no sprites" >&2; exit 1; }
+    rm -rf "$gen"
     status=$(dvc status)
     echo "$status"
     case "$status" in
         *"up to date"*) ;;
         *) echo "container-selftest: FAILED: a second run would not be a no-op" >&2; exit 1 ;;
     esac
-    echo "container-selftest: OK (download, preprocess, train, sample, evaluate; outputs present)"
+    echo "container-selftest: OK (download, preprocess, train, sample, evaluate; outputs present; vdm generate)"
 }
 
 case "$mode" in

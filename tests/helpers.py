@@ -234,7 +234,7 @@ def add_tar_member(tf: tarfile.TarFile, name: str, data: bytes = b"", **kw) -> N
 
 # --- the project as users run it: stages and DVC in a copy of the repository --------------
 
-PROJECT_FILES = ["vdm", "stages", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]
+PROJECT_FILES = ["vdm", "stages", "presets", "dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]
 
 
 def run(cmd, cwd, check=True, env=None):

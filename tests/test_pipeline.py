@@ -96,3 +96,21 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(pipeline):
     assert json.loads((proj / "models/config.json").read_text())["run_name"] == "lr-3e-3"
     assert len(list((proj / "wandb").glob("offline-run-*/*.wandb"))) == 2  # dvc repro, then this experiment
     assert "0.003" in pipeline.run(["dvc", "exp", "show", "--no-pager", "--csv"]).stdout
+
+
+def test_smoke_preset_runs_the_whole_pipeline_in_a_temporary_copy(pipeline):
+    """`python -m stages.preset smoke -- --temp`: all five stages on synthetic data, recorded as an
+    experiment, the workspace's outputs untouched; `dvc exp show` filters and exports it."""
+    proj = pipeline.proj
+    before = {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")}
+    run = pipeline.run([sys.executable, "-m", "stages.preset", "smoke", "--", "--temp"])
+    for stage in ("download", "preprocess", "train", "sample", "evaluate"):
+        assert f"Running stage '{stage}'" in run.stdout
+    assert {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")} == before
+    table = pipeline.run(
+        ["dvc", "exp", "show", "--no-pager", "--csv", "--drop", ".*", "--keep", r"^(Experiment|test_bpd|train\.steps)$"]
+    ).stdout
+    header, *rows = table.strip().splitlines()
+    assert header.split(",") == ["Experiment", "test_bpd", "train.steps"]
+    (smoke,) = [r.split(",") for r in rows if r.startswith("smoke,")]
+    assert float(smoke[1]) > 0 and smoke[2] == "60"
