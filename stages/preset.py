@@ -16,11 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from stages._cli import run
 from vdm.errors import UserError
-from vdm.params import parse_params
+from vdm.params import parse_params, read_yaml
 
 PRESETS = Path("presets")
 
@@ -38,8 +36,8 @@ def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> l
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
         raise UserError(f"no preset {path}; presets: {known}")
-    preset = yaml.safe_load(path.read_text()) or {}
-    merged = copy.deepcopy(yaml.safe_load(Path(params_path).read_text()))
+    preset = read_yaml(path, "a preset") or {}
+    merged = copy.deepcopy(read_yaml(params_path))
     for key, value in flatten(preset).items():
         node = merged
         *parents, leaf = key.split(".")

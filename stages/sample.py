@@ -2,14 +2,14 @@
 
 from stages._cli import run
 from vdm.checkpoint import load_model
+from vdm.devices import resolve_device
 from vdm.params import load_params
 from vdm.sampling import generate, write_samples
-from vdm.training import Dist, resolve_device
 
 
 def main() -> None:
     sp = load_params().sample
-    device = resolve_device(sp.device, Dist())
+    device = resolve_device(sp.device, "sample.device")
     model, config = load_model("models", "ema", device)
     samples, strip, seconds = generate(
         model,

@@ -71,3 +71,53 @@ def test_missing_or_broken_params_file(tmp_path):
     (tmp_path / "params.yaml").write_text("data: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+# --- what a params file may hold -------------------------------------------------------------
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Nine levels of nine aliases: 1.5 KB that safe_load would expand into 9^9 list items."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in range(1, 10):
+        lines.append(f"a{k}: &a{k} [" + ",".join([f"*a{k - 1}"] * 9) + "]")
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="anchors and aliases") as e:
+        load_params(path)
+    assert len(str(e.value)) < 400
+
+
+def test_a_key_given_twice_is_refused_as_dvc_refuses_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + "\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(UserError, match="key 'train' appears twice"):
+        load_params(path)
+
+
+def test_a_huge_params_file_is_refused_unread(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(UserError, match="more than 1048576 allowed"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("section", "value"), [("train", 2**64), ("sample", 2**63), ("model", -1)])
+def test_seeds_outside_what_torch_and_numpy_take_are_refused(section, value):
+    raw = raw_params()
+    raw[section]["seed"] = value
+    e = _err(raw)
+    assert e.key == f"{section}.seed" and "2**63 - 1" in str(e)
+
+
+@pytest.mark.parametrize("device", ["cuda:²", "cuda:٣", "cuda:", "CPU", " cpu", "cuda:0 "])
+def test_device_strings_are_matched_exactly(device):
+    raw = raw_params()
+    raw["train"]["device"] = device
+    assert _err(raw).key == "train.device"
+
+
+def test_a_huge_value_is_cut_short_in_the_message():
+    raw = raw_params()
+    raw["data"]["source"] = "x" * 100_000
+    assert len(str(_err(raw))) < 400

@@ -66,7 +66,7 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(pipeline):
     for split in ("train", "val", "test"):
         assert (proj / f"data/processed/{split}.npy").is_file()
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "preprocess", "train", "sample", "evaluate"}
+    assert set(lock["stages"]) == {"validate", "download", "preprocess", "train", "sample", "evaluate"}
     ev = json.loads((proj / "metrics/eval.json").read_text())
     assert ev["test_bpd"] > 0 and ev["sample_count"] == 4 and (ev["fid"] is None) == bool(ev["fidelity_skipped_reason"])
     assert (proj / "samples/grid.png").is_file() and (proj / "samples/strip.png").is_file()
@@ -114,3 +114,60 @@ def test_smoke_preset_runs_the_whole_pipeline_in_a_temporary_copy(pipeline):
     assert header.split(",") == ["Experiment", "test_bpd", "train.steps"]
     (smoke,) = [r.split(",") for r in rows if r.startswith("smoke,")]
     assert float(smoke[1]) > 0 and smoke[2] == "60"
+
+
+def _snapshot(proj):
+    """Every file of the project outside .git and DVC's own folder, as bytes."""
+    skip = (".git", ".dvc")
+    return {
+        p.relative_to(proj): p.read_bytes()
+        for p in proj.rglob("*")
+        if p.is_file() and p.relative_to(proj).parts[0] not in skip
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.lr", -1, "train.lr = -1"),
+        ("sample.steps", 0, "sample.steps = 0 is invalid"),
+        ("train.device", "cuda:7", "train.device = 'cuda:7'"),
+    ],
+)
+def test_a_bad_param_stops_dvc_repro_before_any_output_is_deleted(pipeline, key, value, message):
+    proj = pipeline.proj
+    params_path = proj / "params.yaml"
+    original = params_path.read_text()
+    before = _snapshot(proj)
+    params = yaml.safe_load(original)
+    section, leaf = key.split(".")
+    params[section][leaf] = value
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        p = pipeline.run(["dvc", "repro"], check=False)
+        assert p.returncode != 0 and message in p.stderr + p.stdout
+        assert "Running stage 'train'" not in p.stdout and "Running stage 'sample'" not in p.stdout
+        after = _snapshot(proj)
+        assert set(after) == set(before)
+        changed = sorted(str(k) for k in before if before[k] != after[k])
+        assert changed == ["params.yaml"]
+    finally:
+        params_path.write_text(original)
+
+
+def test_a_config_trained_before_comes_from_the_run_cache(pipeline):
+    """Train with another lr, then go back: the train stage is restored from DVC's run cache
+    (its plots are declared as plots, so the stage is cacheable), not retrained."""
+    proj = pipeline.proj
+    pipeline.run(["dvc", "repro"])
+    ema = (proj / "models/ema.pt").read_bytes()
+    params_path = proj / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = 0.0005
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage 'train'" in pipeline.run(["dvc", "repro", "train"]).stdout
+    params_path.write_text(original)
+    back = pipeline.run(["dvc", "repro", "train"])
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in back.stdout, back.stdout
+    assert (proj / "models/ema.pt").read_bytes() == ema

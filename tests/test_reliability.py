@@ -25,6 +25,7 @@ import random
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -48,16 +49,18 @@ from tests.helpers import (
     LONG,
     ROOT,
     add_tar_member,
+    copy_project,
     data_params,
     make_zip,
     outs,
     project,
+    run,
     start,
     subprocess_env,
     tiny,
     wait_for_checkpoint,
 )
-from vdm.errors import ParamError, UnsafeArchive
+from vdm.errors import ParamError, UnsafeArchive, UserError
 from vdm.images import decode
 from vdm.params import parse_params
 from vdm.preprocess import preprocess
@@ -708,3 +711,30 @@ def test_figures(tmp_path, capsys, pytestconfig):
     if pytestconfig.getoption("capture") == "no":
         print("\nreliability figures:", figures)
     assert figures["corrupted input files"] == sum(kinds.values())
+
+
+# --- wandb's environment ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "nonsense"])
+def test_an_empty_or_unknown_wandb_mode_is_one_line_naming_the_variable(tmp_path, value):
+    proj = copy_project(tmp_path / "p", train={"wandb": "offline"})
+    env = subprocess_env() | {"WANDB_MODE": value}
+    p = run([sys.executable, "-m", "stages.validate"], proj, check=False, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "WANDB_MODE" in line and "unset it" in line
+
+
+def test_wandb_online_with_the_service_out_of_reach_fails_in_seconds(monkeypatch):
+    from vdm.tracking import Tracker
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="cannot be reached.*train.wandb: offline"):
+        Tracker("online", {}, "t")
+    assert time.monotonic() - t0 < 10

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,31 +21,12 @@ import numpy as np
 import torch
 
 from vdm import samplers
+from vdm.devices import resolve_device
 from vdm.errors import UserError
 
 SAMPLE_DEFAULTS = {"sampler": "ancestral", "steps": 64, "spacing": "t", "clip_denoised": True, "denoise_last": True}
 # Encoding runs the probability-flow ODE, so interpolation needs a deterministic sampler.
 INTERPOLATE_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 64, "spacing": "t"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps, checked against this machine."""
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda|mps|cuda:[0-9]+", name):
-        raise UserError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU: use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for, but MPS is not available here: use --device cpu (or auto)")
-    return device
 
 
 def check_sampling(sampler: str, steps: int, spacing: str) -> None:
@@ -206,6 +186,6 @@ def load(path: str | os.PathLike = "models", device: str = "cpu", weights: str =
             f"model directory {p} not found: train one (`dvc repro train`), or `dvc checkout models` "
             "to restore the committed one"
         )
-    dev = resolve_device(device)
+    dev = resolve_device(device, "device")
     model, config = load_model(p, weights, dev)
     return Sprites(model, config, dev, p)

@@ -13,7 +13,18 @@ class ParamError(UserError):
 
     def __init__(self, key: str, value: object, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"params.yaml: {key} = {value!r} is invalid: {allowed}")
+        super().__init__(f"params.yaml: {key} = {short_repr(value)} is invalid: {allowed}")
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr() of a value cut to about `limit` characters, without building the whole of a huge one."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit + 20 else text[:limit] + "..."
 
 
 class UnsafeArchive(UserError):

@@ -19,12 +19,12 @@ import torch
 from vdm.atomic import atomic_dir, write_json
 from vdm.checkpoint import load_model
 from vdm.data import load_split, to_nchw
+from vdm.devices import resolve_device
 from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import EvaluateParams
 from vdm.quality import graininess, swd
-from vdm.training import Dist, resolve_device
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -146,7 +146,7 @@ def evaluate(
     metrics_path="metrics/eval.json",
 ) -> dict:
     """Test bits/dim (EMA), FID/KID/IS where weights exist, memorisation; writes eval.json and closest pairs."""
-    device = resolve_device(ep.device, Dist())
+    device = resolve_device(ep.device, "evaluate.device")
     model, _ = load_model(models, "ema", device)
     test, train = load_split(processed, "test"), load_split(processed, "train")
     samples_path = Path(samples_dir) / "samples.npy"

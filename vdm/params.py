@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -26,6 +27,19 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ParamError(key, value, allowed)
 
 
+def _exists(path: str) -> bool:
+    """Whether a path exists; a name the OS cannot even look up (too long, a NUL byte) does not."""
+    try:
+        return Path(os.path.expanduser(path)).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_seed(key: str, seed: int) -> None:
+    """Seeds that torch's and numpy's generators both take, with room for per-step offsets."""
+    _require(0 <= seed < 2**63, key, seed, "an integer from 0 to 2**63 - 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticParams:
     count: int  # number of images drawn (two variants per species)
@@ -33,7 +47,7 @@ class SyntheticParams:
 
     def check(self, p: str) -> None:
         _require(2 <= self.count <= 1_000_000, f"{p}.count", self.count, "an integer from 2 to 1000000")
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +68,7 @@ class SplitParams:
             (self.train, self.val, self.test),
             f"the three fractions must sum to 1 (they sum to {total:.6g})",
         )
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +95,7 @@ class DataParams:
         _require(bool(self.source.strip()), f"{p}.source", self.source, f"one of {names}, or a path")
         if self.source not in SOURCE_NAMES:
             _require(
-                Path(os.path.expanduser(self.source)).exists(),
+                _exists(self.source),
                 f"{p}.source",
                 self.source,
                 f"one of {names}, or the path of an existing folder or .zip/.tar/.tar.gz archive "
@@ -139,7 +153,7 @@ class ModelParams:
         _require(0 <= self.timesteps <= 100_000, f"{p}.timesteps", self.timesteps, "0 (continuous) or a step count")
         _require(0 <= self.x_skip_noise <= 1, f"{p}.x_skip_noise", self.x_skip_noise, "a number in [0, 1]")
         _require(-20 <= self.sigmoid_bias <= 20, f"{p}.sigmoid_bias", self.sigmoid_bias, "a number in [-20, 20]")
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +201,7 @@ class TrainParams:
         _require(0 <= self.sample_count <= 1024, f"{p}.sample_count", self.sample_count, "an integer from 0 to 1024")
         positive("sample_steps", self.sample_steps)
         positive("checkpoint_every", self.checkpoint_every)
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
         _check_device(f"{p}.device", self.device)
         _require(0 <= self.num_workers <= 64, f"{p}.num_workers", self.num_workers, "an integer from 0 to 64")
 
@@ -210,7 +224,7 @@ class SampleParams:
         _require(1 <= self.count <= 100_000, f"{p}.count", self.count, "an integer from 1 to 100000")
         _require(1 <= self.steps <= 100_000, f"{p}.steps", self.steps, "an integer from 1 to 100000")
         _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
         _require(0 <= self.strip_rows <= self.count, f"{p}.strip_rows", self.strip_rows, "0 to sample.count")
         _require(2 <= self.strip_points <= 64, f"{p}.strip_points", self.strip_points, "an integer from 2 to 64")
         _check_device(f"{p}.device", self.device)
@@ -230,14 +244,18 @@ class EvaluateParams:
         _require(2 <= self.swd_repeats <= 1000, f"{p}.swd_repeats", self.swd_repeats, "an integer from 2 to 1000")
         _require(1 <= self.time_samples <= 1000, f"{p}.time_samples", self.time_samples, "an integer from 1 to 1000")
         _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
-        _require(self.seed >= 0, f"{p}.seed", self.seed, "an integer >= 0")
+        _check_seed(f"{p}.seed", self.seed)
         _require(0 <= self.closest_pairs <= 256, f"{p}.closest_pairs", self.closest_pairs, "0 to 256")
         _check_device(f"{p}.device", self.device)
 
 
+# Spelled exactly, ASCII digits only (str.isdigit() also accepts "²").
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
+
+
 def _check_device(key: str, dev: str) -> None:
     _require(
-        dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit()),
+        DEVICE_PATTERN.fullmatch(dev) is not None,
         key,
         dev,
         "auto, cpu, cuda, cuda:N or mps",
@@ -318,15 +336,50 @@ def parse_section(cls: type, raw: object, prefix: str):
     return _build(cls, raw, prefix)
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+MAX_YAML_BYTES = 1 << 20  # params.yaml is ~7 KB; a megabyte is no parameter file
+
+
+class StrictLoader(yaml.SafeLoader):
+    """Safe YAML without anchors, aliases or duplicate keys: what is written is what is read,
+    so a small file cannot expand into a huge value (an alias bomb), and a key given twice is
+    an error, as DVC makes it, not silently the last one."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: anchors and aliases (&{event.anchor} / *{event.anchor}) "
+                "are not allowed: write the value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "params.yaml") -> object:
+    """A YAML file through StrictLoader, at most MAX_YAML_BYTES; errors as one UserError line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found: run the stage from the project root, where params.yaml lives")
+        raise UserError(f"{path} not found: run the stage from the project root, where {what} lives")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"{path} is {size} bytes, more than {MAX_YAML_BYTES} allowed for {what}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_bytes(), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
-    return parse_params(raw)
+        detail = " ".join(str(e).split())
+        raise UserError(f"{path} is not valid YAML: {detail[:300]}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    return parse_params(read_yaml(path))
 
 
 def as_dict(obj: object) -> dict:

@@ -18,8 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from vdm.data import StepBatches, batch_loader, load_split
+from vdm.devices import resolve_device
 from vdm.params import Params
-from vdm.training import build_training, resolve_device, step_seed, train_step
+from vdm.training import build_training, step_seed, train_step
 
 PHASES = ("data_load", "data_to_device", "forward", "backward", "optimizer", "ema")
 WARMUP = 2
@@ -35,7 +36,7 @@ def profile_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tp, size = params.train, params.data.image_size
-    device = resolve_device(tp.device, type("D", (), {"local_rank": 0})())
+    device = resolve_device(tp.device, "train.device")
     try:
         data, source = load_split(processed, "train"), str(processed)
     except Exception:

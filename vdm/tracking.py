@@ -15,6 +15,32 @@ import os
 import numpy as np
 
 from vdm.atomic import write_bytes
+from vdm.errors import UserError
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_wandb_environment(mode: str) -> None:
+    """Refuse, in one line, what wandb would refuse with a traceback (or a long wait): an empty or
+    unknown WANDB_MODE in the environment, and online mode with the service out of reach."""
+    if "WANDB_MODE" in os.environ and os.environ["WANDB_MODE"] not in (*WANDB_MODES, "dryrun", "run"):
+        raise UserError(
+            f"environment variable WANDB_MODE = {os.environ['WANDB_MODE'][:40]!r} is not one of "
+            f"{', '.join(WANDB_MODES)}: unset it (train.wandb in params.yaml then decides) or set it to one of those"
+        )
+    if mode == "online" and os.environ.get("WANDB_MODE", "online") in ("online", "run"):
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+        host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as e:
+            raise UserError(
+                f"train.wandb = 'online' but {host}:{port} cannot be reached ({e.__class__.__name__}): "
+                "use train.wandb: offline and upload later with `wandb sync wandb/offline-run-*`"
+            ) from None
 
 
 def run_name(config_key: str) -> str:
@@ -26,6 +52,7 @@ class Tracker:
         self.run = None
         if mode == "disabled" or not enabled:
             return
+        check_wandb_environment(mode)
         import wandb  # slow to import; only when tracking
 
         self._wandb = wandb

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from vdm import checkpoint as ckpt
 from vdm.atomic import write_bytes, write_json
 from vdm.data import StepBatches, batch_loader, hflip_half, load_split, to_nchw
+from vdm.devices import resolve_device
 from vdm.diffusion import VDM, build_vdm, estimate_bpd, fit_gamma_0
 from vdm.ema import make_ema
 from vdm.errors import UserError
@@ -61,24 +62,6 @@ def init_distributed() -> Dist:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", d.local_rank)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device = {name!r} but CUDA is not available here: use auto or cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", d.local_rank)
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"train.device = {name!r} but MPS is not available here: use auto or cpu")
-    return dev
 
 
 def lr_factor(step: int, warmup: int, total: int, cosine: bool, final: float) -> float:
@@ -219,7 +202,7 @@ def train(params: Params, processed: str | os.PathLike = "data/processed", out: 
 
 
 def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist) -> dict:
-    device = resolve_device(tp.device, d)
+    device = resolve_device(tp.device, "train.device", d.local_rank)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_x, val_x = load_split(processed, "train"), load_split(processed, "val")

@@ -1,0 +1,39 @@
+"""validate: params.yaml -> params.ok, before any stage that could lose outputs runs.
+
+DVC deletes a stage's outputs just before it runs the stage's command, so a bad value found by
+the train stage itself would come after models/ and the metrics were gone. Every stage depends
+on params.ok, so DVC runs this check first whenever params.yaml changed: it parses the whole
+file (every section, every key; the same checks each stage makes) and checks that the devices
+asked for exist here, and wandb's environment (WANDB_MODE; the service, in online mode). On a
+bad value it prints one line and stops the pipeline; nothing else has been touched. params.ok
+never changes (a DVC output with `persist: true`, so it is not deleted either), so no stage
+reruns because of it.
+"""
+
+from pathlib import Path
+
+from stages._cli import run
+from vdm.params import load_params
+
+OK = Path("params.ok")
+TEXT = "params.yaml passed `python -m stages.validate` (this file never changes; see dvc.yaml)\n"
+
+
+def main() -> None:
+    p = load_params()
+    from vdm.devices import resolve_device
+
+    resolve_device(p.train.device, "train.device")
+    resolve_device(p.sample.device, "sample.device")
+    resolve_device(p.evaluate.device, "evaluate.device")
+    if p.train.wandb != "disabled":
+        from vdm.tracking import check_wandb_environment
+
+        check_wandb_environment(p.train.wandb)
+    if not OK.is_file() or OK.read_text() != TEXT:
+        OK.write_text(TEXT)
+    print("validate: params.yaml is valid")
+
+
+if __name__ == "__main__":
+    run(main, __doc__)
