@@ -138,9 +138,13 @@ def _eval_bpd(model: VDM, images: np.ndarray, n: int, seed: int, device, batch: 
     return estimate_bpd(model, x, time_samples=1, batch_size=batch, generator=gen, device=device)
 
 
-def _sample_grid(model: VDM, count: int, steps: int, size: int, seed: int, device) -> np.ndarray:
+def _sample_grid(model: VDM, count: int, steps: int, seed: int, device) -> np.ndarray:
+    """The training grid: the sample stage's ancestral sampler, with its final denoising step (the
+    last grid is drawn after the gamma_0 fit, where z_0 alone still holds visible noise)."""
+    from vdm.samplers import sample
+
     gen = torch.Generator(device=device).manual_seed(seed)
-    x, _ = model.sample(count, (3, size, size), steps, gen, device)
+    x, _ = sample(model, count, steps, "ancestral", "t", gen, device, denoise_last=True)
     return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
 
 
@@ -288,7 +292,7 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
 
     def sample(step: int):
         ema.module.eval()
-        grid = _sample_grid(ema.module, tp.sample_count, tp.sample_steps, size, tp.seed, device)
+        grid = _sample_grid(ema.module, tp.sample_count, tp.sample_steps, tp.seed, device)
         write_bytes(out.plots / "samples" / f"step-{step:06d}.png", png_bytes(grid))
         tracker.image("samples", grid, step, caption=f"EMA, step {step}, T={tp.sample_steps}")
 
