@@ -71,16 +71,35 @@ def window_half_width(gamma_0: float) -> int:
     return k - 1
 
 
-def log_prob_levels(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
+WINDOW_CHUNK = 1 << 24  # elements of the (..., window) tensor per chunk: 64 MB in float32
+
+
+def log_prob_levels(
+    x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor, chunk: int = WINDOW_CHUNK
+) -> torch.Tensor:
     """log p(x | z_0) per element for the 256-level discretised decoder, exactly, but without
     a (..., 256) tensor unless gamma_0 is so large that mass spreads over all levels.
 
     The normaliser logsumexp_k(logit_k) is taken over a window of levels around the nearest
     one, wide enough (from gamma_0) that every level outside it is below e^-60 of the peak.
+    A wide window (a gamma_0 fitted to a visible noise level) is taken over the batch in pieces
+    of at most `chunk` window elements: every element is independent, so the result is the
+    same to the bit, and the peak memory stays bounded instead of growing with batch x window.
     """
+    w = window_half_width(float(gamma_0.detach()))
+    width = LEVELS if 2 * w + 1 >= LEVELS else 2 * w + 1
+    per_row = z_rescaled[0].numel() * width if z_rescaled.dim() else width
+    rows = max(1, chunk // max(1, per_row))
+    if z_rescaled.dim() and z_rescaled.shape[0] > rows:
+        return torch.cat(
+            [_log_prob_window(x[i : i + rows], z_rescaled[i : i + rows], gamma_0, w) for i in range(0, len(x), rows)]
+        )
+    return _log_prob_window(x, z_rescaled, gamma_0, w)
+
+
+def _log_prob_window(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor, w: int) -> torch.Tensor:
     scale = torch.exp(-0.5 * gamma_0)
     logit_true = -0.5 * torch.square((z_rescaled - encode(x)) * scale)
-    w = window_half_width(float(gamma_0.detach()))
     if 2 * w + 1 >= LEVELS:
         levels = torch.arange(LEVELS, device=x.device)
     else:
