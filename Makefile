@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-requirements
 # Stage commands in dvc.yaml call `python`: make it this venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench-data
+.PHONY: setup repro smoke test lint bench-data plots
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ setup: $(STAMP)
 
 repro: $(STAMP)  ## run the whole pipeline (only what changed reruns)
 	dvc repro
+
+smoke: $(STAMP)  ## the whole pipeline in about a minute (synthetic data, small model), as a --temp experiment
+	python -m stages.preset smoke -- --temp
+
+plots: $(STAMP)  ## dvc plots show with vega inline (no CDN), checked in headless Chromium
+	python scripts/offline_plots.py --check
 
 test: $(STAMP) lint  ## lint + the whole test suite (offline; a few minutes)
 	python -m pytest -q

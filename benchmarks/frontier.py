@@ -60,13 +60,22 @@ def main() -> None:
     fx, _ = px(args.floor, 10**y0)
     d.line([fx, PAD, fx, H - PAD], fill=(180, 180, 180))
     d.text((fx + 4, PAD + 4), "real floor", fill=(120, 120, 120))
+    placed: list[tuple[float, float, float, float]] = []
     for r in rows:
         x, y = px(float(r["swd"]), float(r["test_bpd"]))
         se = float(r["swd_se"]) / (x1 - x0) * (W - 2 * PAD)
         d.line([x - se, y, x + se, y], fill=(60, 60, 200), width=2)
         colour = (200, 30, 30) if r["name"].startswith("default") else (30, 30, 160)
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
-        d.text((x + 8, y - 14), r["name"], fill=colour)
+        w = d.textlength(r["name"])
+        # the first of four spots around the point whose label box overlaps no label drawn so far
+        spots = [(x + 8, y - 14), (x + 8, y + 4), (x - 8 - w, y - 14), (x - 8 - w, y + 4)]
+        for tx, ty in spots:
+            box = (tx, ty, tx + w, ty + 11)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        d.text((tx, ty), r["name"], fill=colour)
     img.save(args.out)
     print(f"frontier: {len(rows)} runs -> {args.out}")
 

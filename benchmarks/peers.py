@@ -218,7 +218,7 @@ def main() -> None:
         "batch": args.batch,
         **info,
     }
-    weights, _ = inception_weights(params["evaluate"]["inception_weights"])
+    weights, _, _ = inception_weights(params["evaluate"]["inception_weights"])
     for kind, steps in (("ddpm", args.ddpm_steps), ("ddim", args.ddim_steps)):
         with torch.no_grad():
             samples, secs = sample_peer(unet, scheduler, kind, steps, count, params["sample"]["batch_size"], args.seed)

@@ -61,7 +61,7 @@ def test_memorisation_distances():
     assert (m["ratio"][:2] < 1e-6).all() and (m["ratio"][2:] > 1).all()  # copies of train vs. test images
 
 
-def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_path, monkeypatch):
+def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     sample_into(trained)
     ep = parse_params({**BASE_PARAMS, "data": tiny()["data"]}).evaluate
@@ -74,9 +74,10 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
         trained / "metrics/eval.json",
     )
     assert r["fid"] is None and r["kid"] is None and r["inception_score"] is None
-    assert (
-        INCEPTION_FILE in r["fidelity_skipped_reason"] and "evaluate.inception_weights" in r["fidelity_skipped_reason"]
-    )
+    # a short code in the metrics (a column of `dvc exp show`), the whole hint printed once
+    assert r["fidelity_skipped"] == "no_inception_weights"
+    hint = [line for line in capsys.readouterr().out.splitlines() if "FID/KID/IS skipped" in line]
+    assert len(hint) == 1 and INCEPTION_FILE in hint[0] and "evaluate.inception_weights" in hint[0]
     assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["sample_count"] == 12
     assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
     # sample quality beside its real floor, each with a bootstrap standard error
@@ -89,8 +90,8 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
 def test_pickled_weights_file_is_refused(tmp_path):
     bad = tmp_path / "w.pth"
     torch.save({"x": torch.zeros(1), "f": print}, bad)  # a global that weights_only refuses
-    path, why = inception_weights(str(bad))
-    assert path is None and "refusing" in why
+    path, code, why = inception_weights(str(bad))
+    assert path is None and code == "weights_file_refused" and "refusing" in why
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_fid_kid_is_through_torch_fidelity_with_a_weights_file(trained, random_i
         trained / "eval",
         trained / "metrics/eval.json",
     )
-    assert r["fidelity_skipped_reason"] is None
+    assert r["fidelity_skipped"] is None
     for k in ("fid", "kid", "inception_score"):
         assert isinstance(r[k], float) and np.isfinite(r[k]), k
     assert r["fid"] > 0 and r["inception_score"] >= 1.0 - 1e-9  # IS = exp(E KL) >= 1, up to rounding

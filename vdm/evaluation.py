@@ -30,8 +30,9 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
-def inception_weights(param: str) -> tuple[Path | None, str]:
-    """(path, "") of usable Inception weights, or (None, why not and how to get them)."""
+def inception_weights(param: str) -> tuple[Path | None, str, str]:
+    """(path, "", "") of usable Inception weights, or (None, a short code, why not and how to get
+    them). The code goes into metrics/eval.json (short enough for `dvc exp show`), the hint is printed."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     # shown with ~ for the home folder: the reason lands in committed metrics
     shown = f"~/{cache.relative_to(Path.home())}" if cache.is_relative_to(Path.home()) else str(cache)
@@ -42,16 +43,18 @@ def inception_weights(param: str) -> tuple[Path | None, str]:
     if param:
         path = Path(param).expanduser()
         if not path.is_file():
-            return None, f"evaluate.inception_weights = {param!r}: no such file; {how}"
+            return None, "weights_file_missing", f"evaluate.inception_weights = {param!r}: no such file; {how}"
     elif cache.is_file():
         path = cache
     else:
-        return None, f"no Inception weights (evaluate.inception_weights is empty and {shown} does not exist); {how}"
+        why = f"no Inception weights (evaluate.inception_weights is empty and {shown} does not exist); {how}"
+        return None, "no_inception_weights", why
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        return None, f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load it: {how}"
-    return path, ""
+        why = f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load it: {how}"
+        return None, "weights_file_refused", why
+    return path, "", ""
 
 
 class _Uint8Images(torch.utils.data.Dataset):
@@ -163,7 +166,7 @@ def evaluate(
         torch.Generator(device=device).manual_seed(ep.seed),
         device,
     )
-    weights, why = inception_weights(ep.inception_weights)
+    weights, skipped, why = inception_weights(ep.inception_weights)
     fid = {"fid": None, "kid": None, "kid_std": None, "inception_score": None, "inception_score_std": None}
     if weights is not None:
         fid = fidelity(samples, test, weights, device)
@@ -180,7 +183,7 @@ def evaluate(
         "time_samples": ep.time_samples,
         **quality,
         **fid,
-        "fidelity_skipped_reason": why or None,
+        "fidelity_skipped": skipped or None,
         "memorisation_median_ratio": float(np.median(mem["ratio"])),
         "memorisation_min_ratio": float(mem["ratio"].min()),
         "sample_count": len(samples),
