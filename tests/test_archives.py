@@ -125,3 +125,93 @@ def test_copy_tree_refuses_links_out_of_the_folder(tmp_path, dest):
     with pytest.raises(UnsafeArchive, match="links outside"):
         copy_tree(src, dest, **CAPS)
     assert (dest / "1.png").exists()  # the previous copy survives
+
+
+# --- damaged archives: refused whole, not half read ----------------------------------------------
+
+
+def _tar_bytes(n=19, size=3000, seed=0):
+    import io
+    import random
+
+    rng = random.Random(seed)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i in range(n):
+            add_tar_member(tf, f"sprites/{i}.png", bytes(rng.getrandbits(8) for _ in range(size)))
+    return buf.getvalue()
+
+
+def _assert_damaged(archive, dest, words):
+    with pytest.raises(UserError, match=words) as e:
+        safe_extract(archive, dest, **CAPS)
+    assert str(archive) in str(e.value) and "nothing was kept" in str(e.value)
+    assert sorted(p.name for p in dest.iterdir()) == ["old.txt"]  # the previous target survives, alone
+
+
+@pytest.mark.parametrize(("fmt", "opener"), [("gz", "gzip"), ("bz2", "bz2"), ("xz", "lzma")])
+def test_a_bit_flip_in_a_compressed_tar_is_refused(tmp_path, dest, fmt, opener):
+    import importlib
+
+    packed = bytearray(importlib.import_module(opener).compress(_tar_bytes()))
+    mid = len(packed) // 2
+    packed[mid : mid + 16] = bytes(b ^ 0xFF for b in packed[mid : mid + 16])
+    archive = tmp_path / f"sprites.tar.{fmt}"
+    archive.write_bytes(bytes(packed))
+    _assert_damaged(archive, dest, "damaged")
+
+
+def test_a_tar_cut_at_a_header_boundary_is_refused(tmp_path, dest):
+    raw = _tar_bytes()
+    archive = tmp_path / "cut.tar"
+    archive.write_bytes(raw[: 4 * (512 + 3072)])  # 4 of 19 members, then the file ends
+    _assert_damaged(archive, dest, "after 4 members it ends early")
+
+
+def test_a_tar_with_a_broken_header_mid_way_is_refused(tmp_path, dest):
+    raw = bytearray(_tar_bytes())
+    at = 6 * (512 + 3072)
+    raw[at + 100 : at + 120] = b"X" * 20  # mode/uid fields of the 7th header: its checksum fails
+    archive = tmp_path / "broken.tar"
+    archive.write_bytes(bytes(raw))
+    _assert_damaged(archive, dest, "after 6 members it has a damaged header")
+
+
+def test_a_truncated_tar_gz_is_refused(tmp_path, dest):
+    import gzip
+
+    packed = gzip.compress(_tar_bytes())
+    archive = tmp_path / "short.tar.gz"
+    archive.write_bytes(packed[: len(packed) * 2 // 3])
+    _assert_damaged(archive, dest, "damaged")
+
+
+def test_intact_compressed_tars_still_extract_every_member(tmp_path, dest):
+    import bz2
+    import gzip
+    import lzma
+
+    raw = _tar_bytes(n=5)
+    for name, pack in (
+        ("a.tar", bytes),
+        ("a.tar.gz", gzip.compress),
+        ("a.tar.bz2", bz2.compress),
+        ("a.tar.xz", lzma.compress),
+    ):
+        archive = tmp_path / name
+        archive.write_bytes(pack(raw))
+        stats = safe_extract(archive, dest, **CAPS)
+        assert stats.files == 5 and sorted(p.name for p in (dest / "sprites").iterdir()) == [
+            f"{i}.png" for i in range(5)
+        ]
+
+
+def test_a_zip_symlink_with_a_huge_target_is_refused_unread(tmp_path, dest):
+    z = tmp_path / "link.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        info = zipfile.ZipInfo("sprites/link.png")
+        info.external_attr = 0o120777 << 16  # a symlink
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(info, b"a" * (64 << 20))  # 64 MB of "target", 64 KB compressed
+    assert z.stat().st_size < 1 << 20
+    assert_refused_and_nothing_written(z, dest, tmp_path, "longer than 4096 bytes")

@@ -6,14 +6,23 @@ and archives over the file-count or total-size caps. Sizes are counted as bytes 
 actually written, so a zip whose headers lie about sizes cannot exceed the cap.
 Links that stay inside are skipped (sprites are regular files). Extraction goes to
 a temporary directory and is moved into place only when complete.
+
+A damaged archive is refused, not half read: a tar must end with its end-of-archive blocks
+(a tar cut short, or with a broken header in the middle, would otherwise just stop early),
+its compressed stream is read to the end so that the compressor's own check runs (gzip's
+CRC-32 and length, bz2's block CRCs, xz's check), and a zip member's CRC-32 is checked as it
+is read. Any of these is one UserError naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import posixpath
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,7 @@ from vdm.errors import UnsafeArchive, UserError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _CHUNK = 1 << 20
+_MAX_LINK = 4096  # bytes of a zip symlink's target that are read (PATH_MAX)
 
 # select(name) -> new relative name, or None to leave the member out
 Selector = Callable[[str], "str | None"]
@@ -94,8 +104,15 @@ def _extract_zip(archive: Path, dest: Path, select: Selector, budget: _Budget) -
             rel = safe_relpath(info.filename, archive)
             mode = (info.external_attr >> 16) & 0o170000
             if mode == 0o120000:  # a symlink stored in a zip: its data is the target
-                target = zf.read(info, pwd=None).decode("utf-8", "replace")
-                _check_link(rel, target, archive)
+                with zf.open(info) as f:
+                    raw = f.read(_MAX_LINK + 1)
+                if len(raw) > _MAX_LINK:
+                    raise UnsafeArchive(
+                        f"{archive}: member {info.filename!r} is a link whose target is longer than {_MAX_LINK} "
+                        "bytes; refusing to extract this archive"
+                    )
+                budget.stats.bytes += len(raw)
+                _check_link(rel, raw.decode("utf-8", "replace"), archive)
                 budget.stats.skipped_links += 1
                 continue
             if info.is_dir() or not rel:
@@ -109,9 +126,11 @@ def _extract_zip(archive: Path, dest: Path, select: Selector, budget: _Budget) -
 
 
 def _extract_tar(archive: Path, dest: Path, select: Selector, budget: _Budget) -> None:
-    # "r:*" streams through any compression; members are checked one at a time.
+    # "r:*" reads through any compression; members are checked one at a time.
     with tarfile.open(archive, "r:*") as tf:
+        members = 0
         for m in tf:
+            members += 1
             rel = safe_relpath(m.name, archive)
             if m.issym() or m.islnk():
                 _check_link(rel, m.linkname, archive, hard=m.islnk())
@@ -127,6 +146,26 @@ def _extract_tar(archive: Path, dest: Path, select: Selector, budget: _Budget) -
             budget.add_file()
             src = tf.extractfile(m)
             budget.copy(src, dest / safe_relpath(new, archive))
+        _check_tar_end(tf, archive, members, budget)
+
+
+def _check_tar_end(tf: tarfile.TarFile, archive: Path, members: int, budget: _Budget) -> None:
+    """tarfile stops quietly at a header it cannot read after the first one, and at the end of a
+    file cut short: require the two zero blocks that end every tar, then read the (decompressed)
+    stream to its end, which is where gzip, bz2 and xz verify their checksums."""
+    f = tf.fileobj
+    f.seek(tf.offset)
+    end = f.read(2 * tarfile.BLOCKSIZE)
+    if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+        what = "ends early" if len(end) < 2 * tarfile.BLOCKSIZE else "has a damaged header"
+        raise UserError(
+            f"{archive} is truncated or damaged: after {members} members it {what} (byte {tf.offset} of the tar) "
+            "instead of the end-of-archive blocks; nothing was kept. Download it again"
+        )
+    while chunk := f.read(_CHUNK):  # padding after the end; bounded like the members
+        budget.stats.bytes += len(chunk)
+        if budget.stats.bytes > budget.max_bytes:
+            raise UnsafeArchive(f"{archive}: more than {budget.max_bytes // 2**20} MB of data; refusing")
 
 
 def safe_extract(
@@ -150,8 +189,17 @@ def safe_extract(
                 _extract_tar(archive, tmp, select, budget)
             else:
                 raise UserError(f"{archive}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        raise UserError(f"{archive} is not a readable archive ({e}); download it again") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+        raise UserError(
+            f"{archive} is damaged or not a readable archive ({e}); nothing was kept. Download it again"
+        ) from None
+    except OSError as e:
+        if e.errno is not None:  # a real I/O error (a full disk): not the archive's fault
+            raise
+        # bz2 reports a corrupt stream as a bare OSError
+        raise UserError(
+            f"{archive} is damaged or not a readable archive ({e}); nothing was kept. Download it again"
+        ) from None
     return budget.stats
 
 
