@@ -195,3 +195,51 @@ def test_auto_uses_kaggle_when_reachable(tmp_path, monkeypatch, network_up):
 def test_read_source_without_download_says_what_to_run(tmp_path):
     with pytest.raises(Exception, match="dvc repro download"):
         read_source(tmp_path)
+
+
+# --- names that are not UTF-8 ----------------------------------------------------------------
+
+
+def _latin1_tree(root):
+    """4 species folders, two named in latin-1 bytes (as a folder made on another system), 3 sprites each."""
+    import os
+
+    from PIL import Image
+
+    names = [b"Pok\xe9mon", b"Glumanda", b"Bisasam\xfc", b"Schiggy"]
+    for g, name in enumerate(names):
+        folder = os.fsencode(root) + b"/" + name
+        os.makedirs(folder)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (60 * g, 40 * i, 200)).save(os.fsdecode(folder + b"/%d.png" % i))
+    return names
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_file_names_that_are_not_utf8_are_valid_input(tmp_path, kind):
+    import csv
+    import json
+    import tarfile
+
+    from tests.helpers import data_params
+    from vdm.preprocess import preprocess
+    from vdm.sources import fetch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _latin1_tree(src)
+    source = src
+    if kind == "tar":
+        source = tmp_path / "sprites.tar"
+        with tarfile.open(source, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+            tf.add(src, arcname="sprites")
+    d = data_params(source=str(source))
+    fetch(d, tmp_path / "raw")
+    m = preprocess(d, tmp_path / "raw", tmp_path / "processed", tmp_path / "data.json", workers=1)
+    assert m["images"] == 12 and m["groups"]["total"] == 4
+    json.loads((tmp_path / "raw/SOURCE.json").read_text(encoding="utf-8"))
+    with open(tmp_path / "processed/manifest.csv", encoding="utf-8", newline="") as f:  # valid UTF-8 CSV
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12
+    text = " ".join(" ".join(r.values()) for r in rows)
+    assert "Pok\\xe9mon" in text and "Bisasam\\xfc" in text  # the odd bytes shown, not lost

@@ -53,6 +53,13 @@ POKEAPI_FORMS = {
 }  # fmt: skip
 
 
+def printable_name(value):
+    """A string as valid UTF-8: bytes of a non-UTF-8 file name (surrogate escapes) become \\xNN."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def list_files(root: Path) -> list[str]:
     """Sorted POSIX relative paths of the files under root, hidden files and folders left out."""
     out = []
@@ -209,7 +216,8 @@ def preprocess(
                 codec = codec_bits_per_subpixel(images[sel])
             if name == "train" and data.preview:
                 write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[: data.preview]], ncol=8)))
-        df.to_csv(tmp / "manifest.csv", index=False)
+        # a file name that is not UTF-8 is written with its odd bytes as \xNN: the manifest stays UTF-8 CSV
+        df.map(printable_name).to_csv(tmp / "manifest.csv", index=False)
 
     kept_df = df.loc[kept]
     metrics = {

@@ -67,14 +67,15 @@ def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> str | None:
 
 
 def listing_checksum(root: Path) -> tuple[int, int, str]:
-    """(files, bytes, sha256 of the sorted 'path size sha256' listing) of a folder."""
+    """(files, bytes, sha256 of the sorted 'path size sha256' listing) of a folder. A name that is not
+    UTF-8 (made on another system) enters the checksum as its raw bytes (surrogateescape)."""
     lines, total = [], 0
     for p in sorted(root.rglob("*")):
         if p.is_file():
             data = p.read_bytes()
             total += len(data)
             lines.append(f"{p.relative_to(root).as_posix()}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\n")
-    return len(lines), total, hashlib.sha256("".join(lines).encode()).hexdigest()
+    return len(lines), total, hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def fetch_kaggle(dest: Path, max_files: int, max_bytes: int) -> dict:
