@@ -151,3 +151,21 @@ def test_a_real_browser_loads_the_page_and_shows_the_sprites(server, tmp_path):
     grey = (np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) < 8) & (pixels.mean(axis=2) < 235)
     grey &= pixels.mean(axis=2) > 40  # not the text
     assert grey.sum() > 4 * 0.8 * 192 * 192, grey.sum()
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(model_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [sys.executable, "-m", "vdm", "serve", "--model", str(model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line

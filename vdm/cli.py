@@ -153,6 +153,7 @@ def cmd_generate(args) -> None:
     )
     seconds = time.perf_counter() - t0
     bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         for k, img in enumerate(sprites):
             (tmp / f"sprite-{k:04d}.png").write_bytes(png_bytes(img))
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         {"generate": cmd_generate, "interpolate": cmd_interpolate, "serve": cmd_serve}[args.command](args)
     except UserError as e:
         print(f"vdm {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an output that cannot be written (no such folder, read-only, full disk)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"vdm {args.command}: error: {e.strerror or e}{where}; nothing was written there", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

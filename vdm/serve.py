@@ -166,6 +166,21 @@ def create_app(model: Sprites, limits: Limits = Limits()):
     return app
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from vdm.errors import UserError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port, or stop what holds it"
+            ) from None
+
+
 def serve(args) -> None:
     """`vdm serve`: load the model once, then run uvicorn until interrupted."""
     import uvicorn
@@ -173,6 +188,7 @@ def serve(args) -> None:
     from vdm.api import load
 
     host = args.host
+    _check_port(host, args.port)  # before the model loads: a taken port is one line, not a late uvicorn error
     model = load(args.model, args.device, args.weights)
     limits = Limits(
         max_count=args.max_count,
