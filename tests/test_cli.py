@@ -159,6 +159,7 @@ def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
     assert sorted(f.name for f in out.iterdir()) == [
         "grid.png",
         "info.json",
+        "samples.npy",
         "sprite-0000.png",
         "sprite-0001.png",
         "sprite-0002.png",
@@ -169,12 +170,13 @@ def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
 
     expected = api.load(model_dir).generate(3, seed=2, steps=3)
     assert np.array_equal(np.asarray(Image.open(out / "sprite-0001.png")), expected[1])
+    assert np.array_equal(np.load(out / "samples.npy"), expected)
     # a rerun replaces its own folder; a folder with other files (a DVC output) is refused
     assert vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out).returncode == 0
     assert len(list(out.glob("sprite-*.png"))) == 1
-    (out / "samples.npy").write_bytes(b"x")
+    (out / "strip.png").write_bytes(b"x")  # as in samples/, the sample stage's output
     p = vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out)
-    assert p.returncode == 2 and "did not write" in p.stderr and (out / "samples.npy").exists()
+    assert p.returncode == 2 and "did not write" in p.stderr and (out / "strip.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -106,21 +106,13 @@ class Sprites:
 
     def encode(self, images: np.ndarray, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
         """Latents z_1 (n, 3, H, W) of sprites (n, H, W, 3) uint8 by the probability-flow ODE."""
-        sampler = sampler or INTERPOLATE_DEFAULTS["sampler"]
-        steps = INTERPOLATE_DEFAULTS["steps"] if steps is None else steps
-        check_sampling(sampler, steps, INTERPOLATE_DEFAULTS["spacing"])
-        if sampler == "ancestral":
-            raise UserError("encoding needs a deterministic sampler: use ddim or dpmpp_2m")
+        sampler, steps = _ode_settings(sampler, steps)
         x = self._check_sprites(images)
         return samplers.encode(self.model, x, steps, sampler, INTERPOLATE_DEFAULTS["spacing"])
 
     def decode(self, latents: torch.Tensor, steps: int | None = None, sampler: str | None = None) -> np.ndarray:
         """Sprites (n, H, W, 3) uint8 from latents z_1, the probability-flow ODE run back."""
-        sampler = sampler or INTERPOLATE_DEFAULTS["sampler"]
-        steps = INTERPOLATE_DEFAULTS["steps"] if steps is None else steps
-        check_sampling(sampler, steps, INTERPOLATE_DEFAULTS["spacing"])
-        if sampler == "ancestral":
-            raise UserError("decoding latents needs a deterministic sampler: use ddim or dpmpp_2m")
+        sampler, steps = _ode_settings(sampler, steps)
         x, _ = samplers.sample(
             self.model,
             latents.shape[0],
@@ -148,6 +140,16 @@ class Sprites:
         return self.decode(slerp(z[0], z[1], w), steps, sampler)
 
 
+def _ode_settings(sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """The sampler and step count of encode/decode: defaults filled in, checked, deterministic only."""
+    sampler = sampler or INTERPOLATE_DEFAULTS["sampler"]
+    steps = INTERPOLATE_DEFAULTS["steps"] if steps is None else steps
+    check_sampling(sampler, steps, INTERPOLATE_DEFAULTS["spacing"])
+    if sampler == "ancestral":
+        raise UserError("the probability-flow ODE needs a deterministic sampler: use ddim or dpmpp_2m")
+    return sampler, steps
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between tensors a and b (same shape) at weights w (k,): (k, *a.shape)."""
     fa, fb = a.flatten().double(), b.flatten().double()
@@ -161,6 +163,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.to(a.dtype).view(-1, *a.shape)
 
 
+SEED_LIMIT = 2**63  # seeds 0 .. 2**63 - 1, as params.yaml's seeds: what torch's and numpy's generators take
+
+
 def sprite_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
     """The random stream of sprite k of `seed`: independent streams from one seed (numpy's SeedSequence)."""
     state = np.random.SeedSequence([seed, k]).generate_state(2, np.uint32)
@@ -168,7 +173,7 @@ def sprite_generator(seed: int, k: int, device: torch.device) -> torch.Generator
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise UserError(f"seed = {seed!r}: give a whole number from 0 to 2**63 - 1")
     return seed
 

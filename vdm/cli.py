@@ -10,7 +10,6 @@ Bad input (a missing model, damaged weights, a bad count or sampler) prints one 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -19,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vdm.api import INTERPOLATE_DEFAULTS, SAMPLE_DEFAULTS
+from vdm.api import INTERPOLATE_DEFAULTS, SAMPLE_DEFAULTS, SEED_LIMIT
 from vdm.errors import UserError
 from vdm.samplers import SAMPLERS, SPACINGS
 
 # What `vdm generate` writes into --out; a folder holding anything else is not replaced.
-GENERATED = ("sprite-", "grid.png", "info.json")
+GENERATED = ("sprite-", "samples.npy", "grid.png", "info.json")
 
 
 def _positive(text: str) -> int:
@@ -42,7 +41,7 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**63:
+    if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63 - 1")
     return value
 
@@ -73,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
         "generate",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="new sprites as PNGs and a grid",
-        description="Generate new sprites: OUT/sprite-0000.png ..., OUT/grid.png and OUT/info.json "
+        description="Generate new sprites: OUT/sprite-0000.png ..., OUT/samples.npy, OUT/grid.png and OUT/info.json "
         "(the settings and the time). The same seed and settings give the same sprites on the same device.",
     )
     _model_options(g)
@@ -139,9 +138,8 @@ def _check_out_dir(out: Path) -> None:
 
 def cmd_generate(args) -> None:
     from vdm.api import load
-    from vdm.atomic import atomic_dir
-    from vdm.images import image_grid, png_bytes
     from vdm.progress import Progress
+    from vdm.sampling import write_samples
 
     out = Path(args.out)
     _check_out_dir(out)
@@ -154,24 +152,19 @@ def cmd_generate(args) -> None:
     seconds = time.perf_counter() - t0
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(out) as tmp:
-        for k, img in enumerate(sprites):
-            (tmp / f"sprite-{k:04d}.png").write_bytes(png_bytes(img))
-        ncol = math.ceil(math.sqrt(min(64, len(sprites))))
-        (tmp / "grid.png").write_bytes(png_bytes(image_grid(sprites[:64], ncol=ncol)))
-        info = dict(
-            model=str(Path(args.model).resolve().name),
-            weights=args.weights,
-            n=args.n,
-            seed=args.seed,
-            steps=args.steps,
-            sampler=args.sampler,
-            spacing=args.spacing,
-            device=str(model.device),
-            seconds=round(seconds, 2),
-            img_per_s=round(args.n / seconds, 3),
-        )
-        (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    info = dict(
+        model=str(Path(args.model).resolve().name),
+        weights=args.weights,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        sampler=args.sampler,
+        spacing=args.spacing,
+        device=str(model.device),
+        seconds=round(seconds, 2),
+        img_per_s=round(args.n / seconds, 3),
+    )
+    write_samples(out, sprites, None, info, prefix="sprite-")
     print(f"{args.n} sprites in {seconds:.1f} s -> {out}/ (grid.png, sprite-0000.png ...)")
 
 

@@ -77,12 +77,15 @@ def generate(
     return np.concatenate(out), strip, time.perf_counter() - t0
 
 
-def write_samples(out_dir: str | Path, samples: np.ndarray, strip: np.ndarray | None, info: dict) -> None:
+def write_samples(
+    out_dir: str | Path, samples: np.ndarray, strip: np.ndarray | None, info: dict, prefix: str = "sample-"
+) -> None:
+    """out_dir replaced whole: PREFIX0000.png ..., samples.npy, grid.png (the first 64), strip.png, info.json."""
     import json
 
     with atomic_dir(out_dir) as tmp:
         for i, img in enumerate(samples):
-            (tmp / f"sample-{i:04d}.png").write_bytes(png_bytes(img))
+            (tmp / f"{prefix}{i:04d}.png").write_bytes(png_bytes(img))
         np.save(tmp / "samples.npy", samples, allow_pickle=False)
         ncol = int(math.ceil(math.sqrt(min(64, len(samples)))))
         (tmp / "grid.png").write_bytes(png_bytes(image_grid(samples[:64], ncol=ncol)))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vdm.api import Sprites
+from vdm.api import SEED_LIMIT, Sprites
 from vdm.images import image_grid, png_bytes
 
 
@@ -104,7 +104,7 @@ def create_app(model: Sprites, limits: Limits = Limits()):
     app = FastAPI(title="vdm-pokemon", description="New Pokémon sprites from a Variational Diffusion Model")
     app.state.drawer = drawer
 
-    Seed = Query(0, ge=0, le=2**63 - 1, description="random seed")
+    Seed = Query(0, ge=0, le=SEED_LIMIT - 1, description="random seed")
     Count = Query(4, ge=1, le=limits.max_count, description="sprites")
     Steps = Query(limits.default_steps, ge=1, le=limits.max_steps, description="network evaluations per sprite")
 
