@@ -49,6 +49,7 @@ BASE_PARAMS = {
         "x_skip_noise": 0.02,
         "loss_weighting": "sigmoid",
         "sigmoid_bias": -2.0,
+        "self_condition": False,
         "seed": 0,
     },
     "train": {

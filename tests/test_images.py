@@ -1,9 +1,10 @@
+import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from tests.helpers import image_bytes, solid
 from vdm import images
@@ -133,3 +134,25 @@ def test_image_grid_tiles_in_order():
     g = image_grid(ims, ncol=3, pad=1)
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
     assert g[1, 1, 0] == 0 and g[1, 6, 0] == 1 and g[6, 1, 0] == 3 and g[6, 6, 0] == 4 and g[6, 11, 0] == 255
+
+
+@pytest.mark.parametrize("side", [1025, 4096])
+def test_a_small_file_declaring_a_large_canvas_is_refused_before_decoding(side, monkeypatch):
+    buf = io.BytesIO()
+    Image.new("P", (side, side)).save(buf, "PNG")  # a few KB that would decode to side^2 pixels
+    assert len(buf.getvalue()) < 10_000
+
+    def never(*a, **k):
+        raise AssertionError("decoded a file over the pixel cap")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", never)  # what decoding the pixels would call
+    monkeypatch.setattr(images, "to_canvas", never)
+    d = decode(buf.getvalue(), 96)
+    assert d.reason == images.TOO_LARGE and f"{side}x{side}" in d.detail
+
+
+def test_the_largest_allowed_canvas_still_decodes():
+    buf = io.BytesIO()
+    Image.new("RGBA", (1024, 1024), (0, 0, 0, 255)).save(buf, "PNG")
+    d = decode(buf.getvalue(), 96)
+    assert d.reason is None and d.pixels.shape == (96, 96, 3) and d.pixels.max() == 0

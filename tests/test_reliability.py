@@ -664,6 +664,149 @@ def test_a_full_disk_is_one_clear_line_from_the_stage(tmp_path, checkpointed, mo
     assert tree(proj) == before
 
 
+# --- 7b. outputs that change together ------------------------------------------------------------
+
+OUTPUTS = (
+    "models/model.pt",
+    "models/config.json",
+    "plots/samples/step-000002.png",
+    "plots/train.csv",
+    "metrics/train.json",
+)
+
+
+def _commit_outputs(root: Path, version: str) -> None:
+    """The train stage's commit, with each output's content naming its run."""
+    with vdm.atomic.Commit(vdm.atomic.journal_for(root / "models")) as c:
+        m = c.dir(root / "models")
+        (m / "model.pt").write_text(version)
+        (m / "config.json").write_text(version)
+        (c.dir(root / "plots/samples") / "step-000002.png").write_text(version)
+        c.file(root / "plots/train.csv").write_text(version)
+        vdm.atomic.write_json(c.file(root / "metrics/train.json"), version)
+
+
+def _versions(root: Path) -> set[str]:
+    """Which runs the outputs come from ({"old"}, {"new"}, or a mix); "missing" for one that is not there."""
+    found = set()
+    for rel in OUTPUTS:
+        p = root / rel
+        found.add(p.read_text().strip().strip('"') if p.is_file() else "missing")
+    return found
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob(".*"))
+
+
+def _count_renames(tmp_path: Path, monkeypatch) -> int:
+    calls = []
+    real = os.replace
+    _commit_outputs(tmp_path / "count", "old")
+    with monkeypatch.context() as m:
+        m.setattr(vdm.atomic.os, "replace", lambda a, b: (calls.append(1), real(a, b)))
+        _commit_outputs(tmp_path / "count", "new")
+    return len(calls)
+
+
+def test_a_commit_failing_at_any_rename_leaves_every_output_as_it_was(tmp_path, monkeypatch):
+    """The disk or the file system refuses the k-th rename of the commit (the journal's, each
+    output's move aside, each new output's move into place), for every k."""
+    renames = _count_renames(tmp_path, monkeypatch)
+    assert renames == 1 + 1 + 2 * 4  # metrics' own atomic write, the journal; aside and place for the 4 outputs
+    real = os.replace
+    for k in range(renames):
+        root = tmp_path / f"fail-{k}"
+        _commit_outputs(root, "old")
+        calls = []
+
+        def flaky(a, b, calls=calls, k=k):
+            calls.append(1)
+            if len(calls) == k + 1:
+                raise OSError(errno.EIO, "injected", str(b))
+            return real(a, b)
+
+        with monkeypatch.context() as m:
+            m.setattr(vdm.atomic.os, "replace", flaky)
+            with pytest.raises((OSError, UserError)) as e:  # OSError: a staged write (the body of the commit)
+                _commit_outputs(root, "new")
+        assert isinstance(e.value, OSError) or "every output is as it was before this run" in str(e.value)
+        assert _versions(root) == {"old"}, k
+        assert _leftovers(root) == [], k
+        _commit_outputs(root, "newer")  # and the next run works
+        assert _versions(root) == {"newer"} and _leftovers(root) == []
+
+
+KILL_AT_RENAME = """
+import os
+from pathlib import Path
+import vdm.atomic
+real, calls = os.replace, []
+def kill(a, b):
+    calls.append(1)
+    if len(calls) == K + 1:
+        os._exit(9)
+    return real(a, b)
+vdm.atomic.os.replace = kill
+"""
+
+
+def test_a_commit_killed_at_any_rename_ends_all_old_or_all_new(tmp_path, monkeypatch):
+    """SIGKILL-like exits (os._exit: no cleanup runs) at each rename of the commit. The next
+    start recovers: all outputs are then from one run, and the run after leaves no temporary or
+    .old file behind."""
+    import inspect
+
+    renames = _count_renames(tmp_path, monkeypatch)
+    commit = inspect.getsource(_commit_outputs)  # the same commit, in a process of its own
+    seen = Counter()
+    for k in range(renames):
+        root = tmp_path / f"kill-{k}"
+        _commit_outputs(root, "old")
+        code = subprocess.run(
+            [sys.executable, "-c", f"K = {k}\n{KILL_AT_RENAME}{commit}\n_commit_outputs(Path({str(root)!r}), 'new')"],
+            cwd=ROOT,
+        ).returncode
+        assert code == 9
+        vdm.atomic.recover(vdm.atomic.journal_for(root / "models"))  # what the stage does first
+        versions = _versions(root)
+        assert versions in ({"old"}, {"new"}), (k, versions)
+        seen[versions.pop()] += 1
+        _commit_outputs(root, "newer")
+        assert _versions(root) == {"newer"} and _leftovers(root) == [], k
+    # only a kill before the journal is in place (at the staged metrics' own write or the
+    # journal's rename) loses the run
+    assert seen["old"] == 2 and seen["new"] == renames - 2
+
+
+def test_the_train_stage_commits_its_outputs_together(tmp_path, checkpointed, monkeypatch, capsys):
+    """The train stage resumes (step 4 of 6) and the rename that places metrics/train.json fails:
+    one line, models/, plots/ and metrics/ are all still the previous run's, the checkpoint is
+    kept, and the rerun writes them all, leaving nothing staged or moved aside."""
+    proj = copy_of(checkpointed, tmp_path / "p")
+    before = tree(proj)
+    real = os.replace
+
+    def refuse_metrics(a, b):
+        if str(b).endswith("metrics/train.json") and ".tmp" in str(a):
+            raise OSError(errno.EIO, "injected", str(b))
+        return real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(vdm.atomic.os, "replace", refuse_metrics)
+        code, err = run_stage("train", proj, monkeypatch, capsys)
+    assert code != 0 and "Traceback" not in err
+    assert tree(proj) == before
+    assert err.splitlines()[-1].startswith("error: could not move the new outputs into place (injected")
+    code, err = run_stage("train", proj, monkeypatch, capsys)
+    assert code == 0, err
+    after = tree(proj)
+    kept = {k for k in before if not k.startswith("checkpoints/")}  # the rerun's checkpoint is removed at the end
+    assert {k for k in after if not k.startswith("checkpoints/")} == kept  # nothing staged or moved aside is left
+    # the same run resumed from the same checkpoint: the same weights, metrics and plots
+    assert all(after[k] == before[k] for k in kept if k != "metrics/train_perf.json")
+
+
 # --- 8. credentials ------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, key: str):
         self.dir, self.key = Path(directory), key
         self.path = self.dir / f"{key}.pt"
+        self.grids = self.dir / f"{key}-samples"  # the run's sample grids until they move to plots/samples
 
     def others(self) -> list[Path]:
         return sorted(p for p in self.dir.glob("*.pt") if p != self.path) if self.dir.is_dir() else []
@@ -139,14 +141,23 @@ class Checkpoints:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         checksum_path(self.path).unlink(missing_ok=True)
+        shutil.rmtree(self.grids, ignore_errors=True)
+
+
+def write_model(directory: Path, model: torch.nn.Module, ema: torch.nn.Module, config: dict) -> None:
+    """model.pt, ema.pt and config.json into an (empty, staged) directory."""
+    save(model.state_dict(), directory / "model.pt")
+    save(ema.state_dict(), directory / "ema.pt")
+    write_json(directory / "config.json", config)
 
 
 def save_model(models_dir: str | os.PathLike, model: torch.nn.Module, ema: torch.nn.Module, config: dict) -> None:
     """models/ is replaced whole: a failure (a full disk) leaves the previous model files intact and matching."""
     with atomic_dir(models_dir) as tmp:
-        save(model.state_dict(), tmp / "model.pt")
-        save(ema.state_dict(), tmp / "ema.pt")
-        write_json(tmp / "config.json", config)
+        write_model(tmp, model, ema, config)
+
+
+MODEL_KEYS_ADDED = {"self_condition": False}
 
 
 def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"):
@@ -159,7 +170,8 @@ def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | 
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path} not found: train a model first (`dvc repro train`)")
     config = json.loads(cfg_path.read_text())
-    model_params = parse_section(ModelParams, config["params"]["model"], "model")
+    # keys added to the model section since a model was saved take the behaviour from before them
+    model_params = parse_section(ModelParams, {**MODEL_KEYS_ADDED, **config["params"]["model"]}, "model")
     model = build_vdm(model_params, config["params"]["data"]["image_size"])
     fix = "Restore it with `dvc checkout models`, or retrain with `dvc repro -f train`"
     model.load_state_dict(load(d / f"{which}.pt", f"{which} weights", fix))

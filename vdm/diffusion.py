@@ -21,6 +21,13 @@ diffusion integrand weighted by w(gamma_t) = sigmoid(gamma_t + b) (Kingma & Gao,
 about 1 at low SNR and e^(gamma_t + b) at high SNR, which moves the network's effort from
 imperceptible high-SNR detail to the coarse structure that sampling needs first. The
 reported bits/dim (`Loss.total`, every metric) is always the unweighted bound.
+
+With self-conditioning (`self_condition: true`, Chen et al. 2022) the net also sees an earlier
+estimate of x: in training, for a random half of each batch, its own estimate from a first pass
+at the same z_t (without gradient; zeros for the other half); in sampling, the estimate of the
+previous step, so a colour or shape decided at high noise is carried forward instead of being
+read again from the noise. For the bound (eval mode) every image takes the two passes: the
+denoiser is still a function of z_t alone, so the bound stays a bound.
 """
 
 from __future__ import annotations
@@ -166,9 +173,34 @@ class VDM(nn.Module):
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
         self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
 
-    def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """The network's prediction of eps at (z_t, gamma_t), gamma of shape (B,)."""
-        out = self.net(z, gamma).float()
+    @property
+    def self_condition(self) -> bool:
+        return bool(getattr(self.net, "self_condition", False))
+
+    def x_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's estimate of the data at (z_t, gamma_t), not clipped."""
+        g = gamma.view(-1, 1, 1, 1)
+        return (z - torch.sqrt(torch.sigmoid(g)) * self.eps_hat(z, gamma, x_self)) / torch.sqrt(torch.sigmoid(-g))
+
+    def self_estimate(self, z: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """x_self for the loss: the first pass's clipped x_hat (no gradient) for a random half of the
+        batch in training, for all of it in eval mode; zeros elsewhere."""
+        x_self = torch.zeros_like(z)
+        b = z.shape[0]
+        if self.training:
+            idx = torch.randperm(b, generator=generator, device=generator.device if generator else "cpu")
+            idx = idx[: b // 2].to(z.device)
+        else:
+            idx = torch.arange(b, device=z.device)
+        if len(idx):
+            with torch.no_grad():
+                x_self[idx] = self.x_hat(z[idx], gamma[idx]).clamp(-1.0, 1.0)
+        return x_self
+
+    def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction of eps at (z_t, gamma_t), gamma of shape (B,); x_self the earlier
+        estimate of x for a self-conditioned net (None: zeros)."""
+        out = (self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)).float()
         if self.prediction == "eps":
             return out
         g = gamma.view(-1, 1, 1, 1)
@@ -213,7 +245,8 @@ class VDM(nn.Module):
         eps = torch.randn(f.shape, generator=generator, device=x.device)
         g = gamma_t.view(b, 1, 1, 1)
         z_t = torch.sqrt(torch.sigmoid(-g)) * f + torch.sqrt(torch.sigmoid(g)) * eps
-        eps_hat = self.eps_hat(z_t, gamma_t)
+        x_self = self.self_estimate(z_t, gamma_t.detach(), generator) if self.self_condition else None
+        eps_hat = self.eps_hat(z_t, gamma_t, x_self)
         sse = torch.square(eps - eps_hat).flatten(1).sum(1)
         if self.timesteps:
             gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, box)
@@ -415,6 +448,7 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
                 gamma_min=model.gamma_min,
                 gamma_max=model.gamma_max,
                 checkpointing=model.checkpointing,
+                self_condition=model.self_condition,
             )
         except ValueError as e:
             raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None

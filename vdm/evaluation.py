@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vdm.atomic import atomic_dir, write_json
+from vdm.atomic import Commit, journal_for, recover, write_json
 from vdm.checkpoint import load_model
 from vdm.data import load_split, to_nchw
 from vdm.devices import resolve_device
@@ -150,6 +150,7 @@ def evaluate(
 ) -> dict:
     """Test bits/dim (EMA), FID/KID/IS where weights exist, memorisation; writes eval.json and closest pairs."""
     device = resolve_device(ep.device, "evaluate.device")
+    recover(journal_for(out_dir))  # an interrupted run's outputs: finish moving them into place first
     model, _ = load_model(models, "ema", device)
     test, train = load_split(processed, "test"), load_split(processed, "train")
     samples_path = Path(samples_dir) / "samples.npy"
@@ -193,9 +194,11 @@ def evaluate(
         "sample_device": info["device"],
     }
     order = np.argsort(mem["ratio"])[: ep.closest_pairs]
-    with atomic_dir(out_dir) as tmp:
+    out_dir, metrics_path = Path(out_dir), Path(metrics_path)
+    with Commit(journal_for(out_dir)) as c:  # eval/ and the metrics together
+        tmp = c.dir(out_dir)
         if len(order):
             pairs = np.stack([im for i in order for im in (samples[i], np.asarray(train[mem["i_train"][i]]))])
             (tmp / "closest_pairs.png").write_bytes(png_bytes(image_grid(pairs, ncol=2)))
-    write_json(metrics_path, result)
+        write_json(c.file(metrics_path), result)
     return result

@@ -125,6 +125,7 @@ class ModelParams:
     x_skip_noise: float  # prediction x: below this noise-to-signal ratio x_hat defaults to z_t / alpha_t
     loss_weighting: typing.Literal["elbo", "sigmoid", "edm"]  # weighting of the diffusion term the net trains on
     sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
+    self_condition: bool  # the net also sees its previous estimate of x (see vdm/diffusion.py)
     seed: int  # weight initialisation
 
     def check(self, p: str) -> None:

@@ -61,12 +61,18 @@ def randn(shape, generator: torch.Generator | list[torch.Generator] | None, devi
 
 
 def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
-    """x_hat(z, gamma) of a VDM, whatever the net predicts."""
+    """x_hat(z, gamma) of a VDM, whatever the net predicts. A self-conditioned net sees the
+    previous call's estimate (clipped to [-1, 1]; zeros on the first call): make one denoiser per
+    walk."""
+    previous: list[torch.Tensor] = []
 
     def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = _alpha_sigma(gamma.view(-1, 1, 1, 1))
-        x_hat = (z - sigma * model.eps_hat(z, gamma)) / alpha
-        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+        if not model.self_condition:
+            x_hat = model.x_hat(z, gamma)
+            return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+        x_hat = model.x_hat(z, gamma, previous[0] if previous else None)
+        previous[:] = [x_hat.clamp(-1.0, 1.0)]
+        return previous[0] if clip else x_hat
 
     return denoise
 

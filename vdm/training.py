@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vdm import checkpoint as ckpt
-from vdm.atomic import write_bytes, write_json
+from vdm.atomic import Commit, journal_for, recover, write_bytes, write_json
 from vdm.data import StepBatches, batch_loader, hflip_half, load_split, to_nchw
 from vdm.devices import resolve_device
 from vdm.diffusion import VDM, build_vdm, estimate_bpd, fit_gamma_0
@@ -92,6 +93,11 @@ class Outputs:
     metrics: Path = Path("metrics")
     plots: Path = Path("plots")
     checkpoints: Path = Path("checkpoints")
+
+    @property
+    def journal(self) -> Path:
+        """The commit journal of the outputs above (see vdm/atomic.py: Commit)."""
+        return journal_for(self.models)
 
 
 @dataclass
@@ -219,6 +225,8 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
 
     key = ckpt.config_hash(params, processed)
     store = ckpt.Checkpoints(out.checkpoints, key)
+    if d.main and recover(out.journal):
+        print(f"train: finished moving the outputs of an interrupted run into place ({out.journal})", file=sys.stderr)
     model, ema, opt, sched = build_training(params, device)
 
     state = State()
@@ -232,6 +240,7 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
         if d.main:
             print(f"train: resuming from {store.path} at step {state.step}/{tp.steps}", file=sys.stderr)
     elif d.main:
+        shutil.rmtree(store.grids, ignore_errors=True)  # grids of an abandoned run of this config
         others = store.others()
         note = f" ({len(others)} checkpoint(s) of other configs left untouched in {out.checkpoints}/)" if others else ""
         print(f"train: no checkpoint for this config ({key}); starting fresh{note}", file=sys.stderr)
@@ -293,7 +302,7 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
     def sample(step: int):
         ema.module.eval()
         grid = _sample_grid(ema.module, tp.sample_count, tp.sample_steps, tp.seed, device)
-        write_bytes(out.plots / "samples" / f"step-{step:06d}.png", png_bytes(grid))
+        write_bytes(store.grids / f"step-{step:06d}.png", png_bytes(grid))
         tracker.image("samples", grid, step, caption=f"EMA, step {step}, T={tp.sample_steps}")
 
     t_start, images_seen = time.perf_counter(), 0
@@ -389,11 +398,15 @@ def _train(params: Params, tp, size: int, processed: Path, out: Outputs, d: Dist
             "processes": d.world,
             "steps_this_run": images_seen // max(1, tp.batch_size * d.world),
         }
-        ckpt.save_model(out.models, model, ema.module, {**config, "steps": tp.steps})
-        write_csv(out.plots / "train.csv", state.train_rows)
-        write_csv(out.plots / "val.csv", state.val_rows)
-        write_json(out.metrics / "train.json", result)
-        write_json(out.metrics / "train_perf.json", perf)
+        with Commit(out.journal) as c:  # all of the outputs from this run, or (on a failure) none
+            ckpt.write_model(c.dir(out.models), model, ema.module, {**config, "steps": tp.steps})
+            grids = c.dir(out.plots / "samples")
+            for f in sorted(store.grids.glob("step-*.png")):
+                shutil.copyfile(f, grids / f.name)
+            write_csv(c.file(out.plots / "train.csv"), state.train_rows)
+            write_csv(c.file(out.plots / "val.csv"), state.val_rows)
+            write_json(c.file(out.metrics / "train.json"), result)
+            write_json(c.file(out.metrics / "train_perf.json"), perf)
         tracker.log({"final/" + k: v for k, v in result.items() if isinstance(v, (int, float))}, tp.steps)
         store.remove()
         result = {**result, **perf}

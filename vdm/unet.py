@@ -1,6 +1,7 @@
 """The score network: a UNet that predicts eps from (z_t, gamma_t).
 
     z_t ─ Fourier features (sin/cos of 2^n * 2pi * z_t, concatenated to z_t)
+        [─ with self-conditioning: the previous estimate of x concatenated too]
         ─ space-to-depth stem (patch p: p x p pixels -> one position with p*p times the channels)
         ─ down levels (res blocks [+ attention], stride-2 conv) ─ middle (res, attn, res)
         ─ up levels (res blocks on skip concatenations [+ attention], nearest upsample + conv)
@@ -108,15 +109,16 @@ class UNet(nn.Module):
         gamma_max: float = 5.0,
         in_channels: int = 3,
         checkpointing: bool = False,
+        self_condition: bool = False,
     ):
         super().__init__()
-        self.checkpointing = checkpointing
+        self.checkpointing, self.self_condition = checkpointing, self_condition
         check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
         self.patch, self.fourier, self.image_size = patch_size, (fourier_min, fourier_max), image_size
         self.gamma_range = (gamma_min, gamma_max)
         self.emb_dim = channels
         n_fourier = max(0, fourier_max - fourier_min + 1)
-        c_stem = in_channels * (1 + 2 * n_fourier) * patch_size**2
+        c_stem = in_channels * (1 + 2 * n_fourier + (1 if self_condition else 0)) * patch_size**2
         self.emb_mlp = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
         )
@@ -166,9 +168,13 @@ class UNet(nn.Module):
             return torch.utils.checkpoint.checkpoint(m, *args, use_reentrant=False)
         return m(*args)
 
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (or v, or x) at (z_t, gamma_t); x_self: the previous estimate of x in [-1, 1] (self-
+        conditioning; zeros when there is none yet), ignored by a net built without it."""
         emb = self.emb_mlp(gamma_embedding(gamma, self.emb_dim, *self.gamma_range))
         h = fourier_features(z, *self.fourier)
+        if self.self_condition:
+            h = torch.cat([h, torch.zeros_like(z) if x_self is None else x_self.to(z.dtype)], dim=1)
         if self.patch > 1:
             h = F.pixel_unshuffle(h, self.patch)
         h = self.stem(h)
