@@ -103,10 +103,14 @@ def test_smoke_preset_runs_the_whole_pipeline_in_a_temporary_copy(pipeline):
     experiment, the workspace's outputs untouched; `dvc exp show` filters and exports it."""
     proj = pipeline.proj
     before = {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")}
+    runs = set((proj / "wandb").glob("offline-run-*"))
     run = pipeline.run([sys.executable, "-m", "stages.preset", "smoke", "--", "--temp"])
     for stage in ("download", "preprocess", "train", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in run.stdout
     assert {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")} == before
+    # its W&B run outlives the temporary copy DVC ran it in: it is in the repository's wandb/
+    (new,) = set((proj / "wandb").glob("offline-run-*")) - runs
+    assert list(new.glob("*.wandb")) and b"smoke" in b"".join(f.read_bytes() for f in new.rglob("*") if f.is_file())
     table = pipeline.run(
         ["dvc", "exp", "show", "--no-pager", "--csv", "--drop", ".*", "--keep", r"^(Experiment|test_bpd|train\.steps)$"]
     ).stdout

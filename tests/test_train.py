@@ -221,3 +221,13 @@ def test_likelihood_preset_is_the_papers_objective_and_valid(monkeypatch):
     sets = dict(a.split("=", 1) for a in cmd[6::2])
     assert sets["model.loss_weighting"] == '"elbo"' and sets["model.prediction"] == '"eps"'
     assert sets["model.fourier_min"] == "6" and sets["model.fourier_max"] == "8"
+
+
+def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path):
+    from vdm.tracking import wandb_root
+
+    repo = tmp_path / "repo"
+    assert wandb_root(repo) == repo.resolve()
+    assert wandb_root(repo / ".dvc/tmp/exps/tmpab12cd") == repo.resolve()  # dvc exp run --temp
+    assert wandb_root(repo / ".dvc/tmp/exps/run/abc123/sub") == repo.resolve()  # a queued experiment
+    assert wandb_root(repo / "exps") == (repo / "exps").resolve()

@@ -3,7 +3,8 @@
 wandb modes: `offline` (no account needed; `wandb sync wandb/offline-run-*` uploads later),
 `online` (needs WANDB_API_KEY in the environment: it is read from there only and never
 written by this project), `disabled` (tests). The run is named after the DVC experiment
-(DVC_EXP_NAME, set by `dvc exp run`) or, for `dvc repro`, after the config hash.
+(DVC_EXP_NAME, set by `dvc exp run`) or, for `dvc repro`, after the config hash. Runs land in
+the repository's wandb/, also those of experiments DVC runs in a temporary copy (see wandb_root).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +45,18 @@ def check_wandb_environment(mode: str) -> None:
             ) from None
 
 
+def wandb_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The folder whose wandb/ receives the runs: the working directory, except in the temporary
+    copy of the repository that DVC runs an experiment in (`dvc exp run --temp` and queued
+    experiments: <repo>/.dvc/tmp/exps/...), which DVC deletes afterwards: there, the repository's own."""
+    cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
 def run_name(config_key: str) -> str:
     return os.environ.get("DVC_EXP_NAME") or f"repro-{config_key[:8]}"
 
@@ -57,7 +71,12 @@ class Tracker:
 
         self._wandb = wandb
         self.run = wandb.init(
-            project="vdm-pokemon", name=name, mode=mode, config=config, dir=".", settings=wandb.Settings(console="off")
+            project="vdm-pokemon",
+            name=name,
+            mode=mode,
+            config=config,
+            dir=str(wandb_root()),
+            settings=wandb.Settings(console="off"),
         )
 
     def log(self, metrics: dict, step: int) -> None:
