@@ -1,3 +1,4 @@
+import io
 import os
 import tarfile
 import zipfile
@@ -103,7 +104,51 @@ def test_zip_bomb_is_stopped_at_the_size_cap(tmp_path, dest):
 
 def test_file_count_cap(tmp_path, dest):
     z = make_zip(tmp_path / "many.zip", {f"{i}.png": b"x" for i in range(101)})
-    assert_refused_and_nothing_written(z, dest, tmp_path, "more than 100 files")
+    assert_refused_and_nothing_written(z, dest, tmp_path, "more than 100 entries")
+
+
+def _tar_of(path, members):
+    """A .tar.gz of (name, kind) members: 'dir', 'link' (to a sibling) or 'file' (one byte)."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            elif kind == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, "x.png"
+                tf.addfile(info)
+            else:
+                info.size = 1
+                tf.addfile(info, io.BytesIO(b"x"))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dir", "link"])
+def test_entries_that_write_no_file_count_too(tmp_path, dest, kind):
+    """A tar of 101 empty folders or in-tree links: nothing selected to write, yet each is an
+    entry to read and keep in memory; the cap counts them."""
+    t = _tar_of(tmp_path / f"{kind}s.tar.gz", [(f"d{i}", kind) for i in range(101)])
+    assert_refused_and_nothing_written(t, dest, tmp_path, "more than 100 entries")
+
+
+def test_folders_that_extraction_creates_count_too(tmp_path, dest):
+    """60 files, each in its own folder: 120 entries for a cap of 100."""
+    z = make_zip(tmp_path / "spread.zip", {f"f{i}/x.png": b"x" for i in range(60)})
+    assert_refused_and_nothing_written(z, dest, tmp_path, "more than 100 entries")
+    ok = make_zip(tmp_path / "ok.zip", {f"f{i}/x.png": b"x" for i in range(40)})
+    assert safe_extract(ok, dest, **CAPS).files == 40
+
+
+def test_a_path_too_deep_or_a_name_too_long_is_refused(tmp_path, dest):
+    deep = make_zip(tmp_path / "deep.zip", {"/".join(["d"] * 40) + "/x.png": b"x"})
+    assert_refused_and_nothing_written(deep, dest, tmp_path, "41 levels deep")
+    long = _tar_of(tmp_path / "long.tar.gz", [("a/" + "n" * 300 + ".png", "file")])
+    assert_refused_and_nothing_written(long, dest, tmp_path, "304 bytes long")
+    src = tmp_path / "folder"
+    (src / "/".join(["d"] * 33)).mkdir(parents=True)
+    with pytest.raises(UnsafeArchive, match="33 levels deep"):
+        copy_tree(src, tmp_path / "copy", **CAPS)
 
 
 def test_corrupt_archive_is_a_clear_error(tmp_path, dest):

@@ -2,7 +2,9 @@
 
 Refused (the whole archive, with a message naming the member): absolute paths, `..`
 components, drive letters, links whose target leaves the destination, device files,
-and archives over the file-count or total-size caps. Sizes are counted as bytes are
+paths more than 32 folders deep or with a name over 255 bytes, and archives over the
+entry-count or total-size caps (entries: every member, folder and link, and every folder
+extraction creates; bytes: what is written, plus a tar's headers and a zip's directory). Sizes are counted as bytes are
 actually written, so a zip whose headers lie about sizes cannot exceed the cap.
 Links that stay inside are skipped (sprites are regular files). Extraction goes to
 a temporary directory and is moved into place only when complete.
@@ -33,6 +35,8 @@ from vdm.errors import UnsafeArchive, UserError
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _CHUNK = 1 << 20
 _MAX_LINK = 4096  # bytes of a zip symlink's target that are read (PATH_MAX)
+MAX_DEPTH = 32  # levels (folders and the file) in a member's path: a sprite dataset has a few
+MAX_NAME = 255  # bytes in one name (the usual file-system limit, NAME_MAX)
 
 # select(name) -> new relative name, or None to leave the member out
 Selector = Callable[[str], "str | None"]
@@ -73,35 +77,78 @@ def _check_link(name: str, target: str, archive: object, hard: bool = False) -> 
 
 
 class _Budget:
+    """The caps, counted on everything an archive or folder holds: every member or entry (files,
+    folders, links, the ones left out), the folders extraction creates, the bytes written and read
+    (a tar's headers included), the depth of every path and the length of every name in it."""
+
     def __init__(self, archive: object, max_files: int, max_bytes: int):
         self.archive, self.max_files, self.max_bytes = archive, max_files, max_bytes
         self.stats = ExtractStats()
+        self.entries, self.total = 0, 0
+        self.made: set[Path] = set()
+
+    def entry(self, rel: str, header_bytes: int = 0) -> None:
+        """One member (or folder entry) seen, whatever it is and whether it is kept."""
+        self.entries += 1
+        if self.entries > self.max_files:
+            raise UnsafeArchive(
+                f"{self.archive}: more than {self.max_files} entries (files, folders and links); refusing "
+                "(raise data.limits.max_files if this archive is trusted)"
+            )
+        parts = rel.split("/") if rel else []
+        if len(parts) > MAX_DEPTH:
+            raise UnsafeArchive(
+                f"{self.archive}: {rel[:80]!r}... is {len(parts)} levels deep (at most {MAX_DEPTH}); refusing"
+            )
+        long = [p for p in parts if len(os.fsencode(p)) > MAX_NAME]
+        if long:
+            raise UnsafeArchive(
+                f"{self.archive}: a name in {rel[:80]!r}... is {len(os.fsencode(long[0]))} bytes long "
+                f"(at most {MAX_NAME}); refusing"
+            )
+        self.add_bytes(header_bytes)
+
+    def add_bytes(self, n: int, written: bool = False) -> None:
+        """n bytes read (headers, link targets, padding) or, with `written`, written: both count."""
+        self.total += n
+        if written:
+            self.stats.bytes += n
+        if self.total > self.max_bytes:
+            raise UnsafeArchive(
+                f"{self.archive}: unpacks to more than {self.max_bytes // 2**20} MB; refusing "
+                "(a zip bomb? raise data.limits.max_mb if this archive is trusted)"
+            )
 
     def add_file(self) -> None:
         self.stats.files += 1
-        if self.stats.files > self.max_files:
-            raise UnsafeArchive(
-                f"{self.archive}: more than {self.max_files} files; refusing (raise data.limits.max_files "
-                "if this archive is trusted)"
-            )
+
+    def _make_parents(self, dst: Path) -> None:
+        new = []
+        for d in dst.parents:
+            if d in self.made or d.is_dir():
+                break
+            new.append(d)
+        for _ in new:  # folders extraction creates count as entries too
+            self.entry("")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.made.update(new)
 
     def copy(self, src, dst: Path) -> None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        self._make_parents(dst)
         with open(dst, "wb") as out:
             while chunk := src.read(_CHUNK):
-                self.stats.bytes += len(chunk)
-                if self.stats.bytes > self.max_bytes:
-                    raise UnsafeArchive(
-                        f"{self.archive}: unpacks to more than {self.max_bytes // 2**20} MB; refusing "
-                        "(a zip bomb? raise data.limits.max_mb if this archive is trusted)"
-                    )
+                self.add_bytes(len(chunk), written=True)
                 out.write(chunk)
 
 
 def _extract_zip(archive: Path, dest: Path, select: Selector, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > budget.max_files:  # the central directory says so: refuse before reading any
+            budget.entries = len(infos) - 1
+        for info in infos:
             rel = safe_relpath(info.filename, archive)
+            budget.entry(rel, len(info.filename) + 46)  # a central-directory record
             mode = (info.external_attr >> 16) & 0o170000
             if mode == 0o120000:  # a symlink stored in a zip: its data is the target
                 with zf.open(info) as f:
@@ -111,7 +158,7 @@ def _extract_zip(archive: Path, dest: Path, select: Selector, budget: _Budget) -
                         f"{archive}: member {info.filename!r} is a link whose target is longer than {_MAX_LINK} "
                         "bytes; refusing to extract this archive"
                     )
-                budget.stats.bytes += len(raw)
+                budget.add_bytes(len(raw))
                 _check_link(rel, raw.decode("utf-8", "replace"), archive)
                 budget.stats.skipped_links += 1
                 continue
@@ -132,6 +179,7 @@ def _extract_tar(archive: Path, dest: Path, select: Selector, budget: _Budget) -
         for m in tf:
             members += 1
             rel = safe_relpath(m.name, archive)
+            budget.entry(rel, tarfile.BLOCKSIZE)
             if m.issym() or m.islnk():
                 _check_link(rel, m.linkname, archive, hard=m.islnk())
                 budget.stats.skipped_links += 1
@@ -163,9 +211,7 @@ def _check_tar_end(tf: tarfile.TarFile, archive: Path, members: int, budget: _Bu
             "instead of the end-of-archive blocks; nothing was kept. Download it again"
         )
     while chunk := f.read(_CHUNK):  # padding after the end; bounded like the members
-        budget.stats.bytes += len(chunk)
-        if budget.stats.bytes > budget.max_bytes:
-            raise UnsafeArchive(f"{archive}: more than {budget.max_bytes // 2**20} MB of data; refusing")
+        budget.add_bytes(len(chunk))
 
 
 def safe_extract(
@@ -223,9 +269,12 @@ def copy_tree(
     with atomic_dir(dest) as tmp:
         for dirpath, dirnames, filenames in os.walk(src):
             dirnames.sort()
+            for name in dirnames:
+                budget.entry((Path(dirpath) / name).relative_to(src).as_posix())
             for fn in sorted(filenames):
                 p = Path(dirpath) / fn
                 rel = p.relative_to(src).as_posix()
+                budget.entry(rel)
                 if p.is_symlink():
                     if not p.resolve().is_relative_to(root):
                         raise UnsafeArchive(f"{src}: {rel} links outside the folder (to {os.readlink(p)}); refusing")
