@@ -175,3 +175,48 @@ def test_a_config_trained_before_comes_from_the_run_cache(pipeline):
     back = pipeline.run(["dvc", "repro", "train"])
     assert "Stage 'train' is cached - skipping run, checking out outputs" in back.stdout, back.stdout
     assert (proj / "models/ema.pt").read_bytes() == ema
+
+
+# Modules no stage's outputs can depend on: the package docstring, and the error classes (they
+# only word messages). Everything else a stage imports, at any depth, must be a dep in dvc.yaml.
+NOT_DEPS = {"vdm/__init__.py", "vdm/errors.py", "stages/__init__.py"}
+
+
+def _imported_modules(path):
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):  # module-level and function-local imports
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return names
+
+
+def import_closure(root, module):
+    """The project's .py files that `python -m module` can import, followed transitively."""
+    seen, todo = set(), [root / (module.replace(".", "/") + ".py")]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for name in _imported_modules(f):
+            p = root / (name.replace(".", "/") + ".py")
+            if name.split(".")[0] in ("vdm", "stages") and p.is_file():
+                todo.append(p)
+    return {p.relative_to(root).as_posix() for p in seen}
+
+
+def test_every_stage_lists_exactly_the_modules_it_imports_as_deps():
+    from tests.helpers import ROOT
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {"validate", "download", "preprocess", "train", "sample", "evaluate"}
+    for name, stage in stages.items():
+        module = stage["cmd"].removeprefix("python -m ")
+        needed = import_closure(ROOT, module) - NOT_DEPS
+        listed = {d for d in stage["deps"] if d.endswith(".py")}
+        assert not needed - listed, f"{name}: imports {sorted(needed - listed)}, not in its deps"
+        assert not listed - needed, f"{name}: lists {sorted(listed - needed)}, which it never imports"
