@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-requirements
 # Stage commands in dvc.yaml call `python`: make it this venv's.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro smoke test lint bench-data plots
+.PHONY: setup repro smoke test lint bench-data plots gpu-check
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,6 @@ lint: $(STAMP)
 
 bench-data: $(STAMP)  ## preprocess benchmark: 10,000 synthetic sprites
 	python benchmarks/preprocess.py
+
+gpu-check: $(STAMP)  ## on a CUDA machine: tests, benchmark, a 4-minute full-scale run -> reports/gpu-check (--tiny on a CPU)
+	python scripts/gpu_check.py --out reports/gpu-check
