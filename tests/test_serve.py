@@ -120,6 +120,9 @@ def test_requests_beyond_the_queue_get_503_and_late_ones_time_out(model_dir):
         assert all(h["retry-after"] == "5" for _, h, _ in results)
         status, _ = s.json("/api/sprites?seed=1&count=1&steps=2")  # still serving
         assert status == 200
+        _, health = s.json("/api/health")  # only the request that drew counts as served
+        timed_out = sum(b"timed out" in d for d in details)
+        assert health["served"] == 1 and health["timed_out"] == timed_out >= 1
     finally:
         s.stop()
 

@@ -59,7 +59,8 @@ class Drawer:
         self.lock = threading.Lock()
         self.pending = 0
         self.cache: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
-        self.served = 0
+        self.served = 0  # requests answered with sprites
+        self.timed_out = 0  # requests refused at their deadline (busy ones are refused before they count)
 
     def _draw(self, key: tuple, deadline: float) -> tuple[np.ndarray, float]:
         if key in self.cache:
@@ -89,11 +90,15 @@ class Drawer:
         try:
             deadline = time.monotonic() + self.limits.timeout
             fut = self.pool.submit(self._draw, (seed, count, steps), deadline)
-            return await asyncio.wrap_future(fut)
+            result = await asyncio.wrap_future(fut)
+        except Deadline:
+            self.timed_out += 1
+            raise
         finally:
             with self.lock:
                 self.pending -= 1
-            self.served += 1
+        self.served += 1
+        return result
 
 
 def create_app(model: Sprites, limits: Limits = Limits()):
@@ -136,6 +141,7 @@ def create_app(model: Sprites, limits: Limits = Limits()):
             "limits": {"max_count": limits.max_count, "max_steps": limits.max_steps, "timeout_s": limits.timeout},
             "waiting": drawer.pending,
             "served": drawer.served,
+            "timed_out": drawer.timed_out,
         }
 
     @app.get("/api/sprites")
