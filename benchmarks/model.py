@@ -5,7 +5,7 @@
     python benchmarks/model.py --list                # the rows and what they change
 
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
-(the real `vdm.training.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
+(the real `vdm.train_step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
 of timed steps after warm-up), model FLOPs per image (torch.utils.flop_counter, forward +
 backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process
 (fp32 on a CPU, bf16 on CUDA), sampler img/s at T=256 and T=64 (real ancestral sampling),
@@ -119,7 +119,9 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vdm.training import autocast_for, build_training, train_step
+    from vdm.runtime import autocast_for
+    from vdm.samplers import sample as draw
+    from vdm.train_step import build_training, train_step
 
     choices = ROWS[row]
     apply_naive(choices)
@@ -186,17 +188,12 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
             runs.insert(0, (256, sample_n))
         for t_steps, n in runs:
             with autocast_for(device):
-                net.sample(1, (3, size, size), 2, torch.Generator(device=device).manual_seed(0), device)  # warm-up
+                draw(net, 1, 2, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)  # warm-up
                 sync(device)
                 t0 = time.perf_counter()
-                net.sample(
-                    n,
-                    (3, size, size),
-                    t_steps,
-                    torch.Generator(device=device).manual_seed(0),
-                    device,
-                    batch_size=params.sample.batch_size,
-                )
+                gen, chunk = torch.Generator(device=device).manual_seed(0), params.sample.batch_size
+                for start in range(0, n, chunk):
+                    draw(net, min(chunk, n - start), t_steps, "ancestral", "t", gen, device)
                 sync(device)
             dt = time.perf_counter() - t0
             out[f"sample_t{t_steps}_n"] = n

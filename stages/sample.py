@@ -2,7 +2,7 @@
 
 from stages._cli import run
 from vdm.checkpoint import load_model
-from vdm.devices import resolve_device
+from vdm.runtime import resolve_device
 from vdm.params import load_params
 from vdm.sampling import generate, write_samples
 

@@ -21,7 +21,7 @@ TEXT = "params.yaml passed `python -m stages.validate` (this file never changes;
 
 def main() -> None:
     p = load_params()
-    from vdm.devices import resolve_device
+    from vdm.runtime import resolve_device
 
     resolve_device(p.train.device, "train.device")
     resolve_device(p.sample.device, "sample.device")

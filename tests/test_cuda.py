@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers import model_params
 from vdm.diffusion import build_vdm
-from vdm.training import autocast_for
+from vdm.runtime import autocast_for
 from vdm.unet import UNet
 
 CUDA = torch.cuda.is_available()

@@ -14,6 +14,7 @@ from vdm.diffusion import (
     log_prob_levels_full,
     window_half_width,
 )
+from vdm.samplers import sample, solve, vdm_denoiser
 from vdm.schedules import make_schedule
 
 LN2 = math.log(2)
@@ -150,9 +151,7 @@ def test_same_seed_same_loss_and_samples():
         model = build_vdm(model_params(), image_size=16)
         x = images(size=16)
         loss = model.loss(x, torch.Generator().manual_seed(5)).total
-        samples, traj = model.sample(
-            3, (3, 16, 16), steps=8, generator=torch.Generator().manual_seed(7), trajectory_points=4
-        )
+        samples, traj = sample(model, 3, 8, generator=torch.Generator().manual_seed(7), trajectory_points=4)
         return loss, samples, traj
 
     (l1, s1, t1), (l2, s2, t2) = run(), run()
@@ -160,13 +159,13 @@ def test_same_seed_same_loss_and_samples():
     assert s1.dtype == torch.uint8 and s1.shape == (3, 3, 16, 16)
     assert len(t1) == 4 and all(a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8 for a in t1)
     assert all(torch.equal(a, b) for a, b in zip(t1, t2, strict=True))
-    other, _ = build_vdm(model_params(), 16).sample(3, (3, 16, 16), 8, torch.Generator().manual_seed(8))
+    other, _ = sample(build_vdm(model_params(), 16), 3, 8, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(s1, other)
 
 
 def test_sampler_batches_give_the_same_images_per_seed_stream():
     model = build_vdm(model_params(), image_size=16)
-    a, _ = model.sample(4, (3, 16, 16), 4, torch.Generator().manual_seed(0))
+    a, _ = sample(model, 4, 4, generator=torch.Generator().manual_seed(0))
     assert a.shape == (4, 3, 16, 16) and int(a.max()) <= 255
 
 
@@ -181,7 +180,8 @@ def test_sampler_of_an_exact_denoiser_reproduces_the_data_point():
             return (z - torch.sqrt(torch.sigmoid(-g)) * f) / torch.sqrt(torch.sigmoid(g))
 
     model = VDM(PointOracle(), make_schedule("fixed_linear", -13.3, 5.0))
-    out, _ = model.sample(2, (3, 4, 4), steps=50, generator=torch.Generator().manual_seed(0))
+    model.net.image_size = 4
+    out, _ = sample(model, 2, 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, x.expand(2, -1, -1, -1))
 
 
@@ -260,17 +260,20 @@ def test_clipping_keeps_a_wild_model_inside_the_data_range():
     z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     net.out = torch.full_like(z, 50.0)  # v = 50: x_hat = alpha z - 50 sigma
     model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
-    gamma_t, gamma_s = torch.full((4,), -4.0), torch.full((4,), -4.5)
-    noise = torch.zeros_like(z)
-    wild = model.step(z, gamma_t, gamma_s, noise, clip_denoised=False)
-    tame = model.step(z, gamma_t, gamma_s, noise, clip_denoised=True)
+    gammas = torch.tensor([-4.0, -4.5])
+
+    def step(clip: bool) -> torch.Tensor:  # one ancestral step from gamma -4 to -4.5, the same noise each time
+        return solve(vdm_denoiser(model, clip), z, gammas, "ancestral", torch.Generator().manual_seed(3))[0]
+
+    wild, tame = step(clip=False), step(clip=True)
     assert wild.mean() < -2  # pulled towards x_hat = z - 6.7
     # clipped: exactly the step of a net whose x_hat is -1 everywhere
     a, s = math.sqrt(torch.sigmoid(torch.tensor(4.0))), math.sqrt(torch.sigmoid(torch.tensor(-4.0)))
     net.out = (a * z + 1.0) / s  # alpha z - sigma v = -1
-    assert torch.allclose(tame, model.step(z, gamma_t, gamma_s, noise, clip_denoised=False), atol=1e-4)
+    assert torch.allclose(tame, step(clip=False), atol=1e-4)
     net.out = torch.full_like(z, 50.0)
-    x, _ = model.sample(4, (3, 8, 8), 8, torch.Generator().manual_seed(1), clip_denoised=True)
+    net.image_size = 8
+    x, _ = sample(model, 4, 8, generator=torch.Generator().manual_seed(1), clip_denoised=True)
     assert (x == 0).all()  # every step's x_hat was clipped to -1: black
 
 

@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import model_params
 from vdm.diffusion import build_vdm, decode_nearest, encode
-from vdm.samplers import SAMPLERS, gamma_grid, sample, solve
+from vdm.samplers import SAMPLERS, gamma_grid, sample, solve, vdm_denoiser
 
 
 def _alpha_sigma(g):
@@ -80,11 +80,21 @@ def _tiny_model():
     return build_vdm(model_params(channels=16, channel_mult=[1], attention_resolutions=[]), 8).eval()
 
 
-def test_ancestral_is_the_models_own_sampler():
+def test_ancestral_is_the_papers_p_zs_given_zt():
+    """One ancestral step is the paper's p(z_s | z_t) written with eps_hat: mean
+    (alpha_s / alpha_t) (z_t - c sigma_t eps_hat), variance sigma_s^2 c, c = 1 - SNR_t / SNR_s."""
     model = _tiny_model()
-    a, _ = sample(model, 3, 6, "ancestral", "t", torch.Generator().manual_seed(5))
-    b, _ = model.sample(3, (3, 8, 8), 6, torch.Generator().manual_seed(5))
-    assert (a.int() - b.int()).abs().max() <= 1 and (a == b).float().mean() > 0.99
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    gt, gs = torch.tensor(-1.0), torch.tensor(-2.5)
+    a, _ = solve(
+        vdm_denoiser(model, clip=False), z, torch.stack([gt, gs]), "ancestral", torch.Generator().manual_seed(5)
+    )
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eps_hat = model.eps_hat(z, gt.expand(3))
+    c = -torch.expm1(gs - gt)
+    mean = torch.sqrt(torch.sigmoid(-gs) / torch.sigmoid(-gt)) * (z - c * torch.sqrt(torch.sigmoid(gt)) * eps_hat)
+    assert torch.allclose(a, mean + torch.sqrt(torch.sigmoid(gs) * c) * noise, atol=1e-5)
 
 
 def test_grids_and_trajectory():

@@ -12,7 +12,9 @@ import torch
 from tests.helpers import LONG, ROOT, outs, project, same_weights, start, tiny, wait_for_checkpoint, weights
 from vdm.errors import UserError
 from vdm.params import parse_params
-from vdm.training import NonFiniteLoss, lr_factor, train
+from vdm.samplers import sample
+from vdm.train_step import NonFiniteLoss, lr_factor
+from vdm.training import train
 
 
 def test_outputs_and_bit_identical_reruns(tmp_path, processed):
@@ -53,7 +55,7 @@ def test_trained_model_loads_with_weights_only(tmp_path, processed):
 
     train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path))
     model, cfg = load_model(tmp_path / "models")
-    x, _ = model.sample(2, (3, 32, 32), 2, torch.Generator().manual_seed(0))
+    x, _ = sample(model, 2, 2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32) and cfg["steps"] == 2
 
 
@@ -65,7 +67,7 @@ def test_lr_schedule():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):
-    import vdm.training as training
+    import vdm.train_step as training
 
     real = training.build_vdm
     calls = {"n": 0}

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from vdm import samplers
-from vdm.devices import resolve_device
 from vdm.errors import UserError
+from vdm.runtime import resolve_device
 
 SAMPLE_DEFAULTS = {"sampler": "ancestral", "steps": 64, "spacing": "t", "clip_denoised": True, "denoise_last": True}
 # Encoding runs the probability-flow ODE, so interpolation needs a deterministic sampler.

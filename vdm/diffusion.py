@@ -1,4 +1,5 @@
-"""The Variational Diffusion Model: its loss in bits/dim, the sampler, the bpd estimator.
+"""The Variational Diffusion Model: its denoiser, its loss in bits/dim, the bpd estimator and
+the gamma_0 fit. The samplers live in vdm/samplers.py.
 
 Data x in {0..255} is mapped to the centres of 256 bins in [-1, 1]: f = (2x + 1)/256 - 1.
 With alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t f + sigma_t eps:
@@ -10,17 +11,27 @@ With alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t 
 
 each summed over dimensions and reported in bits per dimension (divided by D ln 2).
 
-The network may predict eps directly (`prediction: eps`) or v = alpha_t eps - sigma_t f
-(`prediction: v`), from which eps_hat = sigma_t z_t + alpha_t v_hat: at low SNR eps_hat is then
-z_t plus a small correction, so an untrained net already gets the identity right instead of
-having to learn to copy z_t through its stem, and x_hat = alpha_t z_t - sigma_t v_hat stays
-bounded where dividing by alpha_t would amplify every error. The bound is the same either way.
+The network predicts one of three things (`prediction`); the bound is the same for each:
+- x (the default): the data itself, with a skip (`x_skip_noise` = s_d): x_hat = c_skip z_t / alpha_t
+  + sqrt(1 - c_skip) F, c_skip = s_d^2 / (e^gamma + s_d^2), so where the noise-to-signal ratio
+  e^(gamma/2) is far below s_d the estimate is z_t / alpha_t and the net only corrects it;
+- eps: the noise, x_hat = (z_t - sigma_t eps_hat) / alpha_t;
+- v = alpha_t eps - sigma_t f: eps_hat = sigma_t z_t + alpha_t v_hat and x_hat = alpha_t z_t -
+  sigma_t v_hat, bounded where dividing by alpha_t would amplify every error.
+`VDM.x_hat` gives the estimate of x straight from the net's output (what the samplers use),
+`VDM.eps_hat` the estimate of eps (what the bound's integrand measures).
 
-The network trains on the bound, or (`loss_weighting: sigmoid`) on the bound with the
-diffusion integrand weighted by w(gamma_t) = sigmoid(gamma_t + b) (Kingma & Gao, 2023): w is
-about 1 at low SNR and e^(gamma_t + b) at high SNR, which moves the network's effort from
-imperceptible high-SNR detail to the coarse structure that sampling needs first. The
+The network trains on the bound, or on the bound with the diffusion integrand weighted by
+w(gamma_t) (Kingma & Gao, 2023): `sigmoid` w = sigmoid(gamma_t + b), about 1 at low SNR and
+e^(gamma_t + b) at high SNR, which moves the network's effort from imperceptible high-SNR detail
+to the coarse structure that sampling needs first; `min_snr` w = min(1, 5 / SNR_t) (Hang et al.
+2023, min-SNR-5 written for the eps integrand); `edm` EDM's objective (see `VDM.weight`). The
 reported bits/dim (`Loss.total`, every metric) is always the unweighted bound.
+
+The schedule's shape gets its gradient from the variance of the objective, not from its mean
+(see vdm/schedules.py): `Schedule.__call__(t, slot)` hands back gamma_t whose backward multiplies
+the incoming gradient by `slot.scale`, which the loss sets to 2 x the per-example objective once
+that is known.
 
 With self-conditioning (`self_condition: true`, Chen et al. 2022) the net also sees an earlier
 estimate of x: in training, for a random half of each batch, its own estimate from a first pass
@@ -43,7 +54,8 @@ from vdm.params import ModelParams
 from vdm.schedules import GradScale, Schedule
 
 LEVELS = 256
-WEIGHTINGS = ("elbo", "sigmoid", "edm")
+WEIGHTINGS = ("elbo", "sigmoid", "min_snr", "edm")
+MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: the eps-loss weight min(SNR, 5) / SNR
 # EDM's training distribution of the noise level (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2),
 # sigma the noise-to-signal ratio e^(gamma/2), and its data standard deviation
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
@@ -56,6 +68,22 @@ _NEGLIGIBLE_LOGIT = 60.0
 def encode(x: torch.Tensor) -> torch.Tensor:
     """uint8 levels {0..255} -> bin centres in [-1, 1] (float32)."""
     return (2.0 * x.float() + 1.0) / LEVELS - 1.0
+
+
+def alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_t = sqrt(sigmoid(-gamma_t)) and sigma_t = sqrt(sigmoid(gamma_t)), so that
+    alpha^2 + sigma^2 = 1 and gamma = log(sigma^2 / alpha^2)."""
+    return torch.sqrt(torch.sigmoid(-gamma)), torch.sqrt(torch.sigmoid(gamma))
+
+
+def x_from_eps(z: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The x that z = alpha x + sigma eps holds for this eps."""
+    return (z - sigma * eps) / alpha
+
+
+def eps_from_x(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The eps that z = alpha x + sigma eps holds for this x."""
+    return (z - alpha * x) / sigma
 
 
 def decode_nearest(z_rescaled: torch.Tensor) -> torch.Tensor:
@@ -81,8 +109,37 @@ def window_half_width(gamma_0: float) -> int:
 WINDOW_CHUNK = 1 << 24  # elements of the (..., window) tensor per chunk: 64 MB in float32
 
 
+class ReconWindow:
+    """The decoder window's half-width for the gamma_0 of each loss call, read from the host.
+
+    Reading a CPU tensor costs nothing, so on a CPU the width is exact at every call. Reading a
+    CUDA tensor makes the host wait for the GPU to finish all queued work, in the middle of every
+    training step; there the width is taken from gamma_0 + `margin` (a wider window: still exact
+    to float precision, since the levels it adds carry < e^-60 of the mass) and gamma_0 is read
+    again only every `refresh` calls. gamma_0 moves by about lr per AdamW step, so it stays below
+    the value the width was taken at, plus the margin, between two reads.
+    """
+
+    def __init__(self, refresh: int = 50, margin: float = 2.0):
+        self.refresh, self.margin = refresh, margin
+        self.calls, self.width = 0, None
+
+    def __call__(self, gamma_0: torch.Tensor, exact: bool = False) -> int:
+        """exact: read gamma_0 now (evaluation, where gamma_0 may be set to anything between calls)."""
+        if exact or gamma_0.device.type != "cuda":
+            return window_half_width(float(gamma_0.detach()))
+        if self.width is None or self.calls % self.refresh == 0:
+            self.width = window_half_width(float(gamma_0.detach()) + self.margin)
+        self.calls += 1
+        return self.width
+
+
 def log_prob_levels(
-    x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor, chunk: int = WINDOW_CHUNK
+    x: torch.Tensor,
+    z_rescaled: torch.Tensor,
+    gamma_0: torch.Tensor,
+    chunk: int = WINDOW_CHUNK,
+    half_width: int | None = None,
 ) -> torch.Tensor:
     """log p(x | z_0) per element for the 256-level discretised decoder, exactly, but without
     a (..., 256) tensor unless gamma_0 is so large that mass spreads over all levels.
@@ -92,8 +149,9 @@ def log_prob_levels(
     A wide window (a gamma_0 fitted to a visible noise level) is taken over the batch in pieces
     of at most `chunk` window elements: every element is independent, so the result is the
     same to the bit, and the peak memory stays bounded instead of growing with batch x window.
+    `half_width` (default: from gamma_0) may be wider than needed, never narrower.
     """
-    w = window_half_width(float(gamma_0.detach()))
+    w = window_half_width(float(gamma_0.detach())) if half_width is None else half_width
     width = LEVELS if 2 * w + 1 >= LEVELS else 2 * w + 1
     per_row = z_rescaled[0].numel() * width if z_rescaled.dim() else width
     rows = max(1, chunk // max(1, per_row))
@@ -172,15 +230,33 @@ class VDM(nn.Module):
         # x-prediction's skip: x_hat = c_skip z_t / alpha_t + c_out F, switching from F (the net's
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
         self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
+        self.recon_window = ReconWindow()
 
     @property
     def self_condition(self) -> bool:
         return bool(getattr(self.net, "self_condition", False))
 
+    def _net(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
+        return (self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)).float()
+
+    def _x_with_skip(self, z: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """prediction x: the net's F blended with z_t / alpha_t by the skip (see the module docstring)."""
+        if self.log_skip2 == -math.inf:
+            return out
+        c_skip = torch.sigmoid(self.log_skip2 - g)  # s_d^2 / (s^2 + s_d^2), s^2 = e^gamma
+        return c_skip * z / alpha + torch.sqrt(1 - c_skip) * out  # c_out = s / sqrt(s^2 + s_d^2)
+
     def x_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoiser's estimate of the data at (z_t, gamma_t), not clipped."""
+        """The denoiser's estimate of the data at (z_t, gamma_t), gamma of shape (B,); not clipped.
+        x_self: the earlier estimate of x for a self-conditioned net (None: zeros)."""
+        out = self._net(z, gamma, x_self)
         g = gamma.view(-1, 1, 1, 1)
-        return (z - torch.sqrt(torch.sigmoid(g)) * self.eps_hat(z, gamma, x_self)) / torch.sqrt(torch.sigmoid(-g))
+        alpha, sigma = alpha_sigma(g)
+        if self.prediction == "eps":
+            return x_from_eps(z, out, alpha, sigma)
+        if self.prediction == "v":
+            return alpha * z - sigma * out
+        return self._x_with_skip(z, g, alpha, out)
 
     def self_estimate(self, z: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """x_self for the loss: the first pass's clipped x_hat (no gradient) for a random half of the
@@ -198,20 +274,16 @@ class VDM(nn.Module):
         return x_self
 
     def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's prediction of eps at (z_t, gamma_t), gamma of shape (B,); x_self the earlier
-        estimate of x for a self-conditioned net (None: zeros)."""
-        out = (self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)).float()
+        """The network's estimate of eps at (z_t, gamma_t), gamma of shape (B,) (the bound's integrand
+        compares it with the true eps); x_self as for `x_hat`."""
+        out = self._net(z, gamma, x_self)
         if self.prediction == "eps":
             return out
         g = gamma.view(-1, 1, 1, 1)
+        alpha, sigma = alpha_sigma(g)
         if self.prediction == "v":
-            return torch.sqrt(torch.sigmoid(g)) * z + torch.sqrt(torch.sigmoid(-g)) * out
-        alpha, sigma = torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
-        x_hat = out
-        if self.log_skip2 > -math.inf:
-            c_skip = torch.sigmoid(self.log_skip2 - g)  # s_d^2 / (s^2 + s_d^2), s^2 = e^gamma
-            x_hat = c_skip * z / alpha + torch.sqrt(1 - c_skip) * out  # c_out = s / sqrt(s^2 + s_d^2)
-        return (z - alpha * x_hat) / sigma
+            return sigma * z + alpha * out
+        return eps_from_x(z, self._x_with_skip(z, g, alpha, out), alpha, sigma)
 
     def weight(self, gamma: torch.Tensor) -> torch.Tensor:
         """w(gamma_t) for the training objective's diffusion term (1 for the bound).
@@ -223,6 +295,8 @@ class VDM(nn.Module):
         """
         if self.loss_weighting == "elbo":
             return torch.ones_like(gamma)
+        if self.loss_weighting == "min_snr":  # min(SNR, 5) / SNR, SNR = e^-gamma
+            return torch.clamp(MIN_SNR_GAMMA * torch.exp(gamma), max=1.0)
         if self.loss_weighting == "edm":
             mean, std, sd2 = 2 * EDM_P_MEAN, 2 * EDM_P_STD, EDM_SIGMA_DATA**2
             density = torch.exp(-0.5 * torch.square((gamma - mean) / std))
@@ -237,25 +311,25 @@ class VDM(nn.Module):
         f = encode(x)
 
         # diffusion term
-        box = GradScale()
+        slot = GradScale()  # the schedule shape's gradient scale, set below from the objective
         t = sample_times(b, self.antithetic, generator, x.device)
         if self.timesteps:
             t = torch.ceil(t * self.timesteps).clamp(min=1) / self.timesteps
-        gamma_t, dgamma_t = self.schedule(t, box)
+        gamma_t, dgamma_t = self.schedule(t, slot)
         eps = torch.randn(f.shape, generator=generator, device=x.device)
-        g = gamma_t.view(b, 1, 1, 1)
-        z_t = torch.sqrt(torch.sigmoid(-g)) * f + torch.sqrt(torch.sigmoid(g)) * eps
+        alpha_t, sigma_t = alpha_sigma(gamma_t.view(b, 1, 1, 1))
+        z_t = alpha_t * f + sigma_t * eps
         x_self = self.self_estimate(z_t, gamma_t.detach(), generator) if self.self_condition else None
         eps_hat = self.eps_hat(z_t, gamma_t, x_self)
         sse = torch.square(eps - eps_hat).flatten(1).sum(1)
         if self.timesteps:
-            gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, box)
+            gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, slot)
             diffusion = 0.5 * self.timesteps * torch.expm1(gamma_t - gamma_s) * sse
         else:
             diffusion = 0.5 * dgamma_t * sse
         diffusion = diffusion * to_bpd
         weighted = self.weight(gamma_t.detach()) * diffusion
-        box.scale = 2.0 * weighted.detach()  # the schedule's shape descends E[L^2] of the objective
+        slot.scale = 2.0 * weighted.detach()  # the schedule's shape descends E[L^2] of the objective
 
         # latent term: KL(q(z_1|x) || N(0, I))
         g1 = self.schedule.gamma_1
@@ -267,7 +341,8 @@ class VDM(nn.Module):
         g0 = self.schedule.gamma_0
         eps_0 = torch.randn(f.shape, generator=generator, device=x.device)
         z_0_rescaled = f + torch.exp(0.5 * g0) * eps_0  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps
-        recon = -log_prob_levels(x, z_0_rescaled, g0).flatten(1).sum(1) * to_bpd
+        w = self.recon_window(g0, exact=not self.training)
+        recon = -log_prob_levels(x, z_0_rescaled, g0, half_width=w).flatten(1).sum(1) * to_bpd
 
         total = diffusion + latent + recon
         objective = total if self.loss_weighting == "elbo" else weighted + latent + recon
@@ -275,75 +350,6 @@ class VDM(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         return self.loss(x, generator)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        shape: tuple[int, int, int],
-        steps: int,
-        generator: torch.Generator | None = None,
-        device: str | torch.device = "cpu",
-        trajectory_points: int = 0,
-        batch_size: int | None = None,
-        clip_denoised: bool = True,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Ancestral sampling with the paper's p(z_s | z_t) over `steps` steps.
-
-        p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)); with clip_denoised, x_hat is clipped to the
-        data range [-1, 1] first (and eps_hat recomputed from it), which keeps an imperfect
-        model's early, low-SNR steps from pushing z outside anything the data can produce.
-
-        Returns (n, C, H, W) uint8 images and, if trajectory_points > 0, that many snapshots
-        of z_t at evenly spaced t from 1 to 0 (each (n, C, H, W) uint8, z_t clipped to [-1, 1]).
-        """
-        batch_size = batch_size or n
-        outs, trajs = [], []
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            x, traj = self._sample_batch(
-                m, shape, steps, generator, torch.device(device), trajectory_points, clip_denoised
-            )
-            outs.append(x)
-            trajs.append(traj)
-        traj = [torch.cat([t[i] for t in trajs]) for i in range(len(trajs[0]))] if trajectory_points else []
-        return torch.cat(outs), traj
-
-    def step(self, z, gamma_t, gamma_s, noise, clip_denoised: bool = True) -> torch.Tensor:
-        """One ancestral step: z_s ~ p(z_s | z_t) = q(z_s | z_t, x_hat), gamma of shape (B,)."""
-        eps_hat = self.eps_hat(z, gamma_t)
-        gt, gs = gamma_t.view(-1, 1, 1, 1), gamma_s.view(-1, 1, 1, 1)
-        if clip_denoised:
-            alpha_t, sigma_t = torch.sqrt(torch.sigmoid(-gt)), torch.sqrt(torch.sigmoid(gt))
-            x_hat = ((z - sigma_t * eps_hat) / alpha_t).clamp(-1.0, 1.0)
-            eps_hat = (z - alpha_t * x_hat) / sigma_t
-        c = -torch.expm1(gs - gt)  # 1 - SNR(t)/SNR(s)
-        alpha_ratio = torch.sqrt(torch.sigmoid(-gs) / torch.sigmoid(-gt))
-        mean = alpha_ratio * (z - c * torch.sqrt(torch.sigmoid(gt)) * eps_hat)
-        return mean + torch.sqrt(torch.sigmoid(gs) * c) * noise
-
-    def _sample_batch(self, n, shape, steps, generator, device, trajectory_points, clip_denoised):
-        z = torch.randn((n, *shape), generator=generator, device=device)
-        keep = set()
-        if trajectory_points:
-            keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
-        traj = []
-
-        def snap(z):
-            return ((z.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-        for i in range(steps, 0, -1):
-            if steps - i in keep:
-                traj.append(snap(z))
-            gamma_t, _ = self.schedule(torch.full((n,), i / steps, device=device))
-            gamma_s, _ = self.schedule(torch.full((n,), (i - 1) / steps, device=device))
-            noise = torch.randn(z.shape, generator=generator, device=device)
-            z = self.step(z, gamma_t, gamma_s, noise, clip_denoised)
-        if steps in keep:
-            traj.append(snap(z))
-        g0 = self.schedule.gamma_0
-        x = decode_nearest(z / torch.sqrt(torch.sigmoid(-g0)))
-        return x.cpu(), traj
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ import torch
 from vdm.atomic import Commit, journal_for, recover, write_json
 from vdm.checkpoint import load_model
 from vdm.data import load_split, to_nchw
-from vdm.devices import resolve_device
 from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import EvaluateParams
 from vdm.quality import graininess, swd
+from vdm.runtime import resolve_device
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"

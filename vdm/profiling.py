@@ -18,9 +18,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from vdm.data import StepBatches, batch_loader, load_split
-from vdm.devices import resolve_device
 from vdm.params import Params
-from vdm.training import build_training, step_seed, train_step
+from vdm.runtime import resolve_device
+from vdm.samplers import sample
+from vdm.train_step import build_training, step_seed, train_step
 
 PHASES = ("data_load", "data_to_device", "forward", "backward", "optimizer", "ema")
 WARMUP = 2
@@ -85,7 +86,7 @@ def profile_run(
     n = max(1, tp.sample_count)
     with profile(activities=_activities(device)) as prof:
         t0 = time.perf_counter()
-        ema.module.sample(n, (3, size, size), sample_steps, torch.Generator(device=device).manual_seed(0), device)
+        sample(ema.module, n, sample_steps, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)
         sample_wall = time.perf_counter() - t0
     prof.export_chrome_trace(str(out / "sample_trace.json"))
     (out / "sample_top_ops.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))

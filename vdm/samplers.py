@@ -25,17 +25,13 @@ from collections.abc import Callable
 
 import torch
 
-from vdm.diffusion import VDM, decode_nearest
+from vdm.diffusion import VDM, alpha_sigma, decode_nearest, eps_from_x
 from vdm.diffusion import encode as level_centres
 
 SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 SPACINGS = ("t", "logsnr")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, gamma of shape (B,)) -> x_hat
-
-
-def _alpha_sigma(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
 
 
 @torch.no_grad()
@@ -99,14 +95,14 @@ def solve(
             kept[i] = z.clone()
         gt, gs = gammas[i], gammas[i + 1]
         x_hat = denoise(z, gt.expand(n))
-        alpha_t, sigma_t = _alpha_sigma(gt)
-        alpha_s, sigma_s = _alpha_sigma(gs)
+        alpha_t, sigma_t = alpha_sigma(gt)
+        alpha_s, sigma_s = alpha_sigma(gs)
         if sampler == "ancestral":
             c = -torch.expm1(gs - gt)
             noise = randn(z.shape, generator, z.device)
             z = (alpha_s / alpha_t) * (1 - c) * z + alpha_s * c * x_hat + torch.sqrt(sigma_s**2 * c) * noise
         elif sampler == "ddim":
-            z = alpha_s * x_hat + sigma_s * (z - alpha_t * x_hat) / sigma_t
+            z = alpha_s * x_hat + sigma_s * eps_from_x(z, x_hat, alpha_t, sigma_t)
         else:  # dpmpp_2m
             h = 0.5 * (gt - gs)
             d = x_hat
@@ -186,6 +182,6 @@ def encode(
     device = next(model.parameters()).device
     x = level_centres(images.to(device))
     gammas = gamma_grid(model.schedule, steps, spacing, device).flip(0)
-    alpha_0, _ = _alpha_sigma(gammas[0])
+    alpha_0, _ = alpha_sigma(gammas[0])
     z, _ = solve(vdm_denoiser(model, clip_denoised), alpha_0 * x, gammas, sampler, on_step=on_step)
     return z
