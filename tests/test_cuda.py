@@ -24,7 +24,12 @@ cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 def _tiny_unet() -> UNet:
     torch.manual_seed(0)
-    net = UNet(image_size=16, channels=16, channel_mult=(1,), patch_size=2, fourier_min=1, fourier_max=0)
+    net = UNet(
+        model_params(
+            channels=16, channel_mult=[1], attention_resolutions=[], patch_size=2, fourier_min=1, fourier_max=0
+        ),
+        16,
+    )
     torch.nn.init.normal_(net.out.weight, std=0.1)  # leave the zero start: the output shows the whole net
     return net
 

@@ -10,7 +10,12 @@ from vdm.unet import UNet
 
 def _unet(self_condition: bool) -> UNet:
     torch.manual_seed(0)
-    net = UNet(image_size=16, channels=16, channel_mult=(1,), patch_size=2, self_condition=self_condition)
+    net = UNet(
+        model_params(
+            channels=16, channel_mult=[1], attention_resolutions=[], patch_size=2, self_condition=self_condition
+        ),
+        16,
+    )
     torch.nn.init.normal_(net.out.weight, std=0.1)  # leave the zero start, so the output shows its input
     return net
 

@@ -12,11 +12,10 @@ from vdm.unet import UNet, fourier_features
 def test_output_matches_input_shape_and_starts_at_zero(patch, channels):
     torch.manual_seed(0)
     net = UNet(
-        image_size=32,
-        channels=channels,
-        channel_mult=(1, 2),
-        attention_resolutions=(32 // patch // 2,),
-        patch_size=patch,
+        model_params(
+            channels=channels, channel_mult=[1, 2], attention_resolutions=[32 // patch // 2], patch_size=patch
+        ),
+        32,
     )
     z = torch.randn(2, 3, 32, 32)
     out = net(z, torch.tensor([-5.0, 3.0]))
@@ -26,7 +25,7 @@ def test_output_matches_input_shape_and_starts_at_zero(patch, channels):
 
 def test_learns_something_and_every_parameter_gets_gradient():
     torch.manual_seed(0)
-    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(16, 8), patch_size=1)
+    net = UNet(model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[16, 8], patch_size=1), 16)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     z, g = torch.randn(2, 3, 16, 16), torch.tensor([0.0, 1.0])
     for _ in range(4):  # zero-initialised layers pass gradient back once they have moved
@@ -39,7 +38,7 @@ def test_learns_something_and_every_parameter_gets_gradient():
 
 def test_channels_last_gives_the_same_output():
     torch.manual_seed(0)
-    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(8,), patch_size=2)
+    net = UNet(model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[8], patch_size=2), 16)
     for p in net.parameters():  # move off the zero init so the output is informative
         p.data.add_(0.01 * torch.randn_like(p))
     z, g = torch.randn(2, 3, 16, 16), torch.tensor([-3.0, 2.0])
@@ -90,7 +89,7 @@ def test_ema_warms_up_then_averages():
 
 def test_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    net = UNet(image_size=16, channels=32, channel_mult=(1, 2), attention_resolutions=(8,), patch_size=2)
+    net = UNet(model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[8], patch_size=2), 16)
     for p in net.parameters():
         p.data.add_(0.01 * torch.randn_like(p))
     z, g = torch.randn(2, 3, 16, 16), torch.tensor([-3.0, 2.0])

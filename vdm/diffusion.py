@@ -441,21 +441,7 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model.seed)
         try:
-            net = UNet(
-                image_size=image_size,
-                channels=model.channels,
-                channel_mult=tuple(model.channel_mult),
-                num_res_blocks=model.num_res_blocks,
-                attention_resolutions=tuple(model.attention_resolutions),
-                dropout=model.dropout,
-                patch_size=model.patch_size,
-                fourier_min=model.fourier_min,
-                fourier_max=model.fourier_max,
-                gamma_min=model.gamma_min,
-                gamma_max=model.gamma_max,
-                checkpointing=model.checkpointing,
-                self_condition=model.self_condition,
-            )
+            net = UNet(model, image_size)
         except ValueError as e:
             raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None
         schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)

@@ -123,7 +123,9 @@ class ModelParams:
     timesteps: int  # 0 = continuous-time loss, else T discrete steps
     prediction: typing.Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
     x_skip_noise: float  # prediction x: below this noise-to-signal ratio x_hat defaults to z_t / alpha_t
-    loss_weighting: typing.Literal["elbo", "sigmoid", "edm"]  # weighting of the diffusion term the net trains on
+    loss_weighting: typing.Literal[
+        "elbo", "sigmoid", "min_snr", "edm"
+    ]  # weighting of the diffusion term the net trains on
     sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/diffusion.py)
     seed: int  # weight initialisation

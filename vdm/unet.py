@@ -1,11 +1,11 @@
-"""The score network: a UNet that predicts eps from (z_t, gamma_t).
+"""The denoising network: a UNet from (z_t, gamma_t) to what the model section predicts (x, eps or v).
 
     z_t ─ Fourier features (sin/cos of 2^n * 2pi * z_t, concatenated to z_t)
         [─ with self-conditioning: the previous estimate of x concatenated too]
         ─ space-to-depth stem (patch p: p x p pixels -> one position with p*p times the channels)
         ─ down levels (res blocks [+ attention], stride-2 conv) ─ middle (res, attn, res)
         ─ up levels (res blocks on skip concatenations [+ attention], nearest upsample + conv)
-        ─ GroupNorm, SiLU, zero-initialised conv ─ depth-to-space ─ eps_hat
+        ─ GroupNorm, SiLU, zero-initialised conv ─ depth-to-space ─ the prediction
 
 Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP.
 Attention runs only at the feature-map sizes listed in `attention_resolutions`, with
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from vdm.params import ModelParams
 
 
 def _groups(channels: int) -> int:
@@ -94,28 +96,16 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(
-        self,
-        image_size: int = 96,
-        channels: int = 64,
-        channel_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attention_resolutions: tuple[int, ...] = (),
-        dropout: float = 0.0,
-        patch_size: int = 1,
-        fourier_min: int = 6,
-        fourier_max: int = 8,
-        gamma_min: float = -13.3,
-        gamma_max: float = 5.0,
-        in_channels: int = 3,
-        checkpointing: bool = False,
-        self_condition: bool = False,
-    ):
+    def __init__(self, model: ModelParams, image_size: int, in_channels: int = 3):
+        """The net that params.yaml's `model` section describes, for image_size x image_size inputs."""
         super().__init__()
-        self.checkpointing, self.self_condition = checkpointing, self_condition
+        channels, channel_mult, patch_size = model.channels, tuple(model.channel_mult), model.patch_size
+        attention_resolutions, dropout = tuple(model.attention_resolutions), model.dropout
+        fourier_min, fourier_max, self_condition = model.fourier_min, model.fourier_max, model.self_condition
+        self.checkpointing, self.self_condition = model.checkpointing, self_condition
         check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
         self.patch, self.fourier, self.image_size = patch_size, (fourier_min, fourier_max), image_size
-        self.gamma_range = (gamma_min, gamma_max)
+        self.gamma_range = (model.gamma_min, model.gamma_max)
         self.emb_dim = channels
         n_fourier = max(0, fourier_max - fourier_min + 1)
         c_stem = in_channels * (1 + 2 * n_fourier + (1 if self_condition else 0)) * patch_size**2
@@ -130,7 +120,7 @@ class UNet(nn.Module):
         c = channels
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+            for _ in range(model.num_res_blocks):
                 blocks = nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout)])
                 c = channels * mult
                 if res in attention_resolutions:
@@ -146,12 +136,12 @@ class UNet(nn.Module):
             self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout)])  # no attention at this size
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
+            for i in range(model.num_res_blocks + 1):
                 blocks = nn.ModuleList([ResBlock(c + chans.pop(), channels * mult, emb_dim, dropout)])
                 c = channels * mult
                 if res in attention_resolutions:
                     blocks.append(Attention(c))
-                if level != 0 and i == num_res_blocks:
+                if level != 0 and i == model.num_res_blocks:
                     blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     blocks.append(nn.Conv2d(c, c, 3, padding=1))
                     res *= 2
