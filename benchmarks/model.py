@@ -27,7 +27,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -111,7 +110,7 @@ def row_params(row: str, device):
     params = parse_params(raw)
     cuda = device.type == "cuda"
     if not cuda:  # a CPU runs it for its FLOP count and speed at a batch that fits in minutes
-        params = dataclasses.replace(params, train=dataclasses.replace(params.train, compile=False))
+        params = params.model_copy(update={"train": params.train.model_copy(update={"compile": False})})
     return params, params.train.batch_size if cuda else 4, cuda
 
 

@@ -279,8 +279,8 @@ def test_clipping_keeps_a_wild_model_inside_the_data_range():
 
 def test_overfits_a_few_sprites():
     """A tiny model on 8 synthetic sprites: train bits/dim clearly falls within 200 CPU steps."""
-    from vdm.images import decode
-    from vdm.synthetic import draw_sprite, png_bytes
+    from vdm.images import decode, png_bytes
+    from vdm.synthetic import draw_sprite
 
     x = torch.from_numpy(np.stack([decode(png_bytes(draw_sprite(0, k)), 32).pixels for k in range(8)]))
     x = x.permute(0, 3, 1, 2).contiguous()

@@ -121,3 +121,29 @@ def test_a_huge_value_is_cut_short_in_the_message():
     raw = raw_params()
     raw["data"]["source"] = "x" * 100_000
     assert len(str(_err(raw))) < 400
+
+
+def test_every_problem_is_reported_at_once_one_line_each():
+    raw = raw_params()
+    raw["train"]["lr"] = "fast"  # wrong type
+    raw["model"]["channel_mult"] = ["a", 0]  # two bad items of one list: one line
+    raw["data"]["imagesize"] = 64  # unknown key
+    del raw["sample"]["seed"]  # missing key
+    raw["data"]["split"] = {"train": 0.5, "val": 0.2, "test": 0.2, "seed": 0}  # does not sum to 1
+    e = _err(raw)
+    lines = str(e).splitlines()
+    keys = ["data.imagesize", "data.split.train/val/test", "model.channel_mult", "train.lr", "sample.seed"]
+    assert sorted(line.split(" = ")[0].removeprefix("params.yaml: ") for line in lines) == sorted(keys)
+    assert [err.key for err in e.errors] == [line.split(" = ")[0].removeprefix("params.yaml: ") for line in lines]
+    assert e.key == e.errors[0].key
+    assert "a learning rate in (0, 1]" in str(e) and "this key is required" in str(e) and "image_size" in str(e)
+
+
+def test_sections_are_frozen_and_strict():
+    p = parse_params(raw_params())
+    with pytest.raises(Exception, match="frozen"):
+        p.train.lr = 0.1  # type: ignore[misc]
+    raw = raw_params()
+    raw["train"]["steps"] = 6.0  # a float is not a step count, even a whole one
+    assert _err(raw).key == "train.steps"
+    assert p.model.channel_mult == (1, 2) and p.model.attention_resolutions == (8,)

@@ -243,3 +243,11 @@ def test_file_names_that_are_not_utf8_are_valid_input(tmp_path, kind):
     assert len(rows) == 12
     text = " ".join(" ".join(r.values()) for r in rows)
     assert "Pok\\xe9mon" in text and "Bisasam\\xfc" in text  # the odd bytes shown, not lost
+
+
+def test_every_source_params_accepts_is_in_the_registry():
+    from vdm.params import SOURCE_NAMES
+    from vdm.sources import GROUPINGS, PATH_SOURCE, SOURCES
+
+    assert SOURCE_NAMES == ("auto", *SOURCES)
+    assert all(s.grouping in GROUPINGS for s in (*SOURCES.values(), PATH_SOURCE))

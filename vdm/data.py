@@ -16,8 +16,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vdm.errors import UserError
 
-SPLITS = ("train", "val", "test")
-
 
 def load_split(processed: str | os.PathLike, split: str) -> np.ndarray:
     """(N, H, W, 3) uint8, memory-mapped read-only."""

@@ -16,6 +16,15 @@ class ParamError(UserError):
         super().__init__(f"params.yaml: {key} = {short_repr(value)} is invalid: {allowed}")
 
 
+class ParamErrors(ParamError):
+    """Several params.yaml values are invalid: one line each. key/value/allowed are the first's."""
+
+    def __init__(self, errors: list[ParamError]):
+        self.errors = errors
+        self.key, self.value, self.allowed = errors[0].key, errors[0].value, errors[0].allowed
+        UserError.__init__(self, "\n".join(str(err) for err in errors))
+
+
 def short_repr(value: object, limit: int = 80) -> str:
     """repr() of a value cut to about `limit` characters, without building the whole of a huge one."""
     import reprlib

@@ -1,30 +1,110 @@
 """params.yaml: the one place hyperparameters live, validated up front.
 
-Each section is a frozen dataclass. Loading checks every key: unknown keys (typos),
-missing keys, wrong types and out-of-range values all fail at once with a
-`ParamError` naming the key, the value and what is allowed. There are no defaults
-in code: params.yaml states every value.
+Each section is a frozen pydantic model: unknown keys (typos), missing keys, wrong types and
+out-of-range values are all found in one pass and reported together, one line each, naming the
+key, the value and what is allowed (`description` of the field). Types are strict: a bool is not
+an integer, "7" is not a number (except YAML's 3e-4, which PyYAML reads as a string), and
+nothing is coerced. There are no defaults in code: params.yaml states every value.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import math
 import os
 import re
 import typing
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from vdm.errors import ParamError, UserError
+from vdm.errors import ParamError, ParamErrors, UserError
 
-SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")
+SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/sources.py's SOURCES (a test checks)
+SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
+# Spelled exactly, ASCII digits only (str.isdigit() also accepts "²").
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
 
 
-def _require(ok: bool, key: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ParamError(key, value, allowed)
+def invalid(value: object, allowed: str, key: str = "") -> PydanticCustomError:
+    """A check's failure, for a validator to raise: `key` names the keys involved (relative to the
+    section; "" for the field being checked), `allowed` says what would pass."""
+    return PydanticCustomError("param", "{allowed}", {"key": key, "value": value, "allowed": allowed})
+
+
+def _yaml_float(v: object) -> object:
+    """YAML reads 3e-4 (no dot) as a string: take it as the number it spells."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _list_as_tuple(v: object) -> object:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def Int(allowed: str, **bounds) -> object:
+    return Annotated[int, Field(description=allowed, **bounds)]
+
+
+def Num(allowed: str, **bounds) -> object:
+    return Annotated[float, BeforeValidator(_yaml_float), Field(description=allowed, allow_inf_nan=False, **bounds)]
+
+
+def _one_of(*choices: int):
+    def check(v: int) -> int:
+        if v not in choices:
+            raise invalid(v, " or ".join(", ".join(map(str, choices)).rsplit(", ", 1)))
+        return v
+
+    return AfterValidator(check)
+
+
+def _device(v: str) -> str:
+    if DEVICE_PATTERN.fullmatch(v) is None:
+        raise invalid(v, "auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
+Seed = Int("an integer from 0 to 2**63 - 1", ge=0, lt=2**63)  # what torch and numpy take, with room for offsets
+Device = Annotated[str, AfterValidator(_device), Field(description="auto, cpu, cuda, cuda:N or mps")]
+Positive = Int("an integer >= 1", ge=1)
+IntList = Annotated[tuple[int, ...], BeforeValidator(_list_as_tuple), Field(description="a list of integers")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticParams(Section):
+    count: Int("an integer from 2 to 1000000", ge=2, le=1_000_000)  # images drawn (two variants per species)
+    seed: Seed
+
+
+_FRACTION = "a fraction strictly between 0 and 1 (no split may be empty)"
+
+
+class SplitParams(Section):
+    train: Num(_FRACTION, gt=0, lt=1)  # fractions of Pokémon groups (not of images) in each split
+    val: Num(_FRACTION, gt=0, lt=1)
+    test: Num(_FRACTION, gt=0, lt=1)
+    seed: Seed
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            fractions = (self.train, self.val, self.test)
+            raise invalid(fractions, f"the three fractions must sum to 1 (they sum to {total:.6g})", "train/val/test")
+        return self
+
+
+class LimitParams(Section):
+    max_files: Positive  # caps on what a download or archive may unpack
+    max_mb: Int("an integer >= 1 (megabytes)", ge=1)
 
 
 def _exists(path: str) -> bool:
@@ -35,238 +115,127 @@ def _exists(path: str) -> bool:
         return False
 
 
-def _check_seed(key: str, seed: int) -> None:
-    """Seeds that torch's and numpy's generators both take, with room for per-step offsets."""
-    _require(0 <= seed < 2**63, key, seed, "an integer from 0 to 2**63 - 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticParams:
-    count: int  # number of images drawn (two variants per species)
-    seed: int
-
-    def check(self, p: str) -> None:
-        _require(2 <= self.count <= 1_000_000, f"{p}.count", self.count, "an integer from 2 to 1000000")
-        _check_seed(f"{p}.seed", self.seed)
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitParams:
-    train: float  # fractions of Pokémon groups (not of images) in each split
-    val: float
-    test: float
-    seed: int
-
-    def check(self, p: str) -> None:
-        for name in ("train", "val", "test"):
-            v = getattr(self, name)
-            _require(0 < v < 1, f"{p}.{name}", v, "a fraction strictly between 0 and 1 (no split may be empty)")
-        total = self.train + self.val + self.test
-        _require(
-            math.isclose(total, 1.0, abs_tol=1e-6),
-            f"{p}.train/val/test",
-            (self.train, self.val, self.test),
-            f"the three fractions must sum to 1 (they sum to {total:.6g})",
+def _source(v: str) -> str:
+    names = ", ".join(SOURCE_NAMES)
+    if not v.strip():
+        raise invalid(v, f"one of {names}, or a path")
+    if v not in SOURCE_NAMES and not _exists(v):
+        raise invalid(
+            v,
+            f"one of {names}, or the path of an existing folder or .zip/.tar/.tar.gz archive (no such file or folder)",
         )
-        _check_seed(f"{p}.seed", self.seed)
+    return v
 
 
-@dataclasses.dataclass(frozen=True)
-class LimitParams:
-    max_files: int  # caps on what a download or archive may unpack
-    max_mb: int
-
-    def check(self, p: str) -> None:
-        _require(self.max_files >= 1, f"{p}.max_files", self.max_files, "an integer >= 1")
-        _require(self.max_mb >= 1, f"{p}.max_mb", self.max_mb, "an integer >= 1 (megabytes)")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataParams:
-    source: str
+class DataParams(Section):
+    source: Annotated[
+        str, AfterValidator(_source), Field(description="one of auto, kaggle, pokeapi, synthetic, or a path")
+    ]
     synthetic: SyntheticParams
     limits: LimitParams
-    image_size: int
+    image_size: Int("an integer from 8 to 512", ge=8, le=512)
     split: SplitParams
-    preview: int
-
-    def check(self, p: str) -> None:
-        names = ", ".join(SOURCE_NAMES)
-        _require(bool(self.source.strip()), f"{p}.source", self.source, f"one of {names}, or a path")
-        if self.source not in SOURCE_NAMES:
-            _require(
-                _exists(self.source),
-                f"{p}.source",
-                self.source,
-                f"one of {names}, or the path of an existing folder or .zip/.tar/.tar.gz archive "
-                "(no such file or folder)",
-            )
-        _require(8 <= self.image_size <= 512, f"{p}.image_size", self.image_size, "an integer from 8 to 512")
-        _require(0 <= self.preview <= 1024, f"{p}.preview", self.preview, "an integer from 0 to 1024")
+    preview: Int("an integer from 0 to 1024", ge=0, le=1024)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelParams:
-    schedule: typing.Literal["fixed_linear", "learned_linear", "learned_nn"]
-    gamma_min: float  # initial (or fixed) gamma at t = 0 and t = 1
-    gamma_max: float
-    channels: int  # UNet width at the first level
-    channel_mult: list[int]  # one entry per resolution level
-    num_res_blocks: int  # per level
-    attention_resolutions: list[int]  # feature-map sizes with self-attention
-    dropout: float
-    patch_size: int  # space-to-depth stem: 1, 2 or 4
-    fourier_min: int  # Fourier features 2^n * 2pi for n in [fourier_min, fourier_max]
-    fourier_max: int
+class ModelParams(Section):
+    schedule: Literal["fixed_linear", "learned_linear", "learned_nn"]
+    gamma_min: Num("a finite number")  # initial (or fixed) gamma at t = 0 and t = 1
+    gamma_max: Num("a finite number")
+    channels: Int("an integer from 1 to 1024", ge=1, le=1024)  # UNet width at the first level
+    channel_mult: Annotated[  # one entry per resolution level
+        tuple[Annotated[int, Field(ge=1, le=16)], ...],
+        BeforeValidator(_list_as_tuple),
+        Field(min_length=1, max_length=6, description="1 to 6 integers from 1 to 16"),
+    ]
+    num_res_blocks: Int("an integer from 1 to 16", ge=1, le=16)  # per level
+    attention_resolutions: IntList  # feature-map sizes with self-attention
+    dropout: Num("a number in [0, 1)", ge=0, lt=1)
+    patch_size: Annotated[int, _one_of(1, 2, 4), Field(description="1, 2 or 4")]  # space-to-depth stem
+    fourier_min: Int("an integer from 0 to 12", ge=0, le=12)  # Fourier features 2^n * 2pi, n in [min, max]
+    fourier_max: Int("an integer from -1 to 12", ge=-1, le=12)
     checkpointing: bool  # recompute activations in backward: less memory, ~1/3 more compute
     antithetic: bool  # antithetic (low-discrepancy) time sampling
-    timesteps: int  # 0 = continuous-time loss, else T discrete steps
-    prediction: typing.Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
-    x_skip_noise: float  # prediction x: below this noise-to-signal ratio x_hat defaults to z_t / alpha_t
-    loss_weighting: typing.Literal[
-        "elbo", "sigmoid", "min_snr", "edm"
-    ]  # weighting of the diffusion term the net trains on
-    sigmoid_bias: float  # sigmoid weighting w = sigmoid(gamma_t + bias)
+    timesteps: Int("0 (continuous) or a step count", ge=0, le=100_000)  # 0 = continuous-time loss, else T steps
+    prediction: Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
+    x_skip_noise: Num("a number in [0, 1]", ge=0, le=1)  # prediction x: below this noise/signal, x_hat ~ z_t / alpha_t
+    loss_weighting: Literal["elbo", "sigmoid", "min_snr", "edm"]  # weighting of the diffusion term the net trains on
+    sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/diffusion.py)
-    seed: int  # weight initialisation
+    seed: Seed  # weight initialisation
 
-    def check(self, p: str) -> None:
-        _require(
-            -30 <= self.gamma_min < self.gamma_max <= 30,
-            f"{p}.gamma_min/gamma_max",
-            (self.gamma_min, self.gamma_max),
-            "gamma_min < gamma_max, both within [-30, 30]",
-        )
-        _require(1 <= self.channels <= 1024, f"{p}.channels", self.channels, "an integer from 1 to 1024")
-        _require(
-            1 <= len(self.channel_mult) <= 6 and all(1 <= m <= 16 for m in self.channel_mult),
-            f"{p}.channel_mult",
-            list(self.channel_mult),
-            "1 to 6 integers from 1 to 16",
-        )
-        _require(1 <= self.num_res_blocks <= 16, f"{p}.num_res_blocks", self.num_res_blocks, "an integer from 1 to 16")
-        _require(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "a number in [0, 1)")
-        _require(self.patch_size in (1, 2, 4), f"{p}.patch_size", self.patch_size, "1, 2 or 4")
-        _require(
-            0 <= self.fourier_min <= 12 and self.fourier_min - 1 <= self.fourier_max <= 12,
-            f"{p}.fourier_min/fourier_max",
-            (self.fourier_min, self.fourier_max),
-            "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
-        )
-        _require(0 <= self.timesteps <= 100_000, f"{p}.timesteps", self.timesteps, "0 (continuous) or a step count")
-        _require(0 <= self.x_skip_noise <= 1, f"{p}.x_skip_noise", self.x_skip_noise, "a number in [0, 1]")
-        _require(-20 <= self.sigmoid_bias <= 20, f"{p}.sigmoid_bias", self.sigmoid_bias, "a number in [-20, 20]")
-        _check_seed(f"{p}.seed", self.seed)
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not -30 <= self.gamma_min < self.gamma_max <= 30:
+            raise invalid(
+                (self.gamma_min, self.gamma_max), "gamma_min < gamma_max, both within [-30, 30]", "gamma_min/gamma_max"
+            )
+        if not self.fourier_min - 1 <= self.fourier_max:
+            raise invalid(
+                (self.fourier_min, self.fourier_max),
+                "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
+                "fourier_min/fourier_max",
+            )
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainParams:
-    steps: int
-    batch_size: int  # per process (x world size under torchrun)
-    lr: float  # peak learning rate (AdamW)
-    warmup_steps: int  # linear warm-up from 0
+class TrainParams(Section):
+    steps: Positive
+    batch_size: Positive  # per process (x world size under torchrun)
+    lr: Num("a learning rate in (0, 1]", gt=0, le=1)  # peak learning rate (AdamW)
+    warmup_steps: Int("an integer >= 0", ge=0)  # linear warm-up from 0
     cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
-    final_lr_fraction: float
-    weight_decay: float
-    grad_clip: float  # max gradient norm; 0 = off
-    ema_decay: float  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
+    final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
+    weight_decay: Num("a number >= 0", ge=0)
+    grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
+    ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
     fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
-    log_every: int  # steps between logged loss rows (and non-finite checks)
-    eval_every: int  # steps between validation bits/dim (EMA weights); 0 = only at the end
-    eval_images: int  # validation (and train) images in each bits/dim estimate
-    sample_every: int  # steps between sample grids; 0 = only at the end
-    sample_count: int
-    sample_steps: int
-    checkpoint_every: int  # steps between resumable checkpoints (outside DVC outs)
-    seed: int
-    device: str  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    log_every: Positive  # steps between logged loss rows (and non-finite checks)
+    eval_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # validation bits/dim (EMA weights)
+    eval_images: Positive  # validation (and train) images in each bits/dim estimate
+    sample_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # steps between sample grids
+    sample_count: Int("an integer from 0 to 1024", ge=0, le=1024)
+    sample_steps: Positive
+    checkpoint_every: Positive  # steps between resumable checkpoints (outside DVC outs)
+    seed: Seed
+    device: Device  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     compile: bool  # torch.compile the UNet (CUDA)
-    num_workers: int  # DataLoader worker processes
-    wandb: typing.Literal["offline", "online", "disabled"]
-
-    def check(self, p: str) -> None:
-        def positive(name: str, v, what="an integer >= 1"):
-            _require(v >= 1, f"{p}.{name}", v, what)
-
-        positive("steps", self.steps)
-        positive("batch_size", self.batch_size)
-        _require(0 < self.lr <= 1, f"{p}.lr", self.lr, "a learning rate in (0, 1]")
-        _require(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _require(0 <= self.final_lr_fraction <= 1, f"{p}.final_lr_fraction", self.final_lr_fraction, "in [0, 1]")
-        _require(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
-        _require(self.grad_clip >= 0, f"{p}.grad_clip", self.grad_clip, "a number >= 0 (0 = off)")
-        _require(0 <= self.ema_decay < 1, f"{p}.ema_decay", self.ema_decay, "a number in [0, 1)")
-        positive("log_every", self.log_every)
-        for name in ("eval_every", "sample_every"):
-            _require(getattr(self, name) >= 0, f"{p}.{name}", getattr(self, name), "an integer >= 0 (0 = at the end)")
-        positive("eval_images", self.eval_images)
-        _require(0 <= self.sample_count <= 1024, f"{p}.sample_count", self.sample_count, "an integer from 0 to 1024")
-        positive("sample_steps", self.sample_steps)
-        positive("checkpoint_every", self.checkpoint_every)
-        _check_seed(f"{p}.seed", self.seed)
-        _check_device(f"{p}.device", self.device)
-        _require(0 <= self.num_workers <= 64, f"{p}.num_workers", self.num_workers, "an integer from 0 to 64")
+    num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
+    wandb: Literal["offline", "online", "disabled"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SampleParams:
-    count: int  # sprites generated (EMA weights)
-    sampler: typing.Literal["ancestral", "ddim", "dpmpp_2m"]  # see vdm/samplers.py
-    steps: int  # network evaluations per sprite
-    spacing: typing.Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
-    batch_size: int
-    seed: int
-    strip_rows: int  # samples shown in the denoising strip
-    strip_points: int  # z_t snapshots per row, evenly spaced from t = 1 to 0
+class SampleParams(Section):
+    count: Int("an integer from 1 to 100000", ge=1, le=100_000)  # sprites generated (EMA weights)
+    sampler: Literal["ancestral", "ddim", "dpmpp_2m"]  # see vdm/samplers.py
+    steps: Int("an integer from 1 to 100000", ge=1, le=100_000)  # network evaluations per sprite
+    spacing: Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
+    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)
+    seed: Seed
+    strip_rows: Int("0 to sample.count", ge=0)  # samples shown in the denoising strip
+    strip_points: Int("an integer from 2 to 64", ge=2, le=64)  # z_t snapshots per row, from t = 1 to 0
     clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
     denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
-    device: str  # auto | cpu | cuda | cuda:N | mps
+    device: Device
 
-    def check(self, p: str) -> None:
-        _require(1 <= self.count <= 100_000, f"{p}.count", self.count, "an integer from 1 to 100000")
-        _require(1 <= self.steps <= 100_000, f"{p}.steps", self.steps, "an integer from 1 to 100000")
-        _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
-        _check_seed(f"{p}.seed", self.seed)
-        _require(0 <= self.strip_rows <= self.count, f"{p}.strip_rows", self.strip_rows, "0 to sample.count")
-        _require(2 <= self.strip_points <= 64, f"{p}.strip_points", self.strip_points, "an integer from 2 to 64")
-        _check_device(f"{p}.device", self.device)
+    @model_validator(mode="after")
+    def _strip_within_count(self):
+        if self.strip_rows > self.count:
+            raise invalid(self.strip_rows, "0 to sample.count", "strip_rows")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateParams:
-    time_samples: int  # K time samples per test image for bits/dim
-    batch_size: int
-    seed: int
+class EvaluateParams(Section):
+    time_samples: Int("an integer from 1 to 1000", ge=1, le=1000)  # K time samples per test image for bits/dim
+    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)
+    seed: Seed
     inception_weights: str  # path to torch-fidelity's Inception weights; "" = torch hub cache only
-    closest_pairs: int  # sample/nearest-training-image pairs drawn in eval/closest_pairs.png
-    swd_repeats: int  # bootstrap repeats of the sliced Wasserstein distance (its standard error)
-    device: str
-
-    def check(self, p: str) -> None:
-        _require(2 <= self.swd_repeats <= 1000, f"{p}.swd_repeats", self.swd_repeats, "an integer from 2 to 1000")
-        _require(1 <= self.time_samples <= 1000, f"{p}.time_samples", self.time_samples, "an integer from 1 to 1000")
-        _require(1 <= self.batch_size <= 4096, f"{p}.batch_size", self.batch_size, "an integer from 1 to 4096")
-        _check_seed(f"{p}.seed", self.seed)
-        _require(0 <= self.closest_pairs <= 256, f"{p}.closest_pairs", self.closest_pairs, "0 to 256")
-        _check_device(f"{p}.device", self.device)
+    closest_pairs: Int("0 to 256", ge=0, le=256)  # sample/nearest-training-image pairs in eval/closest_pairs.png
+    swd_repeats: Int("an integer from 2 to 1000", ge=2, le=1000)  # bootstrap repeats of the SWD (its s.e.)
+    device: Device
 
 
-# Spelled exactly, ASCII digits only (str.isdigit() also accepts "²").
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
-
-
-def _check_device(key: str, dev: str) -> None:
-    _require(
-        DEVICE_PATTERN.fullmatch(dev) is not None,
-        key,
-        dev,
-        "auto, cpu, cuda, cuda:N or mps",
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Params:
+class Params(Section):
     data: DataParams
     model: ModelParams
     train: TrainParams
@@ -274,69 +243,62 @@ class Params:
     evaluate: EvaluateParams
 
 
-def _convert(value: object, tp: object, key: str) -> object:
-    """Check (and where lossless, convert) one value against a type annotation."""
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+def _allowed_by_type(tp: object) -> str:
     if tp is bool:
-        _require(isinstance(value, bool), key, value, "true or false")
-        return value
-    if tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-            key,
-            value,
-            "a finite number",
-        )
-        return float(value)
+        return "true or false"
     if tp is str:
-        _require(isinstance(value, str), key, value, "a string")
-        return value
-    origin = typing.get_origin(tp)
-    if origin is typing.Literal:
-        choices = typing.get_args(tp)
-        _require(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
-        return value
-    if origin in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp)
-        _require(isinstance(value, list), key, value, "a list")
-        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not user input
+        return "a string"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return "a valid value"
 
 
-def _build(cls: type, raw: object, prefix: str) -> object:
-    _require(isinstance(raw, dict), prefix or "params.yaml", raw, "a mapping of keys to values")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
-    for k in raw:
-        _require(k in names, join(k), raw[k], f"unknown key; allowed keys here: {', '.join(names)}")
-    values = {}
-    for name in names:
-        _require(name in raw, join(name), "<missing>", "this key is required in params.yaml")
-        values[name] = _convert(raw[name], hints[name], join(name))
-    obj = cls(**values)
-    if hasattr(obj, "check"):
-        obj.check(prefix)
-    return obj
+def _error(err: dict, cls: type[Section], raw: object, prefix: str) -> ParamError:
+    """One pydantic error as a ParamError: the key as params.yaml spells it (a list's items fold
+    into the list's key), the value given there, and what the field allows."""
+    node, value, keys, field = cls, raw, [prefix] if prefix else [], None
+    loc = list(err["loc"])
+    while loc and isinstance(node, type) and issubclass(node, Section) and loc[0] in node.model_fields:
+        name = loc.pop(0)
+        keys.append(name)
+        field = node.model_fields[name]
+        node = field.annotation
+        value = value.get(name, "<missing>") if isinstance(value, dict) else value
+    if loc and err["type"] == "extra_forbidden":  # an unknown key, inside the section `node`
+        keys.append(str(loc[0]))
+        return ParamError(
+            ".".join(keys), err["input"], f"unknown key; allowed keys here: {', '.join(node.model_fields)}"
+        )
+    key = ".".join(keys) or "params.yaml"
+    if err["type"] == "param":
+        ctx = err["ctx"]
+        key = ".".join([*keys, ctx["key"]]) if ctx["key"] else key
+        return ParamError(key, ctx["value"], ctx["allowed"])
+    if err["type"] == "missing":
+        return ParamError(key, "<missing>", "this key is required in params.yaml")
+    if isinstance(node, type) and issubclass(node, Section):
+        return ParamError(key, value, "a mapping of keys to values")
+    return ParamError(key, value, (field.description if field else None) or _allowed_by_type(node))
+
+
+def parse_section(cls: type[Section], raw: object, prefix: str = "") -> Section:
+    """Validate a mapping (as read from YAML) into the typed, frozen section `cls`; every problem
+    found is reported at once (ParamErrors: one line each; its key, value, allowed: the first's)."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        errors, seen = [], set()
+        for err in e.errors():
+            pe = _error(err, cls, raw, prefix)
+            if pe.key not in seen:  # several items of one list: one line for the list
+                seen.add(pe.key)
+                errors.append(pe)
+        raise (errors[0] if len(errors) == 1 else ParamErrors(errors)) from None
 
 
 def parse_params(raw: object) -> Params:
     """Validate a params mapping (as read from YAML) into typed, frozen params."""
-    return _build(Params, raw, "")
-
-
-def parse_section(cls: type, raw: object, prefix: str):
-    """Validate one section (e.g. ModelParams from a saved model's config)."""
-    return _build(cls, raw, prefix)
+    return parse_section(Params, raw)
 
 
 MAX_YAML_BYTES = 1 << 20  # params.yaml is ~7 KB; a megabyte is no parameter file
@@ -385,6 +347,6 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     return parse_params(read_yaml(path))
 
 
-def as_dict(obj: object) -> dict:
-    """Params (or a section) as plain dicts, e.g. for logging."""
-    return dataclasses.asdict(obj)
+def as_dict(obj: Section) -> dict:
+    """Params (or a section) as plain dicts, e.g. for logging and the config hash."""
+    return obj.model_dump()

