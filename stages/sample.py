@@ -2,8 +2,8 @@
 
 from stages._cli import run
 from vdm.checkpoint import load_model
-from vdm.runtime import resolve_device
 from vdm.params import load_params
+from vdm.runtime import resolve_device
 from vdm.sampling import generate, write_samples
 
 

@@ -1,16 +1,26 @@
 """train: data/processed -> models/ (model.pt, ema.pt, config.json), metrics/train.json,
 metrics/train_perf.json, plots/ (train.csv, val.csv, samples/).
 
-Also runs under torchrun for DistributedDataParallel: torchrun --nproc_per_node=N -m stages.train
+With train.processes > 1 (auto: one per CUDA device) the stage launches that many processes
+itself (DistributedDataParallel; train.batch_size is the global batch). Under torchrun it is one
+of torchrun's processes: torchrun --standalone --nproc_per_node=N -m stages.train
 """
+
+import os
 
 from stages._cli import run
 from vdm.params import load_params
+from vdm.runtime import launch, process_count
 from vdm.training import train
 
 
 def main() -> None:
-    r = train(load_params())
+    params = load_params()
+    n = process_count(params.train.processes, params.train.device)
+    if n > 1 and "WORLD_SIZE" not in os.environ:
+        launch(n, "stages.train")
+        return
+    r = train(params)
     if r:
         print(
             f"train: {r['steps']} steps, val {r['val_bpd']:.3f} +- {r['val_bpd_se']:.3f} bits/dim (EMA), "

@@ -9,7 +9,18 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import LONG, ROOT, outs, project, same_weights, start, tiny, wait_for_checkpoint, weights
+from tests.helpers import (
+    LONG,
+    ROOT,
+    model_params,
+    outs,
+    project,
+    same_weights,
+    start,
+    tiny,
+    wait_for_checkpoint,
+    weights,
+)
 from vdm.errors import UserError
 from vdm.params import parse_params
 from vdm.samplers import sample
@@ -144,7 +155,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, processed, unint
 
 
 def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, processed):
-    proj = project(tmp_path, processed, steps=4, batch_size=2, eval_every=0, sample_every=2)
+    proj = project(tmp_path, processed, steps=4, batch_size=4, eval_every=0, sample_every=2)
     p = start(
         proj, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages.train"
     )
@@ -152,8 +163,60 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tmp_path, processed):
     assert p.returncode == 0, err
     assert "ddp: 2 processes, weights identical across ranks: True" in out
     perf = json.loads((proj / "metrics/train_perf.json").read_text())
-    assert perf["processes"] == 2
+    assert perf["processes"] == 2 and perf["steps_this_run"] == 4
     assert (proj / "models/ema.pt").is_file() and len(list((proj / "plots/samples").iterdir())) == 2
+
+
+def test_the_stage_launches_train_processes_itself_and_trains_what_one_process_does(tmp_path, processed):
+    """Two processes train the same global batches, with the same draws, as one: every logged loss
+    of the global batch agrees to float rounding (a different draw of times or noise would move it by
+    tens of percent). The weights drift apart by more than that: AdamW's first steps move each
+    weight by about lr whatever its gradient's size, rounding included."""
+    import csv
+
+    runs = {}
+    for n in (1, 2):
+        proj = project(tmp_path / f"p{n}", processed, steps=6, batch_size=4, hflip=True, processes=n)
+        p = start(proj)  # python -m stages.train: no torchrun
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert json.loads((proj / "metrics/train_perf.json").read_text())["processes"] == n
+        with open(proj / "plots/train.csv") as f:
+            runs[n] = list(csv.DictReader(f))
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == ["2", "4", "6"]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        for k in ("total", "diffusion", "latent", "recon", "grad_norm"):
+            assert float(two[k]) == pytest.approx(float(one[k]), rel=2e-3), (one["step"], k)
+
+
+def test_a_sharded_batch_has_the_losses_and_gradient_of_the_whole():
+    """Under W processes, slice r of a global batch gets row r of the global batch's draws: the
+    per-image losses are the whole batch's, and the mean of the slices' gradients is its gradient."""
+    from vdm.diffusion import build_vdm
+
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = build_vdm(model_params(self_condition=True), 16)
+    model.train()
+
+    def run(rows: slice, shard: tuple[int, int]):
+        model.zero_grad()
+        model.shard = shard
+        loss = model.loss(x[rows], torch.Generator().manual_seed(3))
+        loss.objective.mean().backward()
+        return loss.total.detach(), [p.grad.clone() for p in model.parameters()]
+
+    whole, g = run(slice(0, 4), (0, 1))
+    first, g0 = run(slice(0, 2), (0, 2))
+    second, g1 = run(slice(2, 4), (1, 2))
+    assert torch.allclose(torch.cat([first, second]), whole, rtol=1e-5)
+    worst = max(float(((b + c) / 2 - a).norm() / a.norm().clamp(min=1e-12)) for a, b, c in zip(g, g0, g1, strict=True))
+    assert worst < 1e-3, worst  # float rounding (each conv sums over another batch); a wrong draw: ~1
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path, processed):
+    proj = project(tmp_path, processed, steps=2, batch_size=3, processes=2)
+    out, err = start(proj).communicate(timeout=300)
+    assert "train.batch_size = 3 does not split evenly over 2 processes" in err
 
 
 def test_profiler_writes_traces_tables_and_a_breakdown(tmp_path, processed):

@@ -29,7 +29,9 @@ from vdm.errors import UserError
 from vdm.params import Params, as_dict
 
 # Params that provably do not change the trained weights: not part of the config hash.
-_NOT_HASHED = ("wandb", "num_workers", "device", "compile")
+# keys that do not change what a run computes (processes: the global batch and its draws are the
+# same whatever the count, to float rounding), so a checkpoint resumes across them
+_NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes")
 
 
 def config_hash(params: Params, processed: str | os.PathLike) -> str:

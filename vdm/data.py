@@ -38,9 +38,11 @@ def to_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
-def hflip_half(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(B, H, W, C): each image mirrored left-right with probability 1/2, drawn from gen."""
-    flip = torch.rand(len(batch), generator=gen) < 0.5
+def hflip_half(batch: torch.Tensor, gen: torch.Generator, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """(B, H, W, C): each image mirrored left-right with probability 1/2, drawn from gen (for the
+    global batch of B x world images, of which this is slice `rank`)."""
+    b = len(batch)
+    flip = (torch.rand(b * world, generator=gen) < 0.5)[rank * b : (rank + 1) * b]
     if not bool(flip.any()):
         return batch
     out = batch.clone()
@@ -57,18 +59,23 @@ class _Range:
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Index lists for steps start..steps-1 (one list per step), shard `rank` of `world`."""
+    """Index lists for steps start..steps-1 (one list per step): each step's global batch of `batch`
+    images comes from one seeded shuffle per epoch, whatever the process count; process `rank` of
+    `world` takes slice `rank` of it (batch / world images)."""
 
     def __init__(self, n: int, batch: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
-        self.sampler = DistributedSampler(
-            _Range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.batch, self.start, self.steps = batch, start, steps
+        self.sampler = DistributedSampler(_Range(n), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+        if batch % world:
+            raise UserError(
+                f"train.batch_size = {batch} does not split evenly over {world} processes: "
+                f"make it a multiple of {world} or change train.processes"
+            )
+        self.batch, self.start, self.steps, self.rank, self.local = batch, start, steps, rank, batch // world
         self.per_epoch = len(self.sampler) // batch
         if self.per_epoch == 0:
             raise UserError(
-                f"train.batch_size = {batch} is larger than the training set's {len(self.sampler)} images "
-                f"per process: lower train.batch_size or use more data"
+                f"train.batch_size = {batch} is larger than the training set's {len(self.sampler)} images: "
+                "lower train.batch_size or use more data"
             )
 
     def __len__(self) -> int:
@@ -81,7 +88,8 @@ class StepBatches(torch.utils.data.Sampler):
             if e != epoch:
                 self.sampler.set_epoch(e)
                 epoch, order = e, list(self.sampler)
-            yield order[k * self.batch : (k + 1) * self.batch]
+            first = k * self.batch + self.rank * self.local
+            yield order[first : first + self.local]
 
 
 class ArrayDataset(torch.utils.data.Dataset):

@@ -231,6 +231,10 @@ class VDM(nn.Module):
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
         self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
         self.recon_window = ReconWindow()
+        # (rank, processes): in training, this process's batch is slice `rank` of a global batch and
+        # every random draw is made for the global batch, then sliced, so the global batch trains
+        # the same whatever the process count (vdm/training.py sets it under several processes)
+        self.shard = (0, 1)
 
     @property
     def self_condition(self) -> bool:
@@ -264,8 +268,12 @@ class VDM(nn.Module):
         x_self = torch.zeros_like(z)
         b = z.shape[0]
         if self.training:
-            idx = torch.randperm(b, generator=generator, device=generator.device if generator else "cpu")
-            idx = idx[: b // 2].to(z.device)
+            rank, world = self.shard
+            idx = torch.randperm(b * world, generator=generator, device=generator.device if generator else "cpu")
+            idx = idx[: b * world // 2]
+            if world > 1:  # the chosen half of the global batch, where it falls in this slice
+                idx = idx[(idx >= rank * b) & (idx < (rank + 1) * b)] - rank * b
+            idx = idx.to(z.device)
         else:
             idx = torch.arange(b, device=z.device)
         if len(idx):
@@ -309,14 +317,19 @@ class VDM(nn.Module):
         dims = x[0].numel()
         to_bpd = 1.0 / (dims * math.log(2))
         f = encode(x)
+        rank, world = self.shard if self.training else (0, 1)
+        mine = slice(rank * b, (rank + 1) * b)  # this process's rows of the global batch's draws
+
+        def randn() -> torch.Tensor:
+            return torch.randn((b * world, *f.shape[1:]), generator=generator, device=x.device)[mine]
 
         # diffusion term
         slot = GradScale()  # the schedule shape's gradient scale, set below from the objective
-        t = sample_times(b, self.antithetic, generator, x.device)
+        t = sample_times(b * world, self.antithetic, generator, x.device)[mine]
         if self.timesteps:
             t = torch.ceil(t * self.timesteps).clamp(min=1) / self.timesteps
         gamma_t, dgamma_t = self.schedule(t, slot)
-        eps = torch.randn(f.shape, generator=generator, device=x.device)
+        eps = randn()
         alpha_t, sigma_t = alpha_sigma(gamma_t.view(b, 1, 1, 1))
         z_t = alpha_t * f + sigma_t * eps
         x_self = self.self_estimate(z_t, gamma_t.detach(), generator) if self.self_condition else None
@@ -339,7 +352,7 @@ class VDM(nn.Module):
 
         # reconstruction term: -log p(x | z_0), z_0 ~ q(z_0 | x)
         g0 = self.schedule.gamma_0
-        eps_0 = torch.randn(f.shape, generator=generator, device=x.device)
+        eps_0 = randn()
         z_0_rescaled = f + torch.exp(0.5 * g0) * eps_0  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps
         w = self.recon_window(g0, exact=not self.training)
         recon = -log_prob_levels(x, z_0_rescaled, g0, half_width=w).flatten(1).sum(1) * to_bpd

@@ -181,7 +181,7 @@ class ModelParams(Section):
 
 class TrainParams(Section):
     steps: Positive
-    batch_size: Positive  # per process (x world size under torchrun)
+    batch_size: Positive  # the global batch: each of train.processes takes batch_size / processes
     lr: Num("a learning rate in (0, 1]", gt=0, le=1)  # peak learning rate (AdamW)
     warmup_steps: Int("an integer >= 0", ge=0)  # linear warm-up from 0
     cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
@@ -200,6 +200,9 @@ class TrainParams(Section):
     checkpoint_every: Positive  # steps between resumable checkpoints (outside DVC outs)
     seed: Seed
     device: Device  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    processes: Annotated[  # auto (one per CUDA device, else 1) | N: the train stage launches them itself
+        Annotated[int, Field(ge=1, le=64)] | Literal["auto"], Field(description="auto or an integer from 1 to 64")
+    ]
     compile: bool  # torch.compile the UNet (CUDA)
     num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
     wandb: Literal["offline", "online", "disabled"]

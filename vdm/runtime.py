@@ -95,3 +95,45 @@ def init_distributed() -> Dist:
 def close_distributed(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def process_count(setting: int | str, device: str) -> int:
+    """How many training processes `train.processes` asks for on this machine: auto is one per
+    CUDA device when train.device may take any of them (auto or cuda), else 1."""
+    if setting == "auto":
+        return torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.device_count() > 1 else 1
+    if device.startswith("cuda") and torch.cuda.is_available() and setting > torch.cuda.device_count():
+        raise UserError(
+            f"train.processes = {setting} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+            "use auto or at most that many"
+        )
+    return int(setting)
+
+
+def launch(processes: int, module: str) -> None:
+    """Run `python -m module` in `processes` processes on this machine through torch.distributed's
+    elastic launcher (what torchrun --standalone does); each joins the process group in
+    init_distributed. A process that fails has printed its own error: this says which one."""
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", module)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise UserError(
+            f"{module}: process {rank} of {processes} failed (exit code {failure.exitcode}); its message is above"
+        ) from None

@@ -142,6 +142,7 @@ class _Run:
                 f"train: finished moving the outputs of an interrupted run into place ({out.journal})", file=sys.stderr
             )
         self.model, self.ema, self.opt, self.sched = build_training(params, self.device)
+        self.model.shard = (d.rank, d.world)  # the global batch's draws, sliced (see VDM.loss)
         self.state = self._resume()
         self.config = {
             "params": {"data": as_dict(params.data), "model": as_dict(params.model), "train": as_dict(params.train)},
@@ -227,6 +228,8 @@ class _Run:
         """A row of plots/train.csv (the batch's terms, the endpoints, lr, gradient norm), after the
         non-finite check: the only place in the loop that reads values back from the device."""
         means = loss.means()
+        if self.d.world > 1:  # the global batch's means, not rank 0's slice
+            means = _mean_over_ranks(means, self.device)
         check_finite(means, step)
         row = {
             "step": step,
@@ -268,15 +271,16 @@ class _Run:
         with _StopFlag() as stop:
             for x in loader:
                 step = self.state.step
-                gen.manual_seed(step_seed(tp.seed, step, d.rank))
-                torch.manual_seed(step_seed(tp.seed, step, d.rank, stream=1))  # dropout
+                gen.manual_seed(step_seed(tp.seed, step, 0))  # the global batch's draws: the same on every rank
+                torch.manual_seed(step_seed(tp.seed, step, d.rank, stream=1))  # dropout: per process
                 if tp.hflip:
-                    x = hflip_half(x, torch.Generator().manual_seed(step_seed(tp.seed, step, d.rank, stream=2)))
+                    flips = torch.Generator().manual_seed(step_seed(tp.seed, step, 0, stream=2))
+                    x = hflip_half(x, flips, d.rank, d.world)
                 loss, grad_norm = train_step(
                     train_model, self.model, self.ema, self.opt, self.sched, x, gen, device, tp.grad_clip
                 )
                 self.state.step = step = step + 1
-                images_seen += len(x) * d.world
+                images_seen += tp.batch_size
                 self.bar.update(1)
                 logged = step % tp.log_every == 0 or step == tp.steps or step % tp.checkpoint_every == 0
                 if logged:
@@ -349,7 +353,7 @@ class _Run:
             "peak_memory_mb": round(peak_memory_mb(self.device)),
             "device": str(self.device),
             "processes": d.world,
-            "steps_this_run": images_seen // max(1, tp.batch_size * d.world),
+            "steps_this_run": images_seen // tp.batch_size,
         }
         self.commit_outputs(result, perf)
         self.tracker.log({"final/" + k: v for k, v in result.items() if isinstance(v, (int, float))}, tp.steps)
@@ -369,6 +373,12 @@ class _Run:
             write_csv(c.file(out.plots / "val.csv"), s.val_rows)
             write_json(c.file(out.metrics / "train.json"), result)
             write_json(c.file(out.metrics / "train_perf.json"), perf)
+
+
+def _mean_over_ranks(means: dict[str, float], device: torch.device) -> dict[str, float]:
+    t = torch.tensor(list(means.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(means, (t / dist.get_world_size()).tolist(), strict=True))
 
 
 def _check_ranks_agree(model: torch.nn.Module, d: Dist) -> None:
