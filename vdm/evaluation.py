@@ -140,6 +140,22 @@ def sample_quality(
     return out
 
 
+def _load_samples(samples_dir) -> tuple[np.ndarray, dict]:
+    samples_path = Path(samples_dir) / "samples.npy"
+    if not samples_path.is_file():
+        raise UserError("samples/samples.npy not found: run the sample stage first (`dvc repro sample`)")
+    return np.load(samples_path, allow_pickle=False), json.loads((Path(samples_dir) / "info.json").read_text())
+
+
+def _fidelity_or_none(ep: EvaluateParams, samples: np.ndarray, test: np.ndarray, device) -> tuple[dict, str | None]:
+    """FID/KID/IS where Inception weights are at hand, else Nones and why they were skipped."""
+    weights, skipped, why = inception_weights(ep.inception_weights)
+    if weights is not None:
+        return fidelity(samples, test, weights, device), None
+    print(f"evaluate: FID/KID/IS skipped: {why}")
+    return {"fid": None, "kid": None, "kid_std": None, "inception_score": None, "inception_score_std": None}, skipped
+
+
 def evaluate(
     ep: EvaluateParams,
     models="models",
@@ -153,26 +169,10 @@ def evaluate(
     recover(journal_for(out_dir))  # an interrupted run's outputs: finish moving them into place first
     model, _ = load_model(models, "ema", device)
     test, train = load_split(processed, "test"), load_split(processed, "train")
-    samples_path = Path(samples_dir) / "samples.npy"
-    if not samples_path.is_file():
-        raise UserError("samples/samples.npy not found: run the sample stage first (`dvc repro sample`)")
-    samples = np.load(samples_path, allow_pickle=False)
-    info = json.loads((Path(samples_dir) / "info.json").read_text())
-
-    bpd = estimate_bpd(
-        model,
-        to_nchw(test),
-        ep.time_samples,
-        ep.batch_size,
-        torch.Generator(device=device).manual_seed(ep.seed),
-        device,
-    )
-    weights, skipped, why = inception_weights(ep.inception_weights)
-    fid = {"fid": None, "kid": None, "kid_std": None, "inception_score": None, "inception_score_std": None}
-    if weights is not None:
-        fid = fidelity(samples, test, weights, device)
-    else:
-        print(f"evaluate: FID/KID/IS skipped: {why}")
+    samples, info = _load_samples(samples_dir)
+    gen = torch.Generator(device=device).manual_seed(ep.seed)
+    bpd = estimate_bpd(model, to_nchw(test), ep.time_samples, ep.batch_size, gen, device)
+    fid, skipped = _fidelity_or_none(ep, samples, test, device)
     mem = memorisation(samples, train, test)
     quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed)
 

@@ -109,14 +109,8 @@ def split_by_group(groups: list[str], train: float, val: float, test: float, see
     return out
 
 
-def preprocess(
-    data: DataParams,
-    raw_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    metrics_path: str | os.PathLike,
-    workers: int | None = None,
-) -> dict:
-    raw_dir = Path(raw_dir)
+def _raw_files(raw_dir: Path) -> tuple[dict, Path, list[str]]:
+    """(SOURCE.json, the files folder, its files) of the download stage's output, checked."""
     source = read_source(raw_dir)
     root = raw_dir / FILES
     if not root.is_dir():
@@ -124,16 +118,20 @@ def preprocess(
     files = list_files(root)
     if not files:
         raise UserError(f"{root} holds no files: check data.source and rerun the download stage")
-    size = data.image_size
-    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    return source, root, files
 
-    # Pixels go straight into one preallocated array (kept images only): peak memory is
-    # about one copy of the dataset, whatever the number of files.
+
+def _decode_and_dedupe(
+    root: Path, files: list[str], grouping: str, size: int, workers: int
+) -> tuple[pd.DataFrame, np.ndarray, Counter]:
+    """One manifest row per file (its group, what became of it), the kept images in path order,
+    and the skipped files counted by reason. Pixels go straight into one preallocated array (kept
+    images only): peak memory is about one copy of the dataset, whatever the number of files."""
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     rows, seen, n_kept = [], {}, 0
     skipped = Counter({r: 0 for r in SKIP_REASONS})
     for rel, d in zip(files, decode_all(root, files, size, workers), strict=True):
-        group, variant = group_of(rel, source["grouping"])
+        group, variant = group_of(rel, grouping)
         row = dict(
             file=rel,
             group=group,
@@ -162,14 +160,12 @@ def preprocess(
                 images[n_kept] = d.pixels
                 n_kept += 1
         rows.append(row)
-    df = pd.DataFrame(rows)
-    kept = df.index[df.status == "kept"].to_numpy()
-    if len(kept) == 0:
-        raise UserError(f"no usable images in {root} (skipped: {dict(skipped)}); check data.source")
+    return pd.DataFrame(rows), images, skipped
 
-    sp = data.split
-    split = split_by_group(df.group[kept].tolist(), sp.train, sp.val, sp.test, sp.seed)
-    df.loc[kept, "split"] = split
+
+def _write_splits(out_dir, df: pd.DataFrame, kept: np.ndarray, split: np.ndarray, images, preview: int):
+    """data/processed, all at once: the split arrays, preview.png and manifest.csv. Returns the
+    image count per split and the lossless codecs' bits per subpixel on the test split."""
     counts, codec = {}, {}
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
@@ -179,15 +175,36 @@ def preprocess(
             counts[name] = int(len(sel))
             if name == "test":  # the yardstick for the model's test bits/dim
                 codec = codec_bits_per_subpixel(images[sel])
-            if name == "train" and data.preview:
-                write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[: data.preview]], ncol=8)))
+            if name == "train" and preview:
+                write_bytes(tmp / "preview.png", png_bytes(image_grid(images[sel[:preview]], ncol=8)))
         # a file name that is not UTF-8 is written with its odd bytes as \xNN: the manifest stays UTF-8 CSV
         df.map(printable_name).to_csv(tmp / "manifest.csv", index=False)
+    return counts, codec
+
+
+def preprocess(
+    data: DataParams,
+    raw_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    metrics_path: str | os.PathLike,
+    workers: int | None = None,
+) -> dict:
+    """data/raw -> data/processed and metrics/data.json (see the module docstring)."""
+    source, root, files = _raw_files(Path(raw_dir))
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    df, images, skipped = _decode_and_dedupe(root, files, source["grouping"], data.image_size, workers)
+    kept = df.index[df.status == "kept"].to_numpy()
+    if len(kept) == 0:
+        raise UserError(f"no usable images in {root} (skipped: {dict(skipped)}); check data.source")
+    sp = data.split
+    split = split_by_group(df.group[kept].tolist(), sp.train, sp.val, sp.test, sp.seed)
+    df.loc[kept, "split"] = split
+    counts, codec = _write_splits(out_dir, df, kept, split, images, data.preview)
 
     kept_df = df.loc[kept]
     metrics = {
         "source": source["source"],
-        "image_size": size,
+        "image_size": data.image_size,
         "files": len(files),
         "images": int(len(kept)),
         "duplicates": int((df.status == "duplicate").sum()),
