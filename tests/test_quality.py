@@ -174,3 +174,28 @@ def _encode(im: np.ndarray, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(im).save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
+    from vdm.quality import sprite_structure, structure_summary
+
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2
+    sprite = np.full((32, 32, 3), 255, np.uint8)
+    sprite[disc < 100] = (40, 40, 40)  # dark outline
+    sprite[disc < 64] = (230, 90, 30)  # flat orange body
+    rng = np.random.default_rng(0)
+    speckled = sprite.copy()
+    body = disc < 64
+    noisy = body & (rng.random((32, 32)) < 0.5)
+    speckled[noisy] = rng.integers(0, 230, (int(noisy.sum()), 3))  # salt-and-pepper colour
+    for y in range(0, 32, 6):  # 2x2 specks over the background
+        for x in range(0, 32, 6):
+            if disc[y, x] > 200:
+                speckled[y : y + 2, x : x + 2] = (20, 120, 200)
+    white = np.full((32, 32, 3), 255, np.uint8)
+    s = sprite_structure(np.stack([sprite, speckled, white]))
+    assert s["parts"][0] == 1 and s["parts"][1] > 5 and s["parts"][2] == 0
+    assert s["palette"][0] <= 2 and s["palette"][1] > 10 * s["palette"][0] and s["palette"][2] == 0
+    summary = structure_summary(np.stack([speckled, speckled]), np.stack([sprite, sprite]))
+    assert summary["parts"] > summary["parts_test"] == 1 and summary["parts_test_se"] == 0

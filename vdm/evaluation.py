@@ -23,7 +23,7 @@ from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import EvaluateParams
-from vdm.quality import graininess, swd
+from vdm.quality import graininess, structure_summary, swd
 from vdm.runtime import resolve_device
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -124,7 +124,8 @@ def sample_quality(
 ) -> dict:
     """SWD (x 1000, mean over pyramid levels and per level, each +- bootstrap s.e.) of the samples
     against the test split, beside the floor: as many training images as samples (a fresh
-    seeded subset in every repeat) against the test split; graininess of samples and test.
+    seeded subset in every repeat) against the test split; graininess, parts and palette
+    (vdm.quality.sprite_structure) of samples and test.
     per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
     n, out = len(samples), {}
     for name, images, subsets in (("swd", samples, False), ("swd_floor", train, True)):
@@ -137,6 +138,7 @@ def sample_quality(
     out["swd_ratio"] = out["swd"] / out["swd_floor"]
     out["graininess"] = graininess(samples)
     out["graininess_test"] = graininess(test)
+    out.update(structure_summary(samples, test))
     return out
 
 
