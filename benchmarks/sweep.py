@@ -35,6 +35,7 @@ from vdm.diffusion import estimate_bpd  # noqa: E402
 from vdm.evaluation import sample_quality  # noqa: E402
 from vdm.images import image_grid, png_bytes  # noqa: E402
 from vdm.params import parse_params  # noqa: E402
+from vdm.quality import structure_summary  # noqa: E402
 from vdm.sampling import generate  # noqa: E402
 from vdm.training import Outputs, train  # noqa: E402
 
@@ -137,6 +138,8 @@ def main() -> None:
                 row[which] = q
                 np.save(d / f"samples-{which}.npy", samples)
             cached.write_text(json.dumps(row, indent=1) + "\n")
+        if "parts" not in row["ema"]:  # a row scored before the whole-sprite figures existed
+            row["ema"].update(structure_summary(np.load(d / "samples-ema.npy"), test_x))
         rows.append(row)
         strips.append(np.load(d / "samples-ema.npy")[:8])
         ref = np.asarray(rows[0]["ema"]["swd_per_repeat"])
@@ -148,13 +151,14 @@ def main() -> None:
         print(
             f"{name}: SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
             f"{q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}, graininess {q['graininess']:.1f}, "
+            f"parts {q['parts']:.2f}, palette {q['palette']:.0f}, "
             f"test {q['test_bpd']:.2f} bpd, {row['img_per_s']:.1f} img/s",
             flush=True,
         )
     lines = [
-        "| row | changed | SWD (mean of levels) | paired vs first row | SWD 96 px | graininess | test bits/dim "
-        "| raw weights: SWD (paired) | img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | changed | SWD (mean of levels) | paired vs first row | SWD 96 px | graininess | parts | palette "
+        "| test bits/dim | raw weights: SWD (paired) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r["ema"]
@@ -164,12 +168,14 @@ def main() -> None:
         lines.append(
             f"| {r['name']} | {changed} | {q['swd']:.1f} +- {q['swd_se']:.1f} | {q['swd_diff']:+.1f} +- "
             f"{q['swd_diff_se']:.1f} | {q['swd_96']:.1f} +- {q['swd_96_se']:.1f} | {q['graininess']:.1f} | "
+            f"{q['parts']:.2f} +- {q['parts_se']:.2f} | {q['palette']:.0f} +- {q['palette_se']:.0f} | "
             f"{q['test_bpd']:.2f} +- {q['test_bpd_se']:.2f} | {rawcol} | {r['img_per_s']:.1f} |"
         )
     q0 = rows[0]["ema"]
     lines.append(
         f"| real floor | train vs test | {q0['swd_floor']:.1f} +- {q0['swd_floor_se']:.1f} | | "
-        f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} (test) | | | |"
+        f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} (test) | {q0['parts_test']:.2f} (test) | "
+        f"{q0['palette_test']:.1f} (test) | | | |"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
