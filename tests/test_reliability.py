@@ -435,6 +435,8 @@ WRONG_TYPE = {  # by the type of the value in params.yaml
     list: ["1,2", ["x"]],
     dict: [5, [1]],
 }
+# keys that take more than one type: their own wrong-type values
+WRONG_TYPE_FOR = {"train.processes": [2.5, True, None, [2]]}  # auto or an integer
 OUT_OF_RANGE = {int: [-1, 0, 10**9], float: [-1.0, 2.0, 1e9, -1e9], str: ["tpu", "nowhere/at/all"], list: [[0], [99]]}
 
 
@@ -478,7 +480,7 @@ def bad_values() -> list[tuple[str, str, object]]:
     cases = []
     for key in all_keys(REAL_PARAMS):
         tp = type(real_value(key))
-        cases += [(key, "wrong type", value) for value in WRONG_TYPE[tp]]
+        cases += [(key, "wrong type", value) for value in WRONG_TYPE_FOR.get(key, WRONG_TYPE[tp])]
         for value in OUT_OF_RANGE.get(tp, []):
             if rejection(key, value) is not None:
                 cases.append((key, "out of range", value))
