@@ -1,6 +1,6 @@
 """Samplers in gamma = -log SNR: exact denoisers land on the data, the deterministic samplers
 converge to the probability-flow ODE's exact solution at their order, and the ancestral sampler
-is the paper's (the same draws as VDM.sample)."""
+is the paper's p(z_s | z_t)."""
 
 import math
 
