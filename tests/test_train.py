@@ -219,6 +219,23 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line(tmp_p
     assert "train.batch_size = 3 does not split evenly over 2 processes" in err
 
 
+def test_process_count_and_the_process_group_backend_follow_train_device(monkeypatch):
+    from vdm import runtime
+
+    assert runtime.process_count(3, "cpu") == 3 and runtime.process_count("auto", "cpu") == 1
+    with pytest.raises(UserError, match="would put every process on one GPU"):
+        runtime.process_count(2, "cuda:0")
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(runtime.dist, "init_process_group", backends.append)
+    monkeypatch.setattr(runtime.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(runtime.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    for device in ("cpu", "cuda", "auto"):
+        runtime.init_distributed(device)
+    assert backends == ["gloo", "nccl", "nccl"]  # a CUDA machine told train.device = cpu trains with gloo
+
+
 def test_profiler_writes_traces_tables_and_a_breakdown(tmp_path, processed):
     from vdm.profiling import PHASES, profile_run
 

@@ -322,9 +322,6 @@ def recover(journal: str | os.PathLike) -> bool:
     except (OSError, ValueError, TypeError):
         journal.unlink(missing_ok=True)  # a journal is written atomically: a damaged one was never complete
         return False
-    for tmp, final, old in entries:
-        if (tmp.exists() or tmp.is_symlink()) and not final.exists() and (old.exists() or old.is_symlink()):
-            os.replace(tmp, final)  # killed between moving the final aside and placing the new one
-    _apply(entries)
+    _apply(entries)  # a final moved aside by the killed run is simply absent: the staged one takes its place
     journal.unlink(missing_ok=True)
     return True

@@ -28,9 +28,9 @@ from vdm.atomic import atomic_dir, atomic_path, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.params import Params, as_dict
 
-# Params that provably do not change the trained weights: not part of the config hash.
-# keys that do not change what a run computes (processes: the global batch and its draws are the
-# same whatever the count, to float rounding), so a checkpoint resumes across them
+# train keys that do not change what a run computes, so not part of the config hash: a checkpoint
+# resumes across them (processes: the global batch and its draws are the same whatever the count,
+# to float rounding)
 _NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes")
 
 

@@ -1,8 +1,9 @@
 """Training data: the processed uint8 arrays, memory-mapped, served in reproducible batches.
 
-The batch for step s depends only on (seed, s, rank, world size): epochs are shuffled by
-torch's DistributedSampler (seeded with seed + epoch; one replica when not distributed),
-so a run resumed at step s sees exactly the batches an uninterrupted run would.
+The global batch for step s depends only on (seed, s): each epoch is one shuffle of the whole
+training set (torch's DistributedSampler with one replica, seeded with seed + epoch), cut into
+consecutive global batches; under DDP process r of W takes slice r of each. So a run resumed
+at step s sees exactly the batches an uninterrupted run would, whatever the process count.
 """
 
 from __future__ import annotations

@@ -82,13 +82,14 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, else gloo)."""
+def init_distributed(device: str = "auto") -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, nccl when the processes train
+    on CUDA (`device`, the train.device setting, resolves to it), else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if on_cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -102,6 +103,11 @@ def process_count(setting: int | str, device: str) -> int:
     CUDA device when train.device may take any of them (auto or cuda), else 1."""
     if setting == "auto":
         return torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.device_count() > 1 else 1
+    if setting > 1 and device.startswith("cuda:"):
+        raise UserError(
+            f"train.processes = {setting} with train.device = {device!r} would put every process on one GPU: "
+            "use train.device = cuda (one GPU per process) or train.processes = 1"
+        )
     if device.startswith("cuda") and torch.cuda.is_available() and setting > torch.cuda.device_count():
         raise UserError(
             f"train.processes = {setting} but this machine has {torch.cuda.device_count()} CUDA device(s): "

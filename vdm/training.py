@@ -112,7 +112,7 @@ def _sample_grid(model: VDM, count: int, steps: int, seed: int, device) -> np.nd
 def train(params: Params, processed: str | os.PathLike = "data/processed", out: Outputs | None = None) -> dict:
     """Train params on processed/{train,val}.npy; write `out` (models, metrics, plots) on rank 0.
     Returns the final metrics and performance figures (empty on other ranks)."""
-    d = init_distributed()
+    d = init_distributed(params.train.device)
     try:
         return _Run(params, Path(processed), out or Outputs(), d).run()
     finally:
