@@ -25,6 +25,7 @@ def main() -> None:
         sp.spacing,
         progress=True,
         denoise_last=sp.denoise_last,
+        temperature=sp.temperature,
     )
     info = {
         "count": sp.count,
@@ -33,6 +34,7 @@ def main() -> None:
         "spacing": sp.spacing,
         "clip_denoised": sp.clip_denoised,
         "denoise_last": sp.denoise_last,
+        "temperature": sp.temperature,
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
         "device": str(device),

@@ -149,3 +149,21 @@ def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
     assert torch.equal(clean, x0.expand_as(clean))
     if sampler == "ancestral":  # its last step leaves sigma_0 of fresh noise in z_0: the decoder keeps it
         assert (noisy.float() - x0.float()).abs().mean() > 3
+
+
+def test_temperature_scales_only_the_ancestral_steps_fresh_noise():
+    """With x_hat = 0 and z_1 = 0 the ancestral walk's end is a linear sum of its fresh noise: a
+    temperature T ends at exactly T times the T = 1 walk of the same draws. The deterministic
+    samplers draw no noise, so T does not change them."""
+    gammas = torch.linspace(5.0, -6.0, 9)
+    zero = torch.zeros(2, 3, 4, 4)
+
+    def run(sampler, temperature, z=zero, denoise=lambda z, g: torch.zeros_like(z)):
+        return solve(denoise, z, gammas, sampler, torch.Generator().manual_seed(0), temperature=temperature)[0]
+
+    hot, cold = run("ancestral", 1.0), run("ancestral", 0.5)
+    assert hot.abs().max() > 0.1 and torch.allclose(cold, 0.5 * hot, atol=1e-6)
+    z1 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    for sampler in ("ddim", "dpmpp_2m"):
+        shrink = lambda z, g: 0.5 * z  # noqa: E731
+        assert torch.equal(run(sampler, 1.0, z1, shrink), run(sampler, 0.3, z1, shrink))

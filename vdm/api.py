@@ -24,7 +24,14 @@ from vdm import samplers
 from vdm.errors import UserError
 from vdm.runtime import resolve_device
 
-SAMPLE_DEFAULTS = {"sampler": "ancestral", "steps": 64, "spacing": "t", "clip_denoised": True, "denoise_last": True}
+SAMPLE_DEFAULTS = {
+    "sampler": "ancestral",
+    "steps": 64,
+    "spacing": "t",
+    "clip_denoised": True,
+    "denoise_last": True,
+    "temperature": 0.85,
+}
 # Encoding runs the probability-flow ODE, so interpolation needs a deterministic sampler.
 INTERPOLATE_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 64, "spacing": "t"}
 
@@ -57,11 +64,13 @@ class Sprites:
         spacing: str | None = None,
         batch_size: int = 32,
         on_step: Callable[[int], None] | None = None,
+        temperature: float | None = None,
     ) -> np.ndarray:
         """n new sprites, (n, H, W, 3) uint8. Sprite k of a seed is the same whatever n and
         batch_size (each has its own random stream; batched convolutions round differently, by at
         most a level on a few pixels), so asking for more extends the set. `on_step(i)` is called
-        after every network evaluation of every batch (a progress bar, or a deadline that raises)."""
+        after every network evaluation of every batch (a progress bar, or a deadline that raises).
+        `temperature` scales the ancestral sampler's fresh noise (default: the sample stage's)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"n = {n!r}: ask for at least 1 sprite")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -69,7 +78,10 @@ class Sprites:
         sampler = sampler or SAMPLE_DEFAULTS["sampler"]
         steps = SAMPLE_DEFAULTS["steps"] if steps is None else steps
         spacing = spacing or SAMPLE_DEFAULTS["spacing"]
+        temperature = SAMPLE_DEFAULTS["temperature"] if temperature is None else temperature
         check_sampling(sampler, steps, spacing)
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature <= 1:
+            raise UserError(f"temperature = {temperature!r}: give a number above 0 and at most 1")
         check_seed(seed)
         out = []
         for start in range(0, n, batch_size):
@@ -85,6 +97,7 @@ class Sprites:
                 clip_denoised=SAMPLE_DEFAULTS["clip_denoised"],
                 on_step=on_step,
                 denoise_last=SAMPLE_DEFAULTS["denoise_last"],
+                temperature=float(temperature),
             )
             out.append(x.permute(0, 2, 3, 1).numpy())
         return np.concatenate(out)

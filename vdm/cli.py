@@ -36,6 +36,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0 and at most 1")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -81,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive, default=SAMPLE_DEFAULTS["steps"], help="network evaluations per sprite")
     g.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE_DEFAULTS["sampler"], help="sampler")
     g.add_argument("--spacing", choices=SPACINGS, default=SAMPLE_DEFAULTS["spacing"], help="step spacing")
+    g.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=SAMPLE_DEFAULTS["temperature"],
+        help="ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)",
+    )
     g.add_argument("--batch-size", type=_positive, default=32, help="sprites per network call")
     g.add_argument("--out", default="generated", help="output folder (a folder holding other files is refused)")
 
@@ -147,7 +163,14 @@ def cmd_generate(args) -> None:
     bar = Progress(total=args.steps * math.ceil(args.n / args.batch_size), desc="generate", unit="step")
     t0 = time.perf_counter()
     sprites = model.generate(
-        args.n, args.seed, args.steps, args.sampler, args.spacing, args.batch_size, on_step=lambda _: bar.update(1)
+        args.n,
+        args.seed,
+        args.steps,
+        args.sampler,
+        args.spacing,
+        args.batch_size,
+        on_step=lambda _: bar.update(1),
+        temperature=args.temperature,
     )
     seconds = time.perf_counter() - t0
     bar.close()
@@ -160,6 +183,7 @@ def cmd_generate(args) -> None:
         steps=args.steps,
         sampler=args.sampler,
         spacing=args.spacing,
+        temperature=args.temperature,
         device=str(model.device),
         seconds=round(seconds, 2),
         img_per_s=round(args.n / seconds, 3),

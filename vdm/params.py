@@ -219,6 +219,7 @@ class SampleParams(Section):
     strip_points: Int("an integer from 2 to 64", ge=2, le=64)  # z_t snapshots per row, from t = 1 to 0
     clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
     denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
+    temperature: Num("a number above 0 and at most 1", gt=0, le=1)  # scales the ancestral steps' fresh noise
     device: Device
 
     @model_validator(mode="after")

@@ -6,7 +6,9 @@ With alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), lambda = -gamma / 2 = 
 and a step from gamma_t to gamma_s < gamma_t:
 
     ancestral  z_s ~ q(z_s | z_t, x = x_hat): mean (alpha_s / alpha_t) e^(gamma_s - gamma_t) z_t
-               + alpha_s c x_hat, variance sigma_s^2 c, c = 1 - SNR_t / SNR_s (the paper's sampler)
+               + alpha_s c x_hat, variance sigma_s^2 c, c = 1 - SNR_t / SNR_s (the paper's sampler);
+               with a temperature T < 1 the fresh noise is scaled by T (standard deviation T sigma_s sqrt(c)):
+               a colder walk, fewer sprites' worth of variety for less of the noise the net fails to remove
     ddim       z_s = alpha_s x_hat + sigma_s eps_hat, eps_hat = (z_t - alpha_t x_hat) / sigma_t
                (Song et al. 2021, eta = 0: the probability-flow ODE to first order)
     dpmpp_2m   z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D, h = lambda_s - lambda_t,
@@ -82,9 +84,11 @@ def solve(
     generator: torch.Generator | list[torch.Generator] | None = None,
     snapshots: set[int] = frozenset(),
     on_step: Callable[[int], None] | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run `sampler` from z at gammas[0] to gammas[-1]; returns z there and {step index: z} at the
-    indices in `snapshots` (0 = the start, len(gammas) - 1 = the end)."""
+    indices in `snapshots` (0 = the start, len(gammas) - 1 = the end). `temperature` scales the
+    ancestral steps' fresh noise (the deterministic samplers draw none)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     n = z.shape[0]
@@ -100,7 +104,11 @@ def solve(
         if sampler == "ancestral":
             c = -torch.expm1(gs - gt)
             noise = randn(z.shape, generator, z.device)
-            z = (alpha_s / alpha_t) * (1 - c) * z + alpha_s * c * x_hat + torch.sqrt(sigma_s**2 * c) * noise
+            z = (
+                (alpha_s / alpha_t) * (1 - c) * z
+                + alpha_s * c * x_hat
+                + temperature * torch.sqrt(sigma_s**2 * c) * noise
+            )
         elif sampler == "ddim":
             z = alpha_s * x_hat + sigma_s * eps_from_x(z, x_hat, alpha_t, sigma_t)
         else:  # dpmpp_2m
@@ -132,6 +140,7 @@ def sample(
     on_step: Callable[[int], None] | None = None,
     denoise_last: bool = False,
     z: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
     [-1, 1], as uint8) at evenly spaced steps from the start to the end.
@@ -155,7 +164,7 @@ def sample(
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
     denoise = vdm_denoiser(model, clip_denoised)
-    z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step)
+    z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step, temperature)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
     if denoise_last:
         return decode_nearest(denoise(z, gammas[-1].expand(n))).cpu(), traj

@@ -36,6 +36,7 @@ def generate(
     spacing: str = "t",
     progress: bool = False,
     denoise_last: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
@@ -64,6 +65,7 @@ def generate(
             clip_denoised,
             on_step=lambda _: bar.update(1),
             denoise_last=denoise_last,
+            temperature=temperature,
         )
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:
