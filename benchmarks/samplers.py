@@ -3,6 +3,7 @@ and is scored by the evaluate stage's metric, with its wall-clock.
 
     python benchmarks/samplers.py                                 # the default sweep on models/
     python benchmarks/samplers.py --rows ancestral:256:t ddim:32:t dpmpp_2m:32:logsnr
+    python benchmarks/samplers.py --rows ancestral:64:t:ema:1 ancestral:64:t:ema:0.85   # temperatures
 
 Writes reports/samplers/samplers.json, a Markdown table (samplers.md) and samplers.png (the first
 8 sprites of each row, one row each). The sample count, batch, seed, clipping, SWD repeats and
@@ -51,7 +52,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="models")
     ap.add_argument("--processed", default="data/processed")
-    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="sampler:steps:spacing[:ema|model] ...")
+    ap.add_argument(
+        "--rows", nargs="+", default=DEFAULT_ROWS, help="sampler:steps:spacing[:ema|model[:temperature]] ..."
+    )
     ap.add_argument("--count", type=int, default=None, help="sprites per row (default: sample.count)")
     ap.add_argument(
         "--weights", default="ema", choices=("ema", "model"), help="weights of rows that do not name theirs"
@@ -70,7 +73,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, strips = [], []
     for spec in args.rows:
-        sampler, steps, spacing, weights = (spec.split(":") + [args.weights])[:4]
+        parts = spec.split(":")
+        sampler, steps, spacing = parts[:3]
+        weights = parts[3] if len(parts) > 3 else args.weights
+        temperature = float(parts[4]) if len(parts) > 4 else sp.temperature
         if weights not in models:
             models[weights] = load_model(args.models, weights, torch.device("cpu"))[0].to(
                 memory_format=torch.channels_last
@@ -89,6 +95,7 @@ def main() -> None:
             sampler,
             spacing,
             denoise_last=sp.denoise_last,
+            temperature=temperature,
         )
         t0 = time.perf_counter()
         q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, per_repeat=True)
@@ -101,6 +108,7 @@ def main() -> None:
             "sampler": sampler,
             "steps": int(steps),
             "spacing": spacing,
+            "temperature": temperature,
             "count": count,
             "sample_s": round(secs, 1),
             "metric_s": round(metric_s, 1),
@@ -109,28 +117,32 @@ def main() -> None:
         rows.append(row)
         strips.append(samples[:8])
         print(
-            f"{sampler:>9} {steps:>4} {spacing:>6}: SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
+            f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g}: SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
             f"(96: {q['swd_96']:6.1f} +- {q['swd_96_se']:4.1f}; floor {q['swd_floor']:.1f}), "
-            f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), {secs:6.1f} s; "
+            f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), parts {q['parts']:.2f}, "
+            f"palette {q['palette']:.0f}, {secs:6.1f} s; "
             f"vs first row {q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}",
             flush=True,
         )
     (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        "| weights | sampler | steps | spacing | SWD x1e3 (mean of levels) | paired difference to the first row "
-        f"| SWD at 96 px | graininess | seconds for {count} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| weights | sampler | steps | spacing | temperature | SWD x1e3 (mean of levels) | paired difference to the "
+        f"first row | SWD at 96 px | graininess | parts | palette | seconds for {count} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['weights']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['swd']:.1f} +- {r['swd_se']:.1f} "
-            f"| {r['swd_diff']:+.1f} +- {r['swd_diff_se']:.1f} | {r['swd_96']:.1f} +- {r['swd_96_se']:.1f} "
-            f"| {r['graininess']:.1f} | {r['sample_s']:.0f} |"
+            f"| {r['weights']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['temperature']:g} "
+            f"| {r['swd']:.1f} +- {r['swd_se']:.1f} | {r['swd_diff']:+.1f} +- {r['swd_diff_se']:.1f} "
+            f"| {r['swd_96']:.1f} +- {r['swd_96_se']:.1f} | {r['graininess']:.1f} "
+            f"| {r['parts']:.2f} +- {r['parts_se']:.2f} | {r['palette']:.0f} +- {r['palette_se']:.0f} "
+            f"| {r['sample_s']:.0f} |"
         )
     r0 = rows[0]
     lines.append(
-        f"| real floor (train vs test) | | | | {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
-        f"{r0['swd_floor_96']:.1f} +- {r0['swd_floor_96_se']:.1f} | {r0['graininess_test']:.1f} (test) | |"
+        f"| real floor (train vs test) | | | | | {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
+        f"{r0['swd_floor_96']:.1f} +- {r0['swd_floor_96_se']:.1f} | {r0['graininess_test']:.1f} (test) "
+        f"| {r0['parts_test']:.2f} (test) | {r0['palette_test']:.1f} (test) | |"
     )
     (out / "samplers.md").write_text("\n".join(lines) + "\n")
     (out / "samplers.png").write_bytes(png_bytes(image_grid(np.concatenate(strips), ncol=8)))

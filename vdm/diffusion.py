@@ -106,6 +106,19 @@ def window_half_width(gamma_0: float) -> int:
     return k - 1
 
 
+TRAIN_WINDOW = 16  # decoder levels per subpixel a training step pays for at most (see recon_stride)
+
+
+def recon_stride(width: int, dims: int) -> int:
+    """Training estimates the decoder term on every k-th subpixel (k a power of two dividing
+    dims) when the window is wider than TRAIN_WINDOW levels, so its cost stays that of a
+    TRAIN_WINDOW-level window; 1 (every subpixel, exactly) when it is not."""
+    k = 1
+    while width > TRAIN_WINDOW * k and dims % (2 * k) == 0:
+        k *= 2
+    return k
+
+
 WINDOW_CHUNK = 1 << 24  # elements of the (..., window) tensor per chunk: 64 MB in float32
 
 
@@ -355,7 +368,14 @@ class VDM(nn.Module):
         eps_0 = randn()
         z_0_rescaled = f + torch.exp(0.5 * g0) * eps_0  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps
         w = self.recon_window(g0, exact=not self.training)
-        recon = -log_prob_levels(x, z_0_rescaled, g0, half_width=w).flatten(1).sum(1) * to_bpd
+        stride = recon_stride(2 * w + 1, dims) if self.training else 1
+        if stride == 1:
+            recon = -log_prob_levels(x, z_0_rescaled, g0, half_width=w).flatten(1).sum(1) * to_bpd
+        else:  # every stride-th subpixel from a random offset: an unbiased estimate at 1/stride the cost
+            offset = torch.randint(stride, (1,), generator=generator, device=x.device)
+            idx = torch.arange(dims // stride, device=x.device) * stride + offset
+            picked = -log_prob_levels(x.flatten(1)[:, idx], z_0_rescaled.flatten(1)[:, idx], g0, half_width=w)
+            recon = picked.sum(1) * (stride * to_bpd)
 
         total = diffusion + latent + recon
         objective = total if self.loss_weighting == "elbo" else weighted + latent + recon
