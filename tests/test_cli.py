@@ -62,6 +62,8 @@ def test_api_defaults_are_the_sample_stage_defaults():
         (lambda m: m.generate(0), "at least 1 sprite"),
         (lambda m: m.generate(2, sampler="euler"), "unknown sampler"),
         (lambda m: m.generate(2, steps=0), "steps"),
+        (lambda m: m.generate(2, temperature=0), "temperature"),
+        (lambda m: m.generate(2, temperature=1.5), "temperature"),
         (lambda m: m.generate(2, seed=2**64), "seed"),
         (lambda m: m.generate(2, seed=-1), "seed"),
         (lambda m: m.encode(np.zeros((2, 8, 8, 3), np.uint8)), "shape (32, 32, 3)"),

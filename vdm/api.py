@@ -36,13 +36,15 @@ SAMPLE_DEFAULTS = {
 INTERPOLATE_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 64, "spacing": "t"}
 
 
-def check_sampling(sampler: str, steps: int, spacing: str) -> None:
+def check_sampling(sampler: str, steps: int, spacing: str, temperature: float = 1.0) -> None:
     if sampler not in samplers.SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(samplers.SAMPLERS)}")
     if spacing not in samplers.SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}: use one of {', '.join(samplers.SPACINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps = {steps!r}: give a whole number of at least 1")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature <= 1:
+        raise UserError(f"temperature = {temperature!r}: give a number above 0 and at most 1")
 
 
 class Sprites:
@@ -79,9 +81,7 @@ class Sprites:
         steps = SAMPLE_DEFAULTS["steps"] if steps is None else steps
         spacing = spacing or SAMPLE_DEFAULTS["spacing"]
         temperature = SAMPLE_DEFAULTS["temperature"] if temperature is None else temperature
-        check_sampling(sampler, steps, spacing)
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature <= 1:
-            raise UserError(f"temperature = {temperature!r}: give a number above 0 and at most 1")
+        check_sampling(sampler, steps, spacing, temperature)
         check_seed(seed)
         out = []
         for start in range(0, n, batch_size):
