@@ -45,6 +45,7 @@ TEST_OVERRIDES = {
         "lr": 0.001,
         "warmup_steps": 2,
         "fit_gamma_0": False,
+        "fit_eps_scale": False,
         "log_every": 2,
         "eval_every": 3,
         "eval_images": 4,

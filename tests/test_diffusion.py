@@ -342,6 +342,77 @@ def test_fit_gamma_0_moves_the_endpoint_to_where_denoising_stops_paying(below, e
     assert again == pytest.approx(fit["bpd_fitted"], rel=1e-6)
 
 
+class TimesBelow(torch.nn.Module):
+    """The exact eps of a data set of one image, multiplied by `factor` wherever gamma < `below`."""
+
+    def __init__(self, f, below, factor):
+        super().__init__()
+        self.f, self.below, self.factor = f, below, factor
+
+    def forward(self, z, gamma):
+        g = gamma.view(-1, 1, 1, 1)
+        exact = (z - torch.sqrt(torch.sigmoid(-g)) * self.f) / torch.sqrt(torch.sigmoid(g))
+        return exact * torch.where(g < self.below, self.factor, 1.0)
+
+
+def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alone():
+    from vdm.diffusion import EPS_SCALE_GRID, fit_eps_scale
+
+    x = images(n=64).clone()
+    x[:] = x[:1]
+    model = VDM(TimesBelow(encode(x[:1]), -6.0, 4.0), make_schedule("learned_linear", -13.0, 5.0)).eval()
+    before = estimate_bpd(model, x, 1, 64, torch.Generator().manual_seed(0))["total"]
+    z, gamma = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([-9.0, -2.0])
+    x_hat_before = model.x_hat(z, gamma)
+    fit = fit_eps_scale(model, x, seed=0)
+    # from the grid point at gamma_0 = -13 up, until two points above 0 need no scaling
+    assert fit["gamma"] == [-13.0 + 0.5 * k for k in range(len(fit["gamma"]))] and fit["gamma"][-1] == 1.0
+    for g, c in zip(fit["gamma"], fit["scale"], strict=True):  # 4x too large below -6: the factor is 1/4
+        assert c == pytest.approx(0.25 if g < -6.0 else 1.0, abs=1e-5), g
+    assert fit["gamma_half"] == pytest.approx(-6.5 + 0.5 * (0.25 / 0.75), abs=1e-4)
+    first, _, step = EPS_SCALE_GRID
+    table, lo, hi = model.eps_scale, round((-13.0 - first) / step), round((1.0 - first) / step)
+    assert torch.all(table[:lo] == table[lo]) and torch.all(table[hi + 1 :] == 1.0)  # lowest value below, 1 above
+    assert model.eps_scale_at(torch.tensor([-8.0, -6.25, 3.0])).tolist() == pytest.approx([0.25, 0.625, 1.0], abs=1e-5)
+    # the bound: an eps error of 3 over 7 units of gamma (6.5 bits/dim each) is gone, up to the one
+    # grid cell (-6.5, -6) where the interpolated factor meets the jump
+    after = estimate_bpd(model, x, 1, 64, torch.Generator().manual_seed(0))["total"]
+    assert after < before - 40.0, (before, after)
+    # the samplers' x_hat is the network's own; in training mode the bound's eps_hat is too
+    assert torch.equal(model.x_hat(z, gamma), x_hat_before)
+    model.train()
+    assert torch.equal(model.eps_hat(z, gamma), model.net(z, gamma))
+    model.eval()
+    assert torch.allclose(model.eps_hat(z, gamma)[0], 0.25 * model.net(z, gamma)[0])
+    again = fit_eps_scale(model, x, seed=0)  # the table is reset before each fit
+    assert again["scale"] == fit["scale"]
+
+
+def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
+    """A net whose x_hat errs by independent noise of variance v: the best mix of x_hat and z_t / alpha_t
+    (error variance s^2 = e^gamma) weighs x_hat by s^2 / (s^2 + v), which is the fitted eps factor."""
+    from vdm.diffusion import alpha_sigma, eps_from_x, fit_eps_scale
+
+    x = images(n=64, size=16).clone()
+    x[:] = x[:1]
+    f = encode(x[:1])
+    v = math.exp(-6.0)
+
+    class NoisyX(torch.nn.Module):
+        def forward(self, z, gamma):
+            g = gamma.view(-1, 1, 1, 1)
+            alpha, sigma = alpha_sigma(g)
+            err = torch.randn(z.shape, generator=torch.Generator().manual_seed(int(z.abs().sum() * 1e3) % 2**31))
+            return eps_from_x(z, f + math.sqrt(v) * err, alpha, sigma)
+
+    model = VDM(NoisyX(), make_schedule("learned_linear", -9.0, 5.0)).eval()
+    fit = fit_eps_scale(model, x, seed=0)
+    for g, c in zip(fit["gamma"], fit["scale"], strict=True):
+        s2 = math.exp(g)
+        assert c == pytest.approx(s2 / (s2 + v), abs=0.01), g
+    assert fit["gamma_half"] == pytest.approx(-6.0, abs=0.05)
+
+
 def test_edm_weighting_is_its_log_normal_density_times_its_loss_weight():
     from vdm.diffusion import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
 

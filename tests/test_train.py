@@ -274,15 +274,25 @@ def test_hflip_mirrors_a_seeded_half_of_the_batch():
 
 
 def test_hflip_and_gamma_0_fit_in_a_training_run(tmp_path, processed):
-    from vdm.checkpoint import load_model
+    from vdm.checkpoint import load_model, save_model
+    from vdm.checkpoint import save as checkpoint_save
 
-    p = parse_params(tiny(hflip=True, fit_gamma_0=True))
+    p = parse_params(tiny(hflip=True, fit_gamma_0=True, fit_eps_scale=True))
     train(p, processed, outs(tmp_path / "a"))
     m = json.loads((tmp_path / "a/metrics/train.json").read_text())
-    assert m["gamma_0"] >= m["gamma_0_learned"]
-    for which in ("ema", "model"):  # both saved weights carry the fitted endpoint
+    assert m["gamma_0"] >= m["gamma_0_learned"] and "eps_scale_half_gamma" in m
+    tables = []
+    for which in ("ema", "model"):  # both saved weights carry the fitted endpoint and eps scale
         model, _ = load_model(tmp_path / "a/models", which)
         assert model.schedule.gamma_0.item() == pytest.approx(m["gamma_0"], abs=1e-6)
+        tables.append(model.eps_scale.clone())
+    assert torch.equal(tables[0], tables[1]) and not torch.all(tables[0] == 1.0)
+    # a model saved before the eps scale existed loads with none (all ones)
+    state = torch.load(tmp_path / "a/models/ema.pt")
+    del state["eps_scale"]
+    save_model(tmp_path / "old", model, model, json.loads((tmp_path / "a/models/config.json").read_text()))
+    checkpoint_save(state, tmp_path / "old/ema.pt")
+    assert torch.all(load_model(tmp_path / "old", "ema")[0].eps_scale == 1.0)
     plain = parse_params(tiny())
     train(plain, processed, outs(tmp_path / "b"))  # hflip changes what the network saw
     assert not same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))

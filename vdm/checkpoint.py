@@ -160,6 +160,9 @@ def save_model(models_dir: str | os.PathLike, model: torch.nn.Module, ema: torch
 
 
 MODEL_KEYS_ADDED = {"self_condition": False}
+# state-dict entries added since a model was saved: a model saved without them takes the fresh
+# model's value (eps_scale: all ones, the network's own eps estimate)
+STATE_KEYS_ADDED = ("eps_scale",)
 
 
 def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"):
@@ -176,5 +179,8 @@ def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | 
     model_params = parse_section(ModelParams, {**MODEL_KEYS_ADDED, **config["params"]["model"]}, "model")
     model = build_vdm(model_params, config["params"]["data"]["image_size"])
     fix = "Restore it with `dvc checkout models`, or retrain with `dvc repro -f train`"
-    model.load_state_dict(load(d / f"{which}.pt", f"{which} weights", fix))
+    state = load(d / f"{which}.pt", f"{which} weights", fix)
+    fresh = model.state_dict()
+    state.update({k: fresh[k] for k in STATE_KEYS_ADDED if k not in state})
+    model.load_state_dict(state)
     return model.to(device).eval(), config

@@ -21,6 +21,14 @@ The network predicts one of three things (`prediction`); the bound is the same f
 `VDM.x_hat` gives the estimate of x straight from the net's output (what the samplers use),
 `VDM.eps_hat` the estimate of eps (what the bound's integrand measures).
 
+After training, the bound's eps estimate can be scaled per noise level (`fit_eps_scale`, the
+train stage's `train.fit_eps_scale`): eps_hat -> c(gamma) eps_hat, c the least-squares factor on
+training images, a table over `EPS_SCALE_GRID` interpolated linearly. Scaling eps_hat by c is
+blending x_hat with z_t / alpha_t: x_hat -> c x_hat + (1 - c) z_t / alpha_t, the mean-square-
+optimal mix of a network that denoises imperfectly at low noise and of z_t itself, whose error is
+pure noise. It lowers every term of the diffusion integral it touches and so lets gamma_0 go lower.
+The samplers keep the network's own x_hat: the mix carries z_t's noise, which the eye sees as grain.
+
 The network trains on the bound, or on the bound with the diffusion integrand weighted by
 w(gamma_t) (Kingma & Gao, 2023): `sigmoid` w = sigmoid(gamma_t + b), about 1 at low SNR and
 e^(gamma_t + b) at high SNR, which moves the network's effort from imperceptible high-SNR detail
@@ -60,6 +68,8 @@ MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: the eps-loss weight min(SNR, 5) / SNR
 # sigma the noise-to-signal ratio e^(gamma/2), and its data standard deviation
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 BIN = 2.0 / LEVELS  # spacing of the 256 levels in [-1, 1]
+# gamma values at which the bound's eps scale is tabulated (linear in between, the end values outside)
+EPS_SCALE_GRID = (-20.0, 10.0, 0.5)  # first, last, step
 # Levels whose logit is more than this below the best one carry < e^-60 of the mass:
 # nothing a float32 (or float64) sum can see.
 _NEGLIGIBLE_LOGIT = 60.0
@@ -244,6 +254,9 @@ class VDM(nn.Module):
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
         self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
         self.recon_window = ReconWindow()
+        # the bound's eps_hat scale c(gamma) on EPS_SCALE_GRID (all ones: none; see fit_eps_scale)
+        first, last, step = EPS_SCALE_GRID
+        self.register_buffer("eps_scale", torch.ones(round((last - first) / step) + 1))
         # (rank, processes): in training, this process's batch is slice `rank` of a global batch and
         # every random draw is made for the global batch, then sliced, so the global batch trains
         # the same whatever the process count (vdm/training.py sets it under several processes)
@@ -294,9 +307,24 @@ class VDM(nn.Module):
                 x_self[idx] = self.x_hat(z[idx], gamma[idx]).clamp(-1.0, 1.0)
         return x_self
 
+    def eps_scale_at(self, gamma: torch.Tensor) -> torch.Tensor:
+        """c(gamma) from the eps_scale table, linear between its grid points, its end values outside."""
+        first, _, step = EPS_SCALE_GRID
+        pos = ((gamma.float() - first) / step).clamp(0, len(self.eps_scale) - 1)
+        lo = pos.floor().long().clamp(max=len(self.eps_scale) - 2)
+        frac = pos - lo
+        return self.eps_scale[lo] * (1 - frac) + self.eps_scale[lo + 1] * frac
+
     def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
-        """The network's estimate of eps at (z_t, gamma_t), gamma of shape (B,) (the bound's integrand
-        compares it with the true eps); x_self as for `x_hat`."""
+        """The estimate of eps at (z_t, gamma_t), gamma of shape (B,), that the bound's integrand
+        compares with the true eps; x_self as for `x_hat`. In eval mode it carries the fitted scale
+        c(gamma) (`fit_eps_scale`); in training it is the network's own."""
+        out = self._net_eps_hat(z, gamma, x_self)
+        if self.training or bool(torch.all(self.eps_scale == 1)):
+            return out
+        return self.eps_scale_at(gamma).view(-1, 1, 1, 1) * out
+
+    def _net_eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
         out = self._net(z, gamma, x_self)
         if self.prediction == "eps":
             return out
@@ -464,6 +492,61 @@ def fit_gamma_0(
         "bpd_fitted": curve[best],
         "curve": [[g, b] for g, b in zip(candidates, curve, strict=True)],
     }
+
+
+@torch.no_grad()
+def fit_eps_scale(
+    model: VDM,
+    images: torch.Tensor,
+    seed: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Fit the bound's eps scale: at each grid point gamma of EPS_SCALE_GRID from the schedule's
+    gamma_0 up, c(gamma) = <eps, eps_hat> / <eps_hat, eps_hat> over `images` (one noise draw each,
+    from `seed`), the factor that minimises ||eps - c eps_hat||^2 there, i.e. the diffusion
+    integrand at that gamma. The scan stops once two grid points above gamma = 0 need no scaling
+    (|c - 1| < 1e-3); the table keeps 1 above and the lowest fitted value below. Returns the
+    fitted gamma values and factors, and where c crosses 1/2 (None if it never does).
+
+    The network's own eps_hat is what is scaled (the table is reset first), so fitting twice gives
+    the same table. Fit on training images: the held-out bound stays unbiased.
+    """
+    first, last, step = EPS_SCALE_GRID
+    model.eps_scale.fill_(1.0)
+    start = max(0, math.floor((float(model.schedule.gamma_0) - first) / step))
+    f_all = encode(images)
+    gammas, scales, settled = [], [], 0
+    for i in range(start, len(model.eps_scale)):
+        g = first + i * step
+        gen = torch.Generator(device=device).manual_seed(seed)
+        num = den = 0.0
+        for b in range(0, len(f_all), batch_size):
+            f = f_all[b : b + batch_size].to(device)
+            gamma = torch.full((len(f),), g, device=device)
+            alpha, sigma = alpha_sigma(gamma.view(-1, 1, 1, 1))
+            eps = torch.randn(f.shape, generator=gen, device=device)
+            z = alpha * f + sigma * eps
+            x_self = model.self_estimate(z, gamma, None) if model.self_condition else None
+            e_hat = model.eps_hat(z, gamma, x_self).double()
+            num += float((eps.double() * e_hat).sum())
+            den += float((e_hat * e_hat).sum())
+        c = num / den if den > 0 else 1.0
+        gammas.append(g)
+        scales.append(c)
+        settled = settled + 1 if g > 0 and abs(c - 1) < 1e-3 else 0
+        if settled == 2:
+            break
+    table = torch.ones_like(model.eps_scale)
+    table[:start] = scales[0]
+    table[start : start + len(scales)] = torch.tensor(scales, dtype=table.dtype)
+    model.eps_scale.copy_(table)
+    half = None
+    for k in range(1, len(scales)):
+        if scales[k - 1] < 0.5 <= scales[k]:
+            half = gammas[k - 1] + (0.5 - scales[k - 1]) / (scales[k] - scales[k - 1]) * step
+            break
+    return {"gamma": gammas, "scale": scales, "gamma_half": half}
 
 
 def build_vdm(model: ModelParams, image_size: int) -> VDM:

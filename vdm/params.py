@@ -191,6 +191,7 @@ class TrainParams(Section):
     ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
     fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
+    fit_eps_scale: bool  # after training, scale the bound's eps estimate per gamma (least squares, training images)
     log_every: Positive  # steps between logged loss rows (and non-finite checks)
     eval_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # validation bits/dim (EMA weights)
     eval_images: Positive  # validation (and train) images in each bits/dim estimate

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vdm import checkpoint as ckpt
 from vdm.atomic import Commit, journal_for, recover, write_bytes, write_json
 from vdm.data import StepBatches, batch_loader, hflip_half, load_split, to_nchw
-from vdm.diffusion import VDM, estimate_bpd, fit_gamma_0
+from vdm.diffusion import VDM, estimate_bpd, fit_eps_scale, fit_gamma_0
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import Params, as_dict
@@ -296,14 +296,35 @@ class _Run:
                     self.stop(stop.signal, loss, logged)
         self.bar.close()
         wall = time.perf_counter() - t_start
+        scale = self.fit_eps_scale()
         fit = self.fit_gamma_0()
         result = {}
         if d.main:
-            result = self.finish(fit, wall, images_seen)
+            result = self.finish(fit, scale, wall, images_seen)
         if d.world > 1:
             _check_ranks_agree(self.model, d)
         self.tracker.finish()
         return result
+
+    def fit_eps_scale(self) -> dict | None:
+        """train.fit_eps_scale: the bound's eps estimate scaled per gamma by the least-squares factor
+        on training images (vdm.diffusion.fit_eps_scale), fitted on the EMA weights and given to both."""
+        tp = self.tp
+        if not tp.fit_eps_scale:
+            return None
+        self.ema.module.eval()
+        images = to_nchw(self.train_x[: tp.eval_images])
+        fit = fit_eps_scale(self.ema.module, images, tp.seed, self.eval_batch, self.device)
+        with torch.no_grad():
+            self.model.eps_scale.copy_(self.ema.module.eps_scale)
+        if self.d.main:
+            half = "never" if fit["gamma_half"] is None else f"at gamma {fit['gamma_half']:.2f}"
+            print(
+                f"train: eps scale fitted at {len(fit['gamma'])} noise levels from gamma {fit['gamma'][0]:.1f} "
+                f"(lowest {min(fit['scale']):.3f}; 1/2 {half})",
+                file=sys.stderr,
+            )
+        return fit
 
     def fit_gamma_0(self) -> dict | None:
         """train.fit_gamma_0: gamma_0 moved to where the EMA weights' bound of training images is
@@ -326,7 +347,7 @@ class _Run:
             )
         return fit
 
-    def finish(self, fit: dict | None, wall: float, images_seen: int) -> dict:
+    def finish(self, fit: dict | None, scale: dict | None, wall: float, images_seen: int) -> dict:
         """The final bits/dim and grid, then every output committed at once; returns metrics + perf."""
         tp, d = self.tp, self.d
         v = self.evaluate(tp.steps)
@@ -345,6 +366,7 @@ class _Run:
             "gamma_0": fit["gamma_0"] if fit else last["gamma_0"],  # what the saved model uses
             "gamma_0_learned": last["gamma_0"],
             "gamma_1": last["gamma_1"],
+            "eps_scale_half_gamma": scale["gamma_half"] if scale else None,  # where the fitted scale is 1/2
             "eval_images": min(tp.eval_images, len(self.val_x)),
         }
         perf = {
