@@ -92,6 +92,7 @@ def score(models: Path, which: str, p, train_x, test_x) -> tuple[dict, np.ndarra
         sp.sampler,
         sp.spacing,
         denoise_last=sp.denoise_last,
+        temperature=sp.temperature,
     )
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, per_repeat=True)
     gen = torch.Generator().manual_seed(ep.seed)

@@ -30,7 +30,7 @@ SAMPLE_DEFAULTS = {
     "spacing": "t",
     "clip_denoised": True,
     "denoise_last": True,
-    "temperature": 0.9,
+    "temperature": 0.8,
 }
 # Encoding runs the probability-flow ODE, so interpolation needs a deterministic sampler.
 INTERPOLATE_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 64, "spacing": "t"}
