@@ -365,14 +365,14 @@ def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alo
     z, gamma = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([-9.0, -2.0])
     x_hat_before = model.x_hat(z, gamma)
     fit = fit_eps_scale(model, x, seed=0)
-    # from the grid point at gamma_0 = -13 up, until two points above 0 need no scaling
-    assert fit["gamma"] == [-13.0 + 0.5 * k for k in range(len(fit["gamma"]))] and fit["gamma"][-1] == 1.0
+    # from the grid point at gamma_0 = -13 up to the one at gamma_1 = 5
+    assert fit["gamma"] == [-13.0 + 0.5 * k for k in range(37)]
     for g, c in zip(fit["gamma"], fit["scale"], strict=True):  # 4x too large below -6: the factor is 1/4
         assert c == pytest.approx(0.25 if g < -6.0 else 1.0, abs=1e-5), g
     assert fit["gamma_half"] == pytest.approx(-6.5 + 0.5 * (0.25 / 0.75), abs=1e-4)
     first, _, step = EPS_SCALE_GRID
-    table, lo, hi = model.eps_scale, round((-13.0 - first) / step), round((1.0 - first) / step)
-    assert torch.all(table[:lo] == table[lo]) and torch.all(table[hi + 1 :] == 1.0)  # lowest value below, 1 above
+    table, lo, hi = model.eps_scale, round((-13.0 - first) / step), round((5.0 - first) / step)
+    assert torch.all(table[:lo] == table[lo]) and torch.all(table[hi + 1 :] == table[hi])  # the end values outside
     assert model.eps_scale_at(torch.tensor([-8.0, -6.25, 3.0])).tolist() == pytest.approx([0.25, 0.625, 1.0], abs=1e-5)
     # the bound: an eps error of 3 over 7 units of gamma (6.5 bits/dim each) is gone, up to the one
     # grid cell (-6.5, -6) where the interpolated factor meets the jump

@@ -505,9 +505,9 @@ def fit_eps_scale(
     """Fit the bound's eps scale: at each grid point gamma of EPS_SCALE_GRID from the schedule's
     gamma_0 up, c(gamma) = <eps, eps_hat> / <eps_hat, eps_hat> over `images` (one noise draw each,
     from `seed`), the factor that minimises ||eps - c eps_hat||^2 there, i.e. the diffusion
-    integrand at that gamma. The scan stops once two grid points above gamma = 0 need no scaling
-    (|c - 1| < 1e-3); the table keeps 1 above and the lowest fitted value below. Returns the
-    fitted gamma values and factors, and where c crosses 1/2 (None if it never does).
+    integrand at that gamma, up to the first grid point at or above gamma_1 (the bound sees no
+    gamma outside [gamma_0, gamma_1]); outside the scan the table keeps the end values. Returns
+    the fitted gamma values and factors, and where c crosses 1/2 (None if it never does).
 
     The network's own eps_hat is what is scaled (the table is reset first), so fitting twice gives
     the same table. Fit on training images: the held-out bound stays unbiased.
@@ -515,9 +515,10 @@ def fit_eps_scale(
     first, last, step = EPS_SCALE_GRID
     model.eps_scale.fill_(1.0)
     start = max(0, math.floor((float(model.schedule.gamma_0) - first) / step))
+    stop = min(len(model.eps_scale) - 1, max(start, math.ceil((float(model.schedule.gamma_1) - first) / step)))
     f_all = encode(images)
-    gammas, scales, settled = [], [], 0
-    for i in range(start, len(model.eps_scale)):
+    gammas, scales = [], []
+    for i in range(start, stop + 1):
         g = first + i * step
         gen = torch.Generator(device=device).manual_seed(seed)
         num = den = 0.0
@@ -534,12 +535,9 @@ def fit_eps_scale(
         c = num / den if den > 0 else 1.0
         gammas.append(g)
         scales.append(c)
-        settled = settled + 1 if g > 0 and abs(c - 1) < 1e-3 else 0
-        if settled == 2:
-            break
-    table = torch.ones_like(model.eps_scale)
+    table = torch.full_like(model.eps_scale, scales[-1])
     table[:start] = scales[0]
-    table[start : start + len(scales)] = torch.tensor(scales, dtype=table.dtype)
+    table[start : stop + 1] = torch.tensor(scales, dtype=table.dtype)
     model.eps_scale.copy_(table)
     half = None
     for k in range(1, len(scales)):
