@@ -91,7 +91,9 @@ def apply_naive(choices) -> None:
     import vdm.unet
 
     if "recon" in choices:
-        vdm.diffusion.log_prob_levels = vdm.diffusion.log_prob_levels_full
+        full = vdm.diffusion.log_prob_levels_full
+        # the windowed version's chunk and half_width options do not apply to the full tensor
+        vdm.diffusion.log_prob_levels = lambda x, z, g0, chunk=None, half_width=None: full(x, z, g0)
     if "attention" in choices:
         vdm.unet.Attention.forward = explicit_attention
 
