@@ -451,3 +451,29 @@ def test_training_estimates_a_wide_decoder_window_on_a_subset_without_bias():
     assert diffs.abs().max() > 1e-3  # a subset: not the exact figure
     mean, se = diffs.mean(0), diffs.std(0) / 8
     assert (mean.abs() < 4 * se).all(), (mean, se)
+
+
+def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch):
+    """benchmarks/model.py's naive row swaps in the full 256-level decoder: same numbers, any gamma_0."""
+    import importlib.util
+    from pathlib import Path
+
+    import vdm.diffusion
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = images(n=4, size=16)
+    model = build_vdm(model_params(), image_size=16).eval()
+    with torch.no_grad():
+        model.schedule.endpoints[0] = -6.0  # a window wider than one chunk's levels
+
+    def bound():
+        return model.loss(x, torch.Generator().manual_seed(0)).total
+
+    windowed = bound()
+    monkeypatch.setattr(vdm.diffusion, "log_prob_levels", vdm.diffusion.log_prob_levels)  # restored after
+    bench.apply_naive({"recon"})
+    assert vdm.diffusion.log_prob_levels is not vdm.diffusion.log_prob_levels_full
+    assert torch.allclose(bound(), windowed, rtol=1e-5)
