@@ -139,7 +139,7 @@ def main() -> None:
                 row[which] = q
                 np.save(d / f"samples-{which}.npy", samples)
             cached.write_text(json.dumps(row, indent=1) + "\n")
-        if "parts" not in row["ema"]:  # a row scored before the whole-sprite figures existed
+        if "flatness" not in row["ema"]:  # a row scored before the whole-sprite figures existed
             row["ema"].update(structure_summary(np.load(d / "samples-ema.npy"), test_x))
         rows.append(row)
         strips.append(np.load(d / "samples-ema.npy")[:8])
@@ -152,14 +152,14 @@ def main() -> None:
         print(
             f"{name}: SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
             f"{q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}, graininess {q['graininess']:.1f}, "
-            f"parts {q['parts']:.2f}, palette {q['palette']:.0f}, "
+            f"parts {q['parts']:.2f}, palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, "
             f"test {q['test_bpd']:.2f} bpd, {row['img_per_s']:.1f} img/s",
             flush=True,
         )
     lines = [
-        "| row | changed | SWD (mean of levels) | paired vs first row | SWD 96 px | graininess | parts | palette "
-        "| test bits/dim | raw weights: SWD (paired) | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | changed | parts | palette | flatness | SWD (mean of levels) | paired vs first row | SWD 96 px "
+        "| graininess | test bits/dim | raw weights: SWD (paired) | img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r["ema"]
@@ -167,16 +167,17 @@ def main() -> None:
         rawq = r.get("model")
         rawcol = f"{rawq['swd']:.1f} ({rawq['swd_diff']:+.1f} +- {rawq['swd_diff_se']:.1f})" if rawq else ""
         lines.append(
-            f"| {r['name']} | {changed} | {q['swd']:.1f} +- {q['swd_se']:.1f} | {q['swd_diff']:+.1f} +- "
-            f"{q['swd_diff_se']:.1f} | {q['swd_96']:.1f} +- {q['swd_96_se']:.1f} | {q['graininess']:.1f} | "
-            f"{q['parts']:.2f} +- {q['parts_se']:.2f} | {q['palette']:.0f} +- {q['palette_se']:.0f} | "
+            f"| {r['name']} | {changed} | {q['parts']:.2f} +- {q['parts_se']:.2f} | {q['palette']:.0f} +- "
+            f"{q['palette_se']:.0f} | {q['flatness']:.3f} +- {q['flatness_se']:.3f} | {q['swd']:.1f} +- "
+            f"{q['swd_se']:.1f} | {q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f} | {q['swd_96']:.1f} +- "
+            f"{q['swd_96_se']:.1f} | {q['graininess']:.1f} | "
             f"{q['test_bpd']:.2f} +- {q['test_bpd_se']:.2f} | {rawcol} | {r['img_per_s']:.1f} |"
         )
     q0 = rows[0]["ema"]
     lines.append(
-        f"| real floor | train vs test | {q0['swd_floor']:.1f} +- {q0['swd_floor_se']:.1f} | | "
-        f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} (test) | {q0['parts_test']:.2f} (test) | "
-        f"{q0['palette_test']:.1f} (test) | | | |"
+        f"| test sprites / real floor | train vs test | {q0['parts_test']:.2f} | {q0['palette_test']:.1f} | "
+        f"{q0['flatness_test']:.3f} | {q0['swd_floor']:.1f} +- {q0['swd_floor_se']:.1f} | | "
+        f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} | | | |"
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -197,5 +197,27 @@ def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
     s = sprite_structure(np.stack([sprite, speckled, white]))
     assert s["parts"][0] == 1 and s["parts"][1] > 5 and s["parts"][2] == 0
     assert s["palette"][0] <= 2 and s["palette"][1] > 10 * s["palette"][0] and s["palette"][2] == 0
+    assert s["flatness"][0] > 0.45 and s["flatness"][1] < s["flatness"][0] / 2 and s["flatness"][2] == 0
     summary = structure_summary(np.stack([speckled, speckled]), np.stack([sprite, sprite]))
     assert summary["parts"] > summary["parts_test"] == 1 and summary["parts_test_se"] == 0
+
+
+def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
+    from vdm.quality import flat_share, sprite_structure
+
+    # a 6x6 flat square on white: of its 36 pixels, the inner 4x4 have four same-colour neighbours
+    im = np.full((10, 10, 3), 255, np.uint8)
+    im[2:8, 2:8] = (200, 40, 40)
+    assert sprite_structure(im[None])["flatness"][0] == 16 / 36
+    # a checkerboard of two colours 16 levels apart (different at 4 bits): no pixel is flat
+    board = im.copy()
+    yy, xx = np.mgrid[:10, :10]
+    board[((yy + xx) % 2 == 0) & (im[..., 0] == 200)] = (216, 40, 40)
+    assert sprite_structure(board[None])["flatness"][0] == 0.0
+    # colours within one 16-level bin count as the same colour
+    close = im.copy()
+    close[4, 4] = (207, 47, 47)
+    assert sprite_structure(close[None])["flatness"][0] == 16 / 36
+    # no foreground: 0, not a division by zero; an edge pixel is never flat
+    assert flat_share(np.zeros((5, 5), np.int32), np.zeros((5, 5), bool)) == 0.0
+    assert flat_share(np.zeros((3, 3), np.int32), np.ones((3, 3), bool)) == 1 / 9

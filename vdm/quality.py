@@ -189,22 +189,36 @@ MIN_PART = 4  # pixels: smaller 8-connected specks are not parts
 PALETTE_SHARE = 0.9  # the palette: the fewest colours (4 bits per channel) covering this share
 
 
+def flat_share(colours: np.ndarray, fg: np.ndarray) -> float:
+    """The share of foreground pixels whose four neighbours (up, down, left, right) all carry the
+    same colour code as the pixel; `colours` is (H, W) int codes, `fg` (H, W) bool. A pixel on the
+    image's edge lacks a neighbour and is never flat. 0 for an image without foreground."""
+    if not fg.any():
+        return 0.0
+    c = colours[1:-1, 1:-1]
+    same = (c == colours[:-2, 1:-1]) & (c == colours[2:, 1:-1]) & (c == colours[1:-1, :-2]) & (c == colours[1:-1, 2:])
+    return float((same & fg[1:-1, 1:-1]).sum() / fg.sum())
+
+
 def sprite_structure(images: np.ndarray) -> dict[str, np.ndarray]:
     """Per image, what the eye sees first in a sprite, which 7x7 patches cannot: `parts`, the
     8-connected pieces of the foreground of at least MIN_PART pixels (a sprite is one or a few;
-    salt-and-pepper colour is many), and `palette`, the fewest colours, at 4 bits per channel,
-    that cover PALETTE_SHARE of its foreground (a sprite's flat regions use a handful)."""
+    salt-and-pepper colour is many); `palette`, the fewest colours, at 4 bits per channel,
+    that cover PALETTE_SHARE of its foreground (a sprite's flat regions use a handful); and
+    `flatness`, the share of foreground pixels whose four neighbours carry the same colour at 4
+    bits per channel (flat fills are most of a sprite; speckle leaves almost no pixel flat)."""
     from scipy import ndimage
 
-    parts, palette = np.zeros(len(images)), np.zeros(len(images))
+    parts, palette, flatness = (np.zeros(len(images)) for _ in range(3))
     for k, im in enumerate(np.asarray(images)):
         fg = im.min(axis=2) < FOREGROUND_BELOW
         labels, _ = ndimage.label(fg, structure=np.ones((3, 3)))
         parts[k] = int((np.bincount(labels.ravel())[1:] >= MIN_PART).sum())
-        q = im[fg].astype(np.int32) >> 4
-        counts = np.sort(np.bincount(q[:, 0] * 256 + q[:, 1] * 16 + q[:, 2]))[::-1]
-        palette[k] = int(np.searchsorted(np.cumsum(counts), PALETTE_SHARE * counts.sum()) + 1) if len(q) else 0
-    return {"parts": parts, "palette": palette}
+        codes = (im.astype(np.int32) >> 4) @ np.array([256, 16, 1], dtype=np.int32)  # (H, W) colour codes
+        counts = np.sort(np.bincount(codes[fg]))[::-1]
+        palette[k] = int(np.searchsorted(np.cumsum(counts), PALETTE_SHARE * counts.sum()) + 1) if fg.any() else 0
+        flatness[k] = flat_share(codes, fg)
+    return {"parts": parts, "palette": palette, "flatness": flatness}
 
 
 def structure_summary(samples: np.ndarray, test: np.ndarray) -> dict[str, float]:

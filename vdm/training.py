@@ -58,6 +58,9 @@ class Outputs:
     metrics: Path = Path("metrics")
     plots: Path = Path("plots")
     checkpoints: Path = Path("checkpoints")
+    # where the EMA and raw weights are kept at the steps `train(snapshot_steps=...)` names (the
+    # scaling curve's points): snapshots/step-NNNNNN/, each a models/ folder without the fits
+    snapshots: Path | None = None
 
     @property
     def journal(self) -> Path:
@@ -109,12 +112,23 @@ def _sample_grid(model: VDM, count: int, steps: int, seed: int, device) -> np.nd
     return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
 
 
-def train(params: Params, processed: str | os.PathLike = "data/processed", out: Outputs | None = None) -> dict:
+def train(
+    params: Params,
+    processed: str | os.PathLike = "data/processed",
+    out: Outputs | None = None,
+    snapshot_steps: tuple[int, ...] = (),
+) -> dict:
     """Train params on processed/{train,val}.npy; write `out` (models, metrics, plots) on rank 0.
+    At each of `snapshot_steps` the weights are also saved to out.snapshots (see Outputs).
     Returns the final metrics and performance figures (empty on other ranks)."""
     d = init_distributed(params.train.device)
+    out = out or Outputs()
+    if snapshot_steps and out.snapshots is None:
+        raise ValueError("snapshot_steps needs Outputs.snapshots")
     try:
-        return _Run(params, Path(processed), out or Outputs(), d).run()
+        run = _Run(params, Path(processed), out, d)
+        run.snapshot_steps = frozenset(snapshot_steps)
+        return run.run()
     finally:
         close_distributed(d)
 
@@ -150,6 +164,7 @@ class _Run:
             "run_name": run_name(self.key),
         }
         self.eval_batch = max(1, min(64, tp.batch_size))
+        self.snapshot_steps: frozenset[int] = frozenset()
 
     def _resume(self) -> State:
         """The saved state of this config's checkpoint loaded into the model, or a fresh State."""
@@ -200,6 +215,12 @@ class _Run:
                     "val_rows": s.val_rows,
                 }
             )
+
+    def snapshot(self, step: int) -> None:
+        """The weights at `step`, as a models/ folder (no post-training fits), replaced whole."""
+        if self.d.main:
+            folder = self.out.snapshots / f"step-{step:06d}"
+            ckpt.save_model(folder, self.model, self.ema.module, {**self.config, "steps": step})
 
     def evaluate(self, step: int) -> dict:
         """Validation bits/dim of the EMA weights: a row of plots/val.csv."""
@@ -290,6 +311,8 @@ class _Run:
                     self.evaluate(step)
                 if d.main and tp.sample_every and step % tp.sample_every == 0 and not last and tp.sample_count:
                     self.sample(step)
+                if step in self.snapshot_steps:
+                    self.snapshot(step)  # before the checkpoint: a resumed run never skips one
                 if step % tp.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
                 if stop.signal is not None:
