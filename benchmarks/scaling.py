@@ -4,6 +4,7 @@
     python benchmarks/scaling.py --score-only --threads 1 # score the snapshots written so far
     python benchmarks/scaling.py --docs                   # also write docs/scaling.{csv,png}
     python benchmarks/scaling.py --name hflip --set train.hflip=true   # another recipe's curve
+    python benchmarks/scaling.py --guide-ratio 4 --guidance 2   # autoguided by the snapshot at 1/4
 
 One run of params.yaml (with --set's changes) trains at a constant learning rate after warm-up
 (train.cosine_decay = false), so its schedule does not end at any budget, for as many steps as the
@@ -18,6 +19,10 @@ OUT/NAME/scores/, so the command can be stopped and rerun at any time, and --sco
 score the snapshots of a run still training. Writes OUT/NAME/scaling.csv, scaling.png (each
 figure against images seen, log axis, the test sprites' value as a dashed line) and strip.png
 (8 sprites per budget, the same seeds: one row per budget).
+
+With --guide-ratio R and --guidance W, every budget b whose b / R is also a budget is sampled
+with autoguidance (vdm.samplers.guided_denoiser): the snapshot at b / R guides with weight W.
+Those rows go to their own files (scaling-guideR-wW.*), from the same seeds as the plain ones.
 """
 
 from __future__ import annotations
@@ -73,12 +78,12 @@ def run_params(sets: dict, budgets: tuple[int, ...]) -> tuple[dict, int]:
     return apply(raw, common), batch
 
 
-def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, test_x) -> tuple[dict, np.ndarray]:
+def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, test_x, guide=None, weight=1.0):
     """The figures of one snapshot (cached in `cache`, with its samples beside it)."""
     samples_path = cache.with_suffix(".npy")
     if cache.is_file() and samples_path.is_file():
         return json.loads(cache.read_text()), np.load(samples_path)
-    q, samples = score(snap, "ema", p, train_x, test_x)
+    q, samples = score(snap, "ema", p, train_x, test_x, guide, weight)
     row = {"images": images, "step": step, **{k: v for k, v in q.items() if not isinstance(v, list)}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(samples_path, samples)
@@ -130,6 +135,8 @@ def main() -> None:
     ap.add_argument("--name", default="default", help="the recipe's name: its folder under --out")
     ap.add_argument("--score-only", action="store_true", help="no training: score the snapshots there are")
     ap.add_argument("--train-only", action="store_true", help="no scoring: train (resuming) and stop")
+    ap.add_argument("--guide-ratio", type=int, default=0, help="autoguide budget b by the snapshot at b / R")
+    ap.add_argument("--guidance", type=float, default=2.0, help="the autoguidance weight (with --guide-ratio)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/scaling")
@@ -158,12 +165,19 @@ def main() -> None:
     train_x = np.load(Path(args.processed) / "train.npy", mmap_mode="r")
     test_x = np.load(Path(args.processed) / "test.npy")
     rows, strips = [], []
+    guided = f"-guide{args.guide_ratio}-w{args.guidance:g}" if args.guide_ratio else ""
     for images, step in steps.items():
         snap = out.snapshots / f"step-{step:06d}"
+        guide = None
+        if args.guide_ratio:
+            if images % args.guide_ratio or images // args.guide_ratio not in steps:
+                continue
+            guide = out.snapshots / f"step-{steps[images // args.guide_ratio]:06d}"
         if not (snap / "ema.pt").is_file():
             print(f"scaling: {images} images (step {step}): no snapshot yet")
             continue
-        row, samples = score_budget(snap, d / "scores" / f"step-{step:06d}.json", images, step, p, train_x, test_x)
+        cache = d / f"scores{guided}" / f"step-{step:06d}.json"
+        row, samples = score_budget(snap, cache, images, step, p, train_x, test_x, guide, args.guidance)
         rows.append(row)
         strips.append(samples[:8])
         print(

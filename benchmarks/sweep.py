@@ -76,8 +76,13 @@ def _same(cached: dict, raw: dict) -> bool:
     return True
 
 
-def score(models: Path, which: str, p, train_x, test_x) -> tuple[dict, np.ndarray]:
+def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = None, guidance: float = 1.0):
+    """(figures, samples) of the `which` weights in `models`, sampled as the sample stage does
+    (autoguided by the EMA weights in `guide` with weight `guidance`, if given)."""
     model = load_model(models, which, torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    weak = None
+    if guide is not None:
+        weak = load_model(guide, "ema", torch.device("cpu"))[0].to(memory_format=torch.channels_last)
     sp, ep = p.sample, p.evaluate
     samples, _, secs = generate(
         model,
@@ -93,6 +98,8 @@ def score(models: Path, which: str, p, train_x, test_x) -> tuple[dict, np.ndarra
         sp.spacing,
         denoise_last=sp.denoise_last,
         temperature=sp.temperature,
+        guide=weak,
+        guidance=guidance,
     )
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, per_repeat=True)
     gen = torch.Generator().manual_seed(ep.seed)

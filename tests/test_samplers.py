@@ -167,3 +167,30 @@ def test_temperature_scales_only_the_ancestral_steps_fresh_noise():
     for sampler in ("ddim", "dpmpp_2m"):
         shrink = lambda z, g: 0.5 * z  # noqa: E731
         assert torch.equal(run(sampler, 1.0, z1, shrink), run(sampler, 0.3, z1, shrink))
+
+
+def test_autoguidance_extrapolates_away_from_the_guide():
+    from vdm.samplers import guided_denoiser
+
+    model, guide = _tiny_model(), _tiny_model()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model.eval(), guide.eval()
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    gamma = torch.full((2,), -1.0)
+    with torch.no_grad():
+        main, weak = model.x_hat(z, gamma), guide.x_hat(z, gamma)
+        assert not torch.allclose(main, weak)
+        guided = guided_denoiser(model, guide, 2.5, clip=False)(z, gamma)
+        assert torch.allclose(guided, weak + 2.5 * (main - weak), atol=1e-6)
+        clipped = guided_denoiser(model, guide, 2.5, clip=True)(z, gamma)
+        assert torch.equal(clipped, guided.clamp(-1, 1))
+        # weight 1, or the model guiding itself, is the model's own denoiser
+        assert torch.equal(guided_denoiser(model, guide, 1.0, clip=False)(z, gamma), main)
+        assert torch.allclose(guided_denoiser(model, model, 3.0, clip=False)(z, gamma), main, atol=1e-6)
+    draws = [
+        sample(model, 2, 4, "ancestral", "t", torch.Generator().manual_seed(1), guide=g, guidance=w)[0]
+        for g, w in ((None, 1.0), (guide, 1.0), (guide, 2.0))
+    ]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])

@@ -15,6 +15,11 @@ and a step from gamma_t to gamma_s < gamma_t:
                D = x_hat on the first step, else (1 + 1/2r) x_hat - (1/2r) x_hat_prev with
                r = h_prev / h (Lu et al. 2022, DPM-Solver++(2M): second order, one net call a step)
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): with a
+guide, a weaker model of the same kind (here the same net earlier in its training), and a weight
+w > 1, every sampler's denoiser becomes x_guide + w (x_hat - x_guide): the step moves away from what
+the weaker model would draw, which is mostly the errors both models share. w = 1 is no guidance.
+
 Step spacing: `t` takes the grid at t = i / steps, so it follows the learned schedule (which
 puts its steps where the training loss varies most); `logsnr` spaces gamma uniformly between
 the schedule's endpoints.
@@ -71,6 +76,21 @@ def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
         x_hat = model.x_hat(z, gamma, previous[0] if previous else None)
         previous[:] = [x_hat.clamp(-1.0, 1.0)]
         return previous[0] if clip else x_hat
+
+    return denoise
+
+
+def guided_denoiser(model: VDM, guide: VDM | None, weight: float, clip: bool) -> Denoiser:
+    """The denoiser a sampler walks with: the model's own, or with a guide and weight != 1 the
+    autoguided x_guide + weight (x_hat - x_guide), clipped after mixing when asked."""
+    if guide is None or weight == 1:
+        return vdm_denoiser(model, clip)
+    main, weak = vdm_denoiser(model, False), vdm_denoiser(guide, False)
+
+    def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        x_guide = weak(z, gamma)
+        x_hat = torch.lerp(x_guide, main(z, gamma), weight)
+        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
 
     return denoise
 
@@ -141,6 +161,8 @@ def sample(
     denoise_last: bool = False,
     z: torch.Tensor | None = None,
     temperature: float = 1.0,
+    guide: VDM | None = None,
+    guidance: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
     [-1, 1], as uint8) at evenly spaced steps from the start to the end.
@@ -152,7 +174,8 @@ def sample(
     The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
     `denoise_last` the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network call
     that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
-    is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0)."""
+    is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0).
+    With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser)."""
     device = torch.device(device)
     size = model.net.image_size
     if z is None:
@@ -163,7 +186,7 @@ def sample(
     keep = set()
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
-    denoise = vdm_denoiser(model, clip_denoised)
+    denoise = guided_denoiser(model, guide, guidance, clip_denoised)
     z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step, temperature)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
     if denoise_last:

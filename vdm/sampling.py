@@ -37,12 +37,15 @@ def generate(
     progress: bool = False,
     denoise_last: bool = False,
     temperature: float = 1.0,
+    guide: VDM | None = None,
+    guidance: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
     z_t snapshots are kept for the first batch only (the strip), not for every sample.
     `progress` shows a bar over all network evaluations (tqdm; a log line every few seconds
-    when not in a terminal).
+    when not in a terminal). A `guide` model and `guidance` weight autoguide the walk
+    (vdm.samplers.guided_denoiser).
     """
     from vdm.progress import Progress
 
@@ -66,6 +69,8 @@ def generate(
             on_step=lambda _: bar.update(1),
             denoise_last=denoise_last,
             temperature=temperature,
+            guide=guide,
+            guidance=guidance,
         )
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:
