@@ -3,17 +3,19 @@
 DVC deletes a stage's outputs just before it runs the stage's command, so a bad value found by
 the train stage itself would come after models/ and the metrics were gone. Every stage depends
 on params.ok, so DVC runs this check first whenever params.yaml changed: it parses the whole
-file (every section, every key; the same checks each stage makes) and checks that the devices
-asked for exist here, and wandb's environment (WANDB_MODE; the service, in online mode). On a
-bad value it prints one line and stops the pipeline; nothing else has been touched. params.ok
-never changes (a DVC output with `persist: true`, so it is not deleted either), so no stage
-reruns because of it.
+file (every section, every key, the network's shape rules: the same checks each stage makes) and
+checks what only this machine can tell: that the devices asked for exist here, that the training
+processes fit its GPUs and split the batch evenly, and wandb's environment (WANDB_MODE; the
+service, in online mode). On a bad value it prints one line and stops the pipeline; nothing else
+has been touched. params.ok never changes (a DVC output with `persist: true`, so it is not
+deleted either), so no stage reruns because of it.
 """
 
 from pathlib import Path
 
 from stages._cli import run
-from vdm.params import load_params
+from vdm.errors import ParamError
+from vdm.params import batch_split, load_params
 
 OK = Path("params.ok")
 TEXT = "params.yaml passed `python -m stages.validate` (this file never changes; see dvc.yaml)\n"
@@ -21,11 +23,14 @@ TEXT = "params.yaml passed `python -m stages.validate` (this file never changes;
 
 def main() -> None:
     p = load_params()
-    from vdm.runtime import resolve_device
+    from vdm.runtime import process_count, resolve_device
 
     resolve_device(p.train.device, "train.device")
     resolve_device(p.sample.device, "sample.device")
     resolve_device(p.evaluate.device, "evaluate.device")
+    processes = process_count(p.train.processes, p.train.device)  # auto: how many this machine runs
+    if why := batch_split(p.train.batch_size, processes):
+        raise ParamError("train.batch_size", p.train.batch_size, f"{why} (train.processes = {p.train.processes})")
     if p.train.wandb != "disabled":
         from vdm.tracking import check_wandb_environment
 

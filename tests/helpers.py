@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from vdm.params import parse_params, read_yaml
+from vdm.params import ModelParams, parse_params, parse_section, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ TEST_OVERRIDES = {
     "model": {
         "channels": 32,
         "channel_mult": [1, 2],
-        "attention_resolutions": [8],
+        "attention_resolutions": [],  # fits any image size (the tests build it at 16 to 96)
         "patch_size": 2,
         "fourier_min": 6,
         "fourier_max": 8,
@@ -89,9 +89,11 @@ def raw_params(**data_overrides) -> dict:
 
 
 def model_params(**overrides):
+    """BASE_PARAMS' model section with model.<key> overridden, for a net of any image size (the
+    shape rules are checked when it is built: UNet(model, image_size))."""
     p = copy.deepcopy(BASE_PARAMS)
     p["model"].update(overrides)
-    return parse_params(p).model
+    return parse_section(ModelParams, p["model"], "model")
 
 
 def data_params(**data_overrides):

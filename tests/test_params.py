@@ -1,7 +1,9 @@
+import sys
+
 import pytest
 import yaml
 
-from tests.helpers import ROOT, raw_params
+from tests.helpers import ROOT, copy_project, raw_params, run
 from vdm.errors import ParamError, UserError
 from vdm.params import load_params, parse_params
 
@@ -146,4 +148,151 @@ def test_sections_are_frozen_and_strict():
     raw = raw_params()
     raw["train"]["steps"] = 6.0  # a float is not a step count, even a whole one
     assert _err(raw).key == "train.steps"
-    assert p.model.channel_mult == (1, 2) and p.model.attention_resolutions == (8,)
+    assert p.model.channel_mult == (1, 2) and p.model.attention_resolutions == ()
+
+
+# --- what the train stage would refuse, refused up front ---------------------------------------
+# The UNet's shape rules (vdm.params.unet_sizes, which vdm/unet.py builds from) and how the
+# training processes split the batch: checked with the rest of params.yaml, so `python -m
+# stages.validate` stops the pipeline before DVC deletes models/.
+
+
+def with_changes(changes: dict) -> dict:
+    raw = raw_params()
+    for key, value in changes.items():
+        section, leaf = key.split(".")
+        raw[section][leaf] = value
+    return raw
+
+
+# BASE_PARAMS: 96x96 images, patch 2, channels 32, channel_mult [1, 2], train.batch_size 4
+REFUSED = {
+    "stem that does not divide the image": (
+        {"data.image_size": 98, "model.patch_size": 4},
+        "model.patch_size = 4",
+        "a stem that divides data.image_size = 98: 1 or 2",
+    ),
+    "too few channels for the stem": (
+        {"model.channels": 8, "model.patch_size": 4},
+        "model.channels = 8",
+        "at least 48 with model.patch_size = 4: 8 is too few for a 4x4 stem",
+    ),
+    "a level whose feature map cannot be halved": (
+        {"data.image_size": 90, "model.channel_mult": [1, 1, 2, 4]},
+        "model.channel_mult = [1, 1, 2, 4]",
+        "at most 1 level for data.image_size = 90 with model.patch_size = 2: the 45x45 feature map",
+    ),
+    "attention at a size the net never has": (
+        {"model.attention_resolutions": [5]},
+        "model.attention_resolutions = [5]",
+        "sizes from [48, 24] (data.image_size / model.patch_size / 2^level), or [] for none",
+    ),
+    "several processes on one GPU": (
+        {"train.processes": 2, "train.device": "cuda:0"},
+        "train.processes = 2",
+        "1 with train.device = cuda:0 (every process would share one GPU)",
+    ),
+    "a batch that does not split over the processes": (
+        {"train.processes": 3},
+        "train.batch_size = 4",
+        "a multiple of 3: the global batch is split evenly over 3 training processes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_the_train_stage_cannot_take_is_refused_naming_key_value_and_what_is_allowed(case):
+    changes, key_value, allowed = REFUSED[case]
+    e = _err(with_changes(changes))
+    assert e.key == key_value.split(" = ")[0]
+    assert str(e).startswith(f"params.yaml: {key_value} is invalid: {allowed}"), str(e)
+    assert len(str(e).splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["too few channels for the stem", "attention at a size the net never has"])
+def test_the_validate_stage_refuses_them_in_one_line_and_writes_nothing(tmp_path, case):
+    changes, key_value, _ = REFUSED[case]
+    proj = copy_project(tmp_path / "p")  # the project's own params.yaml, with the change
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, leaf = key.split(".")
+        params[section][leaf] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = sorted(p.relative_to(proj) for p in proj.rglob("*"))
+    p = run([sys.executable, "-m", "stages.validate"], proj, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line == f"error: {_err(params)}" and line.startswith(f"error: params.yaml: {key_value} is invalid: ")
+    assert sorted(p.relative_to(proj) for p in proj.rglob("*")) == before  # no params.ok
+
+
+# Values at the edges of what validation accepts: odd widths (the noise-level embedding is sin/cos
+# pairs), widths that 64-channel attention heads do not divide, images smaller than the quality
+# metrics' pyramid, attention at the full and at the smallest feature map.
+ACCEPTED = [
+    dict(image_size=96, channels=48, channel_mult=[1, 1, 2, 4], patch_size=2, attention_resolutions=[6]),
+    dict(image_size=16, channels=13, channel_mult=[1, 2], patch_size=1, attention_resolutions=[16, 8]),
+    dict(image_size=16, channels=50, channel_mult=[1, 4], patch_size=1, attention_resolutions=[8]),  # 200 wide
+    dict(image_size=16, channels=43, channel_mult=[1, 3], patch_size=1, attention_resolutions=[8]),  # 129 wide
+    dict(image_size=9, channels=3, channel_mult=[1], patch_size=1, attention_resolutions=[9]),
+    dict(image_size=8, channels=12, channel_mult=[1, 1, 1], patch_size=2, attention_resolutions=[1]),
+    dict(image_size=512, channels=48, channel_mult=[1] * 6, patch_size=4, attention_resolutions=[4]),
+    dict(image_size=90, channels=16, channel_mult=[1, 2], patch_size=1, attention_resolutions=[45]),
+]
+
+
+def _net_output_shape(p):
+    import torch
+
+    from vdm.unet import UNet
+
+    s = p.data.image_size
+    with torch.device("meta"):  # shapes only: a shape that does not fit fails here as it would in training
+        return tuple(UNet(p.model, s)(torch.zeros(2, 3, s, s), torch.zeros(2)).shape)
+
+
+@pytest.mark.parametrize("net", ACCEPTED, ids=lambda n: f"{n['image_size']}px-c{n['channels']}-p{n['patch_size']}")
+def test_a_net_validation_accepts_is_built_and_runs(net):
+    net = dict(net)
+    raw = with_changes({"data.image_size": net.pop("image_size")} | {f"model.{k}": v for k, v in net.items()})
+    p = parse_params(raw)
+    assert _net_output_shape(p) == (2, 3, p.data.image_size, p.data.image_size)
+
+
+def test_validation_accepts_exactly_the_nets_that_can_be_built():
+    """Over image sizes, stems, depths and attention sizes: what parses builds and runs; what is
+    refused is refused by the shape rules, naming a model key."""
+    accepted = 0
+    for size in (16, 24, 90, 96):
+        for patch in (1, 2, 4):
+            for levels in (1, 2, 3, 4):
+                for attention in ([], [size // patch // 2 ** (levels - 1)], [5]):
+                    raw = with_changes(
+                        {
+                            "data.image_size": size,
+                            "model.channels": 48,
+                            "model.patch_size": patch,
+                            "model.channel_mult": [1] * levels,
+                            "model.attention_resolutions": attention,
+                        }
+                    )
+                    try:
+                        p = parse_params(raw)
+                    except ParamError as e:
+                        assert e.key.startswith("model."), str(e)
+                        continue
+                    accepted += 1
+                    assert _net_output_shape(p) == (2, 3, size, size)
+    assert 40 < accepted < 144
+
+
+def test_images_smaller_than_the_metrics_pyramid_are_scored():
+    """data.image_size may be as small as 8: the evaluate stage's sample metrics take such images."""
+    import numpy as np
+
+    from vdm.evaluation import sample_quality
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    r = sample_quality(images[:3], images, images, repeats=2, seed=0)
+    assert r["swd"] > 0 and r["swd_floor"] > 0 and np.isfinite(r["swd_ratio"])

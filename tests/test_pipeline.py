@@ -136,6 +136,12 @@ def _snapshot(proj):
         ("train.lr", -1, "train.lr = -1"),
         ("sample.steps", 0, "sample.steps = 0 is invalid"),
         ("train.device", "cuda:7", "train.device = 'cuda:7'"),
+        # the network's shape rules (the project: 32x32 images, patch 2, channels 32, channel_mult [1, 2])
+        ("data.image_size", 33, "model.patch_size = 2 is invalid"),
+        ("model.patch_size", 4, "model.channels = 32 is invalid"),
+        ("data.image_size", 34, "model.channel_mult = [1, 2] is invalid"),
+        ("model.attention_resolutions", [5], "model.attention_resolutions = [5] is invalid"),
+        ("train.processes", 3, "train.batch_size = 4 is invalid"),
     ],
 )
 def test_a_bad_param_stops_dvc_repro_before_any_output_is_deleted(pipeline, key, value, message):

@@ -557,7 +557,7 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
         try:
             net = UNet(model, image_size)
         except ValueError as e:
-            raise UserError(f"params.yaml: model: {e} (data.image_size = {image_size})") from None
+            raise UserError(f"params.yaml: {e} (data.image_size = {image_size})") from None
         schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)
     return VDM(
         net,

@@ -18,7 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from vdm.errors import ParamError, ParamErrors, UserError
+from vdm.errors import ParamError, ParamErrors, UserError, short_repr
 
 SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/sources.py's SOURCES (a test checks)
 SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
@@ -28,8 +28,10 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
 
 def invalid(value: object, allowed: str, key: str = "") -> PydanticCustomError:
     """A check's failure, for a validator to raise: `key` names the keys involved (relative to the
-    section; "" for the field being checked), `allowed` says what would pass."""
-    return PydanticCustomError("param", "{allowed}", {"key": key, "value": value, "allowed": allowed})
+    section; "" for the field being checked), `allowed` says what would pass. Outside validation
+    (a ValueError) it reads as one line: "KEY = VALUE is invalid: ALLOWED"."""
+    ctx = {"key": key, "value": value, "allowed": allowed, "shown": short_repr(value)}
+    return PydanticCustomError("param", "{key} = {shown} is invalid: {allowed}", ctx)
 
 
 def _yaml_float(v: object) -> object:
@@ -179,6 +181,52 @@ class ModelParams(Section):
         return self
 
 
+def unet_sizes(model: ModelParams, image_size: int, in_channels: int = 3) -> list[int]:
+    """The side of the UNet's feature maps at each level (vdm/unet.py) for image_size x image_size
+    images: the one home of the net's shape rules. The net is built from them and params.yaml is
+    checked against them (Params), so a value the net cannot take is refused before any stage runs.
+    A value that breaks them raises `invalid`, keyed from the top of params.yaml."""
+    p, levels = model.patch_size, len(model.channel_mult)
+    if image_size % p:
+        fits = " or ".join(str(q) for q in (1, 2, 4) if image_size % q == 0)
+        raise invalid(p, f"a stem that divides data.image_size = {image_size}: {fits}", "model.patch_size")
+    need = in_channels * p * p
+    if model.channels < need:
+        raise invalid(
+            model.channels,
+            f"at least {need} with model.patch_size = {p}: {model.channels} is too few for a {p}x{p} stem (each "
+            f"position carries {need} values of z_t, which the first level passes through)",
+            "model.channels",
+        )
+    sizes = [image_size // p]
+    while len(sizes) < levels:
+        if sizes[-1] % 2:
+            raise invalid(
+                list(model.channel_mult),
+                f"at most {len(sizes)} level{'s' if len(sizes) > 1 else ''} for data.image_size = {image_size} with "
+                f"model.patch_size = {p}: the {sizes[-1]}x{sizes[-1]} feature map of level {len(sizes) - 1} cannot "
+                "be halved",
+                "model.channel_mult",
+            )
+        sizes.append(sizes[-1] // 2)
+    bad = [r for r in model.attention_resolutions if r not in sizes]
+    if bad:
+        raise invalid(
+            list(model.attention_resolutions),
+            f"sizes from {sizes} (data.image_size / model.patch_size / 2^level), or [] for none "
+            f"(not feature-map sizes of this UNet: {', '.join(map(str, bad))})",
+            "model.attention_resolutions",
+        )
+    return sizes
+
+
+def batch_split(batch_size: int, processes: int) -> str:
+    """Why train.batch_size cannot be split evenly over `processes` training processes ("" if it can)."""
+    if batch_size % processes:
+        return f"a multiple of {processes}: the global batch is split evenly over {processes} training processes"
+    return ""
+
+
 class TrainParams(Section):
     steps: Positive
     batch_size: Positive  # the global batch: each of train.processes takes batch_size / processes
@@ -207,6 +255,21 @@ class TrainParams(Section):
     compile: bool  # torch.compile the UNet (CUDA)
     num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
     wandb: Literal["offline", "online", "disabled"]
+
+    @model_validator(mode="after")
+    def _processes_fit(self):
+        if self.processes == "auto":
+            return self  # how many: known on the machine only (stages/validate.py checks it there)
+        if self.processes > 1 and self.device.startswith("cuda:"):
+            raise invalid(
+                self.processes,
+                f"1 with train.device = {self.device} (every process would share one GPU), or set train.device = "
+                "cuda for one GPU per process",
+                "processes",
+            )
+        if why := batch_split(self.batch_size, self.processes):
+            raise invalid(self.batch_size, f"{why} (train.processes)", "batch_size")
+        return self
 
 
 class SampleParams(Section):
@@ -246,6 +309,11 @@ class Params(Section):
     train: TrainParams
     sample: SampleParams
     evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _net_fits_the_images(self):
+        unet_sizes(self.model, self.data.image_size)
+        return self
 
 
 def _allowed_by_type(tp: object) -> str:

@@ -61,14 +61,15 @@ def pyr_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def pyramid_sides(size: int) -> list[int]:
-    """Sides of the pyramid's levels: from `size`, halving while at least 16."""
+    """Sides of the pyramid's levels: from `size`, halving while at least 16 (an image smaller
+    than that: one level, the image itself)."""
     sides = []
     while size >= MIN_SIDE:
         sides.append(size)
         if size % 2:
             break
         size //= 2
-    return sides
+    return sides or [size]
 
 
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:

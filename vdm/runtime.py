@@ -100,14 +100,10 @@ def close_distributed(d: Dist) -> None:
 
 def process_count(setting: int | str, device: str) -> int:
     """How many training processes `train.processes` asks for on this machine: auto is one per
-    CUDA device when train.device may take any of them (auto or cuda), else 1."""
+    CUDA device when train.device may take any of them (auto or cuda), else 1. (Several processes on
+    one cuda:N device are refused by params validation.)"""
     if setting == "auto":
         return torch.cuda.device_count() if device in ("auto", "cuda") and torch.cuda.device_count() > 1 else 1
-    if setting > 1 and device.startswith("cuda:"):
-        raise UserError(
-            f"train.processes = {setting} with train.device = {device!r} would put every process on one GPU: "
-            "use train.device = cuda (one GPU per process) or train.processes = 1"
-        )
     if device.startswith("cuda") and torch.cuda.is_available() and setting > torch.cuda.device_count():
         raise UserError(
             f"train.processes = {setting} but this machine has {torch.cuda.device_count()} CUDA device(s): "

@@ -9,7 +9,9 @@
 
 Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP.
 Attention runs only at the feature-map sizes listed in `attention_resolutions`, with
-torch.nn.functional.scaled_dot_product_attention.
+torch.nn.functional.scaled_dot_product_attention. Which image sizes, stems, levels and attention
+sizes fit together is vdm.params.unet_sizes: the net is built from it, and params.yaml is checked
+against it before any stage runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from vdm.params import ModelParams
+from vdm.params import ModelParams, unet_sizes
 
 
 def _groups(channels: int) -> int:
@@ -81,7 +83,8 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     def __init__(self, channels: int, head_dim: int = 64):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        # about head_dim channels a head, the channels split evenly over the heads
+        self.heads = max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
         self.norm = nn.GroupNorm(_groups(channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
@@ -103,14 +106,14 @@ class UNet(nn.Module):
         attention_resolutions, dropout = tuple(model.attention_resolutions), model.dropout
         fourier_min, fourier_max, self_condition = model.fourier_min, model.fourier_max, model.self_condition
         self.checkpointing, self.self_condition = model.checkpointing, self_condition
-        check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels)
+        unet_sizes(model, image_size, in_channels)  # the shape rules params.yaml is checked against
         self.patch, self.fourier, self.image_size = patch_size, (fourier_min, fourier_max), image_size
         self.gamma_range = (model.gamma_min, model.gamma_max)
-        self.emb_dim = channels
+        self.emb_dim = channels - channels % 2  # sin/cos pairs
         n_fourier = max(0, fourier_max - fourier_min + 1)
         c_stem = in_channels * (1 + 2 * n_fourier + (1 if self_condition else 0)) * patch_size**2
         self.emb_mlp = nn.Sequential(
-            nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
+            nn.Linear(self.emb_dim, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
         )
         emb_dim = 4 * channels
         self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
@@ -183,34 +186,3 @@ class UNet(nn.Module):
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)
         return h
-
-
-def check_unet_config(image_size, channels, channel_mult, attention_resolutions, patch_size, in_channels=3):
-    """Raise ValueError naming the problem for a UNet that cannot work."""
-    if patch_size not in (1, 2, 4):
-        raise ValueError(f"patch_size must be 1, 2 or 4, got {patch_size}")
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-    if channels < in_channels * patch_size**2:
-        raise ValueError(
-            f"channels = {channels} is too few for a {patch_size}x{patch_size} stem: each position carries "
-            f"{in_channels * patch_size**2} values of z_t, and the first level needs at least that many "
-            f"channels to pass z_t through"
-        )
-    if not channel_mult:
-        raise ValueError("channel_mult must list at least one level")
-    res = image_size // patch_size
-    sizes = []
-    for level in range(len(channel_mult)):
-        sizes.append(res)
-        if level != len(channel_mult) - 1:
-            if res % 2:
-                raise ValueError(
-                    f"feature map of {res}x{res} at level {level} cannot be halved: use fewer levels in "
-                    f"channel_mult or another patch_size"
-                )
-            res //= 2
-    bad = [r for r in attention_resolutions if r not in sizes]
-    if bad:
-        raise ValueError(f"attention_resolutions {bad} are not feature-map sizes of this UNet (sizes: {sizes})")
-    return sizes
