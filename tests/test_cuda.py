@@ -153,14 +153,18 @@ def test_the_gpu_check_runs_every_phase_in_its_tiny_mode(tmp_path):
 
     from tests.helpers import ROOT
 
-    out = tmp_path / "check"
+    out, work = tmp_path / "check", tmp_path / "work"
     p = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", "--tiny", "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "scripts/gpu_check.py", "--tiny", "--out", str(out), "--work", str(work)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and report["tiny"] and report["env"]["cuda"] == CUDA
     assert report["benchmark"]["train_img_s"] > 0 and report["train"]["steps"] == 20
     assert report["eval"]["sample_count"] == 16 and report["eval"]["test_bpd"] > 0
-    assert {"grid.png", "strip.png", "loss.png", "benchmark.json"} <= {f.name for f in out.iterdir()}
-    assert set(report["seconds"]) == {"tests", "benchmark", "data", "train", "sample", "evaluate"}
+    assert {f.name for f in out.iterdir()} == {"report.json", "grid.png", "strip.png", "loss.png", "check.log"}
+    seconds = {"setup", "tests", "benchmark", "data", "train", "sample", "evaluate", "total"}
+    assert set(report["plan"]["seconds"]) == seconds
