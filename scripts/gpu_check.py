@@ -66,7 +66,7 @@ MAX_OUT_FILES = 8
 INTERIM = "interim.json"  # in the run folder: models/ holds a checkpoint's weights, not a finished run's
 MARGIN_S = 10  # of --minutes, kept for writing the report and exiting
 # Seconds at most per phase; train takes what the others leave. Full scale: one H100/H200.
-PLAN = {"setup": 30, "tests": 60, "benchmark": 100, "train": 0, "interim": 20, "sample": 35, "evaluate": 45}
+PLAN = {"setup": 30, "tests": 75, "benchmark": 130, "train": 0, "interim": 20, "sample": 35, "evaluate": 45}
 TINY_PLAN = {
     "setup": 20,
     "tests": 60,
@@ -295,21 +295,30 @@ class Phases:
             t0 = time.monotonic()
             p = subprocess.Popen(cmd, cwd=cwd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             asked, rc = False, None
-            while rc is None:
-                try:
-                    rc = p.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    now = time.monotonic() - t0
-                    if stop_at is not None and not asked and now >= stop_at:
-                        p.send_signal(signal.SIGTERM)
-                        asked = True
-                        f.write(f"## {phase}: asked to stop after {now:.0f} s (budget {budget:.0f} s)\n")
-                        f.flush()
-                    if now >= budget:
+            try:
+                while rc is None:
+                    try:
+                        rc = p.wait(timeout=0.5)
+                    except subprocess.TimeoutExpired:
+                        now = time.monotonic() - t0
+                        if stop_at is not None and not asked and now >= stop_at:
+                            p.send_signal(signal.SIGTERM)
+                            asked = True
+                            f.write(f"## {phase}: asked to stop after {now:.0f} s (budget {budget:.0f} s)\n")
+                            f.flush()
+                        if now >= budget:
+                            os.killpg(p.pid, signal.SIGKILL)
+                            p.wait()
+                            rc = 124
+                            f.write(f"## {phase}: killed at its budget of {budget:.0f} s\n")
+            finally:  # this check stopped (SIGTERM, Ctrl-C): the phase is asked to stop too, then killed
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(timeout=STOP_RESERVE_S[False])
+                    except subprocess.TimeoutExpired:
                         os.killpg(p.pid, signal.SIGKILL)
                         p.wait()
-                        rc = 124
-                        f.write(f"## {phase}: killed at its budget of {budget:.0f} s\n")
             self.seconds[phase] = round(self.seconds.get(phase, 0) + time.monotonic() - t0, 1)
         return rc, asked, self.log.since(offset)
 
@@ -469,11 +478,19 @@ def main() -> int:
     if args.stage:
         _stage_ignoring_late_stops(args.stage)
         return 0
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         return check(args)
     except CheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gpu check: stopped; a second call resumes the training from its checkpoint", file=sys.stderr)
+        return 130
+
+
+def _stopped(signum, frame):
+    raise KeyboardInterrupt
 
 
 def check(args) -> int:
@@ -552,7 +569,7 @@ def check(args) -> int:
         bench.unlink(missing_ok=True)
         work.mkdir(parents=True, exist_ok=True)
         rows = (
-            ["--rows", "default", "--steps", "1", "--sample-n", "0"] if tiny else ["--rows", "gpu", "--sample-n", "64"]
+            ["--rows", "default", "--steps", "1", "--sample-n", "0"] if tiny else ["--rows", "gpu", "--sample-n", "32"]
         )
         cmd = [sys.executable, "benchmarks/model.py", *rows, "--json", str(bench)]
         rc, _, _ = phases.run("benchmark", cmd, ROOT, plan.budget("benchmark"))
