@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,15 @@ SAMPLE_DEFAULTS = {
 }
 # Encoding runs the probability-flow ODE, so interpolation needs a deterministic sampler.
 INTERPOLATE_DEFAULTS = {"sampler": "dpmpp_2m", "steps": 64, "spacing": "t"}
+# Sizes a caller sets, bounded: the sample stage's own limits on steps and batch size (params.yaml's
+# sample.steps and sample.batch_size); a million sprites per call (`stream` keeps one batch in
+# memory; `generate` all of them: 27 GB at 96x96); an interpolation is one strip of frames, decoded
+# DECODE_BATCH at a time.
+MAX_STEPS = 100_000
+MAX_BATCH = 4096
+MAX_SPRITES = 1_000_000
+MAX_FRAMES = 64
+DECODE_BATCH = 32
 
 
 def check_sampling(sampler: str, steps: int, spacing: str, temperature: float = 1.0) -> None:
@@ -41,8 +50,8 @@ def check_sampling(sampler: str, steps: int, spacing: str, temperature: float = 
         raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(samplers.SAMPLERS)}")
     if spacing not in samplers.SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}: use one of {', '.join(samplers.SPACINGS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UserError(f"steps = {steps!r}: give a whole number of at least 1")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps = {steps!r}: give a whole number from 1 to {MAX_STEPS}")
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature <= 1:
         raise UserError(f"temperature = {temperature!r}: give a number above 0 and at most 1")
 
@@ -72,35 +81,62 @@ class Sprites:
         batch_size (each has its own random stream; batched convolutions round differently, by at
         most a level on a few pixels), so asking for more extends the set. `on_step(i)` is called
         after every network evaluation of every batch (a progress bar, or a deadline that raises).
-        `temperature` scales the ancestral sampler's fresh noise (default: the sample stage's)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserError(f"n = {n!r}: ask for at least 1 sprite")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"batch_size = {batch_size!r}: give a whole number of at least 1")
-        sampler = sampler or SAMPLE_DEFAULTS["sampler"]
-        steps = SAMPLE_DEFAULTS["steps"] if steps is None else steps
-        spacing = spacing or SAMPLE_DEFAULTS["spacing"]
-        temperature = SAMPLE_DEFAULTS["temperature"] if temperature is None else temperature
-        check_sampling(sampler, steps, spacing, temperature)
+        `temperature` scales the ancestral sampler's fresh noise (default: the sample stage's).
+        All n are kept in memory: for many sprites, `stream` hands them over batch by batch."""
+        batches = self.stream(n, seed, steps, sampler, spacing, batch_size, on_step, temperature)
+        return np.concatenate(list(batches))
+
+    def stream(
+        self,
+        n: int,
+        seed: int = 0,
+        steps: int | None = None,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        batch_size: int = 32,
+        on_step: Callable[[int], None] | None = None,
+        temperature: float | None = None,
+    ) -> Iterator[np.ndarray]:
+        """The sprites of `generate` with the same arguments, batch by batch as they are drawn:
+        (b, H, W, 3) uint8 arrays of at most batch_size sprites, so memory does not grow with n.
+        The arguments are checked at once, before the first batch is asked for."""
+        settings = self._settings(n, seed, steps, sampler, spacing, batch_size, temperature)
+        return self._batches(n, seed, batch_size, settings, on_step)
+
+    def _settings(self, n, seed, steps, sampler, spacing, batch_size, temperature) -> dict:
+        """The sampling options of a generate/stream call, defaults filled in, every one checked."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPRITES:
+            raise UserError(f"n = {n!r}: ask for at least 1 sprite and at most {MAX_SPRITES}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise UserError(f"batch_size = {batch_size!r}: give a whole number from 1 to {MAX_BATCH}")
+        settings = {
+            "sampler": sampler or SAMPLE_DEFAULTS["sampler"],
+            "steps": SAMPLE_DEFAULTS["steps"] if steps is None else steps,
+            "spacing": spacing or SAMPLE_DEFAULTS["spacing"],
+            "temperature": SAMPLE_DEFAULTS["temperature"] if temperature is None else temperature,
+        }
+        check_sampling(**settings)
         check_seed(seed)
-        out = []
+        settings["temperature"] = float(settings["temperature"])
+        return settings
+
+    def _batches(self, n: int, seed: int, batch_size: int, settings: dict, on_step) -> Iterator[np.ndarray]:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             x, _ = samplers.sample(
                 self.model,
                 stop - start,
-                steps,
-                sampler,
-                spacing,
+                settings["steps"],
+                settings["sampler"],
+                settings["spacing"],
                 [sprite_generator(seed, k, self.device) for k in range(start, stop)],
                 self.device,
                 clip_denoised=SAMPLE_DEFAULTS["clip_denoised"],
                 on_step=on_step,
                 denoise_last=SAMPLE_DEFAULTS["denoise_last"],
-                temperature=float(temperature),
+                temperature=settings["temperature"],
             )
-            out.append(x.permute(0, 2, 3, 1).numpy())
-        return np.concatenate(out)
+            yield x.permute(0, 2, 3, 1).numpy()
 
     def images(self, n: int, seed: int = 0, **kwargs) -> list:
         """The same sprites as `generate`, as PIL images."""
@@ -124,21 +160,26 @@ class Sprites:
         return samplers.encode(self.model, x, steps, sampler, INTERPOLATE_DEFAULTS["spacing"])
 
     def decode(self, latents: torch.Tensor, steps: int | None = None, sampler: str | None = None) -> np.ndarray:
-        """Sprites (n, H, W, 3) uint8 from latents z_1, the probability-flow ODE run back."""
+        """Sprites (n, H, W, 3) uint8 from latents z_1, the probability-flow ODE run back (DECODE_BATCH
+        latents at a time: memory does not grow with n)."""
         sampler, steps = _ode_settings(sampler, steps)
-        x, _ = samplers.sample(
-            self.model,
-            latents.shape[0],
-            steps,
-            sampler,
-            INTERPOLATE_DEFAULTS["spacing"],
-            None,
-            self.device,
-            clip_denoised=SAMPLE_DEFAULTS["clip_denoised"],
-            denoise_last=SAMPLE_DEFAULTS["denoise_last"],
-            z=latents,
-        )
-        return x.permute(0, 2, 3, 1).numpy()
+        out = []
+        for start in range(0, latents.shape[0], DECODE_BATCH):
+            z = latents[start : start + DECODE_BATCH]
+            x, _ = samplers.sample(
+                self.model,
+                z.shape[0],
+                steps,
+                sampler,
+                INTERPOLATE_DEFAULTS["spacing"],
+                None,
+                self.device,
+                clip_denoised=SAMPLE_DEFAULTS["clip_denoised"],
+                denoise_last=SAMPLE_DEFAULTS["denoise_last"],
+                z=z,
+            )
+            out.append(x.permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
 
     def interpolate(
         self, a: np.ndarray, b: np.ndarray, frames: int = 8, steps: int | None = None, sampler: str | None = None
@@ -146,8 +187,8 @@ class Sprites:
         """`frames` sprites (frames, H, W, 3) uint8 from a to b: both encoded to z_1, the latents
         joined by spherical interpolation (z_1 is Gaussian: slerp keeps every frame's norm typical,
         where a straight line would pass through low-norm, washed-out latents), each decoded."""
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
-            raise UserError(f"frames = {frames!r}: give at least 2 (the two ends)")
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
+            raise UserError(f"frames = {frames!r}: give 2 (the two ends) to {MAX_FRAMES}")
         z = self.encode(np.stack([np.asarray(a), np.asarray(b)]), steps, sampler)
         w = torch.linspace(0.0, 1.0, frames, device=z.device)
         return self.decode(slerp(z[0], z[1], w), steps, sampler)
@@ -193,17 +234,12 @@ def check_seed(seed) -> int:
 
 def load(path: str | os.PathLike = "models", device: str = "cpu", weights: str = "ema") -> Sprites:
     """The trained model in `path` (the train stage's models/: config.json and ema.pt/model.pt),
-    on `device` (auto | cpu | cuda | cuda:N | mps). `weights`: ema (what the sample stage uses) or model."""
-    from vdm.checkpoint import load_model
+    on `device` (auto | cpu | cuda | cuda:N | mps). `weights`: ema (what the sample stage uses),
+    model, or the name of another weights file of the folder (<name>.pt). Every file is checked
+    first (vdm.checkpoint.load_model): a problem is a UserError naming the file and the fix."""
+    from vdm.checkpoint import load_model, model_folder
 
-    if weights not in ("ema", "model"):
-        raise UserError(f"weights = {weights!r}: use ema or model")
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(
-            f"model directory {p} not found: train one (`dvc repro train`), or `dvc checkout models` "
-            "to restore the committed one"
-        )
+    p = model_folder(path)
     dev = resolve_device(device, "device")
     model, config = load_model(p, weights, dev)
     return Sprites(model, config, dev, p)

@@ -17,19 +17,51 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vdm.errors import UserError
 
+PROCESSED_FIX = "restore it with `dvc checkout data/processed`, or rebuild it with `dvc repro preprocess`"
 
-def load_split(processed: str | os.PathLike, split: str) -> np.ndarray:
-    """(N, H, W, 3) uint8, memory-mapped read-only."""
-    path = Path(processed) / f"{split}.npy"
+
+def load_images(path: str | os.PathLike, fix: str, size: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 images of a .npy another stage wrote, memory-mapped read-only, N >= 1,
+    H = W (= `size` when given). Anything else (missing, empty, cut short or grown, not a .npy,
+    pickled, another dtype or shape) is one UserError naming the file, then `fix` (which stage
+    rebuilds it)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: {fix}")
     if not path.is_file():
-        raise UserError(f"{path} not found: run the data stages first (`dvc repro preprocess`)")
+        raise UserError(f"{path} is not a file: {fix}")
+    nbytes = path.stat().st_size
+    if nbytes == 0:
+        raise UserError(f"{path} is empty (0 bytes: a copy or a write that stopped at its start): {fix}")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable .npy array ({e}): rerun `dvc repro -f preprocess`") from None
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise UserError(f"{path} holds {arr.dtype} {arr.shape}, expected (N, H, W, 3) uint8: rerun preprocess")
+    except ValueError as e:
+        if "greater than file size" in str(e):  # the header promises more bytes than there are
+            raise UserError(f"{path} is cut short ({nbytes} bytes, fewer than its header declares): {fix}") from None
+        raise UserError(
+            f"{path} is not a .npy array of images ({(str(e).splitlines() or [''])[0][:120]}): {fix}"
+        ) from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} cannot be read as a .npy array ({e}): {fix}") from None
+    if not isinstance(arr, np.memmap):
+        raise UserError(f"{path} is not a .npy array of images: {fix}")
+    if arr.offset + arr.nbytes != nbytes:
+        raise UserError(
+            f"{path} is {nbytes} bytes but its header declares {arr.offset + arr.nbytes}: damaged or changed on "
+            f"disk: {fix}"
+        )
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[1] != arr.shape[2]:
+        raise UserError(f"{path} holds {arr.dtype} {arr.shape}, expected square images (N, H, H, 3) uint8: {fix}")
+    if len(arr) == 0:
+        raise UserError(f"{path} holds no images (shape {arr.shape}): {fix}")
+    if size is not None and arr.shape[1] != size:
+        raise UserError(f"{path} holds {arr.shape[1]}x{arr.shape[2]} images, expected {size}x{size}: {fix}")
     return arr
+
+
+def load_split(processed: str | os.PathLike, split: str, size: int | None = None) -> np.ndarray:
+    """data/processed/<split>.npy: (N, H, W, 3) uint8, memory-mapped read-only, checked (load_images)."""
+    return load_images(Path(processed) / f"{split}.npy", PROCESSED_FIX, size)
 
 
 def to_nchw(batch: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@
     GET /api/health            the model and the limits
 
 Query parameters: seed (0 .. 2**63 - 1), count (1 .. --max-count), steps (1 .. --max-steps); anything
-else out of range is a 422. The model is loaded once. One request draws at a time (a CPU has no
+else out of range is a 422. The limits themselves are bounded (vdm/cli.py: --max-count at most 256,
+--max-steps 1000, --queue 256, --timeout an hour), and so is the cache (Limits.cache sprites in all).
+The model is loaded once, checked file by file (vdm.checkpoint.load_model). One request draws at a time (a CPU has no
 spare cores for two); up to --queue more wait, further ones get 503 with Retry-After; a request
 that has waited and run longer than --timeout seconds is stopped between network evaluations
 and gets 503. Results are kept in a small cache (the same seed and settings give the same sprites).
@@ -39,7 +41,7 @@ class Limits:
     sampler: str = "dpmpp_2m"
     timeout: float = 60.0
     queue: int = 8
-    cache: int = 64
+    cache: int = 1024  # sprites kept for repeated requests, in all (27 MB at 96x96)
 
 
 class Deadline(Exception):
@@ -59,6 +61,7 @@ class Drawer:
         self.lock = threading.Lock()
         self.pending = 0
         self.cache: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
+        self.cached = 0  # sprites in the cache
         self.served = 0  # requests answered with sprites
         self.timed_out = 0  # requests refused at their deadline (busy ones are refused before they count)
 
@@ -78,8 +81,10 @@ class Drawer:
         sprites = self.model.generate(count, seed, steps, self.limits.sampler, on_step=check)
         result = (sprites, time.perf_counter() - t0)
         self.cache[key] = result
-        while len(self.cache) > self.limits.cache:
-            self.cache.popitem(last=False)
+        self.cached += len(sprites)
+        while self.cached > self.limits.cache:
+            _, (dropped, _) = self.cache.popitem(last=False)
+            self.cached -= len(dropped)
         return result
 
     async def draw(self, seed: int, count: int, steps: int) -> tuple[np.ndarray, float]:
