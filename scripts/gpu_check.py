@@ -644,11 +644,14 @@ def check(args) -> int:
     if "step_at_start" in training and phases.seconds.get("train"):
         new = (training["step"] - training["step_at_start"]) * batch
         training["phase_img_s"] = round(new / phases.seconds["train"], 1)
-    log.say(
-        f"train: step {training['step']}/{steps} ({training['images_seen']} of {steps * batch} images)"
-        f"{', complete' if training['complete'] else ', interim weights from its checkpoint'} "
-        f"in {phases.seconds.get('train', 0)} s"
-    )
+    if training["step"]:
+        took = f", the phase took {phases.seconds['train']} s" if "train" in phases.seconds else ""
+        log.say(
+            f"train: step {training['step']}/{steps} ({training['images_seen']} of {steps * batch} images)"
+            f"{', complete' if training['complete'] else ', interim weights from its checkpoint'}{took}"
+        )
+    else:
+        log.say("train: no weights and no checkpoint (see check.log): sample and evaluate skipped")
     codes = {}
     if training["step"]:
         for stage in ("sample", "evaluate"):
@@ -698,10 +701,13 @@ def check(args) -> int:
     if len(list(out.iterdir())) > MAX_OUT_FILES:
         log.say(f"note: {out} holds more than {MAX_OUT_FILES} files (not written by this check: {extra[:5]})")
     f = report["figures"]
+    share = (
+        "no bf16 peak known" if f["fraction_of_bf16_peak"] is None else f"{f['fraction_of_bf16_peak']:.1%} of bf16 peak"
+    )
     if all(f[k] is not None for k in ("test_bpd", "swd", "swd_floor", "parts", "palette", "flatness", "graininess")):
         log.say(
-            f"figures: {f['train_img_s']} img/s, {f['model_tflop_s']} TFLOP/s ({f['fraction_of_bf16_peak']} of the "
-            f"card's bf16 peak), {f['images_seen']} images seen, test {f['test_bpd']:.3f} bits/dim, SWD {f['swd']:.1f} "
+            f"figures: {f['train_img_s']} img/s, {f['model_tflop_s']} TFLOP/s ({share}), {f['images_seen']} images "
+            f"seen, test {f['test_bpd']:.3f} bits/dim, SWD {f['swd']:.1f} "
             f"(floor {f['swd_floor']:.1f}), parts {f['parts']:.2f}, palette {f['palette']:.1f}, flatness "
             f"{f['flatness']:.3f}, graininess {f['graininess']:.1f}"
         )
