@@ -66,7 +66,10 @@ def _working_tree_copy(dest: Path) -> int:
     """The files the GPU machine receives (tracked, and untracked ones git does not ignore) copied
     to `dest`, made a git repository; their bytes."""
     names = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     total = 0
     for name in {n for n in names.split("\0") if n}:
