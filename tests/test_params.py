@@ -296,3 +296,24 @@ def test_images_smaller_than_the_metrics_pyramid_are_scored():
     images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     r = sample_quality(images[:3], images, images, repeats=2, seed=0)
     assert r["swd"] > 0 and r["swd_floor"] > 0 and np.isfinite(r["swd_ratio"])
+
+
+def test_the_validate_stage_splits_the_batch_over_the_processes_this_machine_runs(tmp_path, monkeypatch):
+    """train.processes: auto is one process per GPU: only the machine tells how many, so the
+    validate stage checks the batch against that count (here: 3 GPUs, a global batch of 16)."""
+    import stages.validate
+    import vdm.runtime
+
+    proj = copy_project(tmp_path / "p", train={"processes": "auto", "batch_size": 16, "wandb": "disabled"})
+    monkeypatch.chdir(proj)
+    monkeypatch.setattr(vdm.runtime, "process_count", lambda setting, device: 3 if setting == "auto" else setting)
+    with pytest.raises(ParamError) as e:
+        stages.validate.main()
+    assert str(e.value) == (
+        "params.yaml: train.batch_size = 16 is invalid: a multiple of 3: the global batch is split evenly over 3 "
+        "training processes (train.processes = auto)"
+    )
+    assert not (proj / "params.ok").exists()
+    monkeypatch.setattr(vdm.runtime, "process_count", lambda setting, device: 2)
+    stages.validate.main()
+    assert (proj / "params.ok").is_file()
