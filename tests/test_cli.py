@@ -3,9 +3,11 @@ probability-flow encoding behind interpolation, and the package's pins."""
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 
 import numpy as np
@@ -173,6 +175,7 @@ def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
     expected = api.load(model_dir).generate(3, seed=2, steps=3)
     assert np.array_equal(np.asarray(Image.open(out / "sprite-0001.png")), expected[1])
     assert np.array_equal(np.load(out / "samples.npy"), expected)
+    assert "generate: 3/3 steps" in p.stderr  # progress (a bar in a terminal, lines otherwise)
     # a rerun replaces its own folder; a folder with other files (a DVC output) is refused
     assert vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out).returncode == 0
     assert len(list(out.glob("sprite-*.png"))) == 1
@@ -251,6 +254,185 @@ def test_help_explains_every_option():
         assert options, command
         for opt in options:  # every option has a help line of its own
             assert re.search(rf"{opt}( [A-Z_{{][^ ]*)?\s+\S", p.stdout), (command, opt)
+
+
+# --- bounded work: sizes a user sets -------------------------------------------------------------
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """`vdm ARGV` in this process: (exit code, stderr)."""
+    from vdm import cli
+
+    capsys.readouterr()
+    try:
+        cli.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["generate", "--n", "1000000000"], "--n: 1000000000 is more than 1000000 (the most one run draws"),
+        (["generate", "--steps", "100001"], "--steps: 100001 is more than 100000"),
+        (["generate", "--batch-size", "5000"], "--batch-size: 5000 is more than 4096"),
+        (["interpolate", "test:0", "test:1", "--frames", "65"], "--frames: 65 is more than 64 (one strip"),
+        (["interpolate", "test:0", "test:1", "--frames", "1"], "--frames: 1 is not at least 2"),
+        (["serve", "--max-count", "100000"], "--max-count: 100000 is more than 256"),
+        (["serve", "--max-steps", "5000"], "--max-steps: 5000 is more than 1000"),
+        (["serve", "--queue", "1000000"], "--queue: 1000000 is more than 256"),
+        (["serve", "--port", "70000"], "--port: 70000 is more than 65535"),
+        (["serve", "--timeout", "nan"], "--timeout: nan is not above 0 and at most 3600 seconds"),
+        (["serve", "--timeout", "-1"], "--timeout: -1.0 is not above 0"),
+        (["serve", "--timeout", "1e9"], "--timeout: 1000000000.0 is not above 0 and at most 3600"),
+    ],
+)
+def test_every_size_a_user_sets_has_an_upper_limit_told_in_one_line(model_dir, tmp_path, capsys, args, words):
+    code, err = run_main([*args, "--model", model_dir], capsys)
+    assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+
+
+def test_the_api_bounds_the_same_sizes(model_dir):
+    m = api.load(model_dir)
+    a = np.zeros((32, 32, 3), np.uint8)
+    for call, words in [
+        (lambda: m.generate(api.MAX_SPRITES + 1), "at most 1000000"),
+        (lambda: m.stream(2, batch_size=api.MAX_BATCH + 1), "from 1 to 4096"),
+        (lambda: m.stream(2, steps=api.MAX_STEPS + 1), "from 1 to 100000"),
+        (lambda: m.interpolate(a, a, frames=api.MAX_FRAMES + 1), "give 2 (the two ends) to 64"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(words)):
+            call()  # stream checks at the call, before the first batch is asked for
+
+
+def _fake_disk(monkeypatch, free: int, files: int = 10**9):
+    import os
+    import shutil
+
+    real_usage, real_statvfs = shutil.disk_usage, os.statvfs
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=free))
+
+    class Stat:  # the file system's figures, but for the count of files it has room for
+        def __init__(self, st):
+            self.st, self.f_files, self.f_favail = st, files, files
+
+        def __getattr__(self, name):
+            return getattr(self.st, name)
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Stat(real_statvfs(p)))
+
+
+def test_generate_refuses_a_count_the_disk_cannot_hold_before_drawing(model_dir, tmp_path, capsys, monkeypatch):
+    """The space for --n sprites (PNGs that do not compress, samples.npy, grid and info) is counted
+    up front: one more sprite than fits is refused before any is drawn, as many as fit are drawn."""
+    from vdm import cli
+
+    drawn = []
+    real = api.Sprites.stream
+    monkeypatch.setattr(api.Sprites, "stream", lambda self, n, *a, **k: drawn.append(n) or real(self, n, *a, **k))
+    per, fixed = cli.generate_bytes(3, 32, os.statvfs(tmp_path).f_frsize)
+    assert per >= 2 * 32 * 32 * 3  # a PNG and a row of samples.npy
+    _fake_disk(monkeypatch, free=fixed + 3 * per)
+    out = tmp_path / "new"
+    code, err = run_main(["generate", "--model", model_dir, "--n", 4, "--steps", 1, "--out", out], capsys)
+    assert code == 2 and "Traceback" not in err and not drawn
+    (line,) = err.strip().splitlines()
+    assert "--n 4 needs about" in line and "ask for at most 3 sprites, or free space" in line
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written
+    code, err = run_main(["generate", "--model", model_dir, "--n", 3, "--steps", 1, "--out", out], capsys)
+    assert code == 0 and drawn == [3] and len(list(out.glob("sprite-*.png"))) == 3, err
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert written <= fixed + 3 * per  # the estimate bounds what was written
+
+
+def test_generate_refuses_more_files_than_the_file_system_has_room_for(model_dir, tmp_path, capsys, monkeypatch):
+    _fake_disk(monkeypatch, free=10**12, files=100)
+    code, err = run_main(["generate", "--model", model_dir, "--n", 97, "--out", tmp_path / "new"], capsys)
+    assert code == 2 and "writes 101 files but the file system" in err and "room for 100 more" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_writes_each_batch_before_drawing_the_next_and_keeps_none(model_dir, tmp_path, capsys, monkeypatch):
+    """Memory does not grow with --n: when batch k is drawn, the k batches before it are on disk
+    (PNGs in the staged folder, rows of samples.npy) and none of their arrays is alive."""
+    import gc
+    import weakref
+
+    expected = api.load(model_dir).generate(7, steps=1, batch_size=2)
+    real = api.Sprites.stream
+    seen, refs = [], []
+
+    def watched(self, *a, **k):
+        def batches():
+            for batch in real(self, *a, **k):
+                gc.collect()
+                (staged,) = tmp_path.glob(".new.*.tmp")
+                seen.append((len(list(staged.glob("sprite-*.png"))), sum(r() is not None for r in refs)))
+                refs.append(weakref.ref(batch))
+                yield batch
+
+        return batches()
+
+    monkeypatch.setattr(api.Sprites, "stream", watched)
+    out = tmp_path / "new"
+    code, err = run_main(
+        ["generate", "--model", model_dir, "--n", 7, "--batch-size", 2, "--steps", 1, "--out", out], capsys
+    )
+    assert code == 0, err
+    assert seen == [(0, 0), (2, 0), (4, 0), (6, 0)]  # (sprites on disk, earlier batches alive) at each batch
+    assert np.array_equal(np.load(out / "samples.npy"), expected)
+    assert "generate: 4/4 steps" in err and "sprites " in err  # progress
+
+
+def test_generate_stopped_midway_keeps_the_previous_output_and_leaves_nothing_staged(model_dir, tmp_path):
+    """SIGTERM (as from `kill` or a job scheduler) while sprites are being written: exit 130, the
+    staged folder removed, the previous --out byte for byte as it was."""
+    import signal
+
+    out = tmp_path / "new"
+    assert vdm_cmd("generate", "--model", model_dir, "--n", 2, "--steps", 1, "--out", out).returncode == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    cmd = [sys.executable, "-m", "vdm", "generate", "--model", model_dir, "--n", 5000, "--batch-size", 1]
+    p = subprocess.Popen(
+        [*map(str, cmd), "--steps", "1", "--out", str(out)],
+        cwd=tmp_path,
+        env=subprocess_env() | {"OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    t0 = time.time()
+    while not any(len(list(d.glob("sprite-*.png"))) >= 3 for d in tmp_path.glob(".new.*.tmp")):
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["new"]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_interpolate_refuses_a_split_of_another_image_size(model_dir, tmp_path, capsys):
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    np.save(processed / "test.npy", np.zeros((3, 16, 16, 3), np.uint8))
+    code, err = run_main(
+        [
+            "interpolate",
+            "test:0",
+            "test:1",
+            "--model",
+            model_dir,
+            "--processed",
+            processed,
+            "--out",
+            tmp_path / "s.png",
+        ],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1 and "holds 16x16 sprites but the model draws 32x32" in err
+    assert not (tmp_path / "s.png").exists()
 
 
 # --- the package ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import random
 import shlex
@@ -828,6 +829,454 @@ def test_no_credential_reaches_any_file_or_log(pipeline):
         leaked = [str(f) for f in files if secret.encode() in f.read_bytes()]
         assert not leaked, f"{name} leaked into {leaked}"
         assert not any(secret in log for log in pipeline.logs)
+
+
+# --- 9. a damaged model folder ------------------------------------------------------------------
+
+
+def _edit_config(edit):
+    """A fault that rewrites models/config.json (valid JSON) after `edit(config)`."""
+
+    def damage(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        edit(config)
+        (d / "config.json").write_text(json.dumps(config))
+
+    return damage
+
+
+def _model(config: dict) -> dict:
+    return config["params"]["model"]
+
+
+def _cut(name: str, keep: float):
+    def damage(d: Path) -> None:
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[: int(len(data) * keep)])
+
+    return damage
+
+
+def _write(name: str, data: bytes):
+    return lambda d: (d / name).write_bytes(data)
+
+
+def _edit_weights(edit):
+    """A fault that rewrites ema.pt with `edit(state)` applied, with a matching checksum (so that
+    the checks after the checksum's are what refuses it)."""
+
+    def damage(d: Path) -> None:
+        state = torch.load(d / "ema.pt", weights_only=True)
+        state = edit(state)
+        ckpt.save(state, d / "ema.pt")
+
+    return damage
+
+
+def _first_net_key(state: dict) -> str:
+    return next(k for k in state if k.startswith("net.") and state[k].dim() > 1)
+
+
+def _nan(state: dict) -> dict:
+    k = _first_net_key(state)
+    state[k] = state[k].clone()
+    state[k].view(-1)[3] = float("nan")
+    return state
+
+
+def _delete(d: Path, name: str) -> None:
+    (d / name).unlink()
+    ckpt.checksum_path(d / name).unlink(missing_ok=True)
+
+
+# fault -> (the file named, damage(models_dir), words of the message)
+MODEL_FAULTS = {
+    "config.json missing": ("config.json", lambda d: (d / "config.json").unlink(), "not found"),
+    "config.json emptied": ("config.json", _write("config.json", b""), "is empty (0 bytes"),
+    "config.json cut short": ("config.json", _cut("config.json", 0.6), "is cut short"),
+    "config.json cut after its first byte": ("config.json", _cut("config.json", 0.001), "is cut short"),
+    "config.json an HTML page": ("config.json", _write("config.json", b"<html>404</html>\n"), "is not valid JSON"),
+    "config.json binary": ("config.json", _write("config.json", bytes(range(256))), "is not text"),
+    "config.json 2 MB": ("config.json", _write("config.json", b" " * (2 << 20)), "more than such a file can be"),
+    "config.json nested 100000 deep": (
+        "config.json",
+        _write("config.json", b"[" * 100_000 + b"]" * 100_000),
+        "is not valid JSON",
+    ),
+    "config.json a 5000-digit number": ("config.json", _write("config.json", b"9" * 5000), "is not valid JSON"),
+    "config.json a list": ("config.json", _write("config.json", b"[1, 2]"), "holds a list"),
+    "an unknown key": ("config.json", _edit_config(lambda c: c.update(extra=1)), "'extra' is not a key"),
+    "a missing key": ("config.json", _edit_config(lambda c: c.pop("steps")), "steps is missing"),
+    "steps a string": ("config.json", _edit_config(lambda c: c.update(steps="3")), "expected a whole number"),
+    "steps true": ("config.json", _edit_config(lambda c: c.update(steps=True)), "is true/false"),
+    "steps negative": ("config.json", _edit_config(lambda c: c.update(steps=-1)), "steps = -1 is invalid"),
+    "params a list": ("config.json", _edit_config(lambda c: c.update(params=[])), "params = [] is a list"),
+    "params.model missing": ("config.json", _edit_config(lambda c: c["params"].pop("model")), "model is missing"),
+    "an unknown section": (
+        "config.json",
+        _edit_config(lambda c: c["params"].update(extra={})),
+        "params.'extra' is not a key",
+    ),
+    "an unknown model key": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(width=3)),
+        "params.model.width is not a key",
+    ),
+    "a missing model key": (
+        "config.json",
+        _edit_config(lambda c: _model(c).pop("channels")),
+        "params.model.channels is missing",
+    ),
+    "a model value of the wrong type": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(channels="16")),
+        "params.model.channels = '16' is invalid",
+    ),
+    "a million channels": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(channels=1_000_000)),
+        "params.model.channels = 1000000 is invalid: an integer from 1 to 1024",
+    ),
+    "gamma_min NaN": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(gamma_min=float("nan"))),
+        "params.model.gamma_min = nan is invalid",
+    ),
+    "two bad model values": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(channels=0, dropout=2)),
+        "(and 1 more)",
+    ),
+    "image_size 30000": (
+        "config.json",
+        _edit_config(lambda c: c["params"]["data"].update(image_size=30_000)),
+        "params.data.image_size = 30000 is invalid: an integer from 8 to 512",
+    ),
+    "a net the image size cannot hold": (
+        "config.json",
+        _edit_config(lambda c: _model(c).update(channel_mult=[1, 1, 1, 1, 1, 1])),
+        "does not describe a network for 32x32 images",
+    ),
+    "a config of another model": (
+        "ema.pt",
+        _edit_config(lambda c: _model(c).update(channels=32)),
+        "does not match",
+    ),
+    "a config asking for an 800 GB net": (
+        "ema.pt",
+        _edit_config(lambda c: _model(c).update(channels=1024, channel_mult=[16, 16], num_res_blocks=16)),
+        "does not match",
+    ),
+    "ema.pt missing": ("ema.pt", lambda d: _delete(d, "ema.pt"), "not found"),
+    "ema.pt emptied": ("ema.pt", _write("ema.pt", b""), "is empty (0 bytes"),
+    "ema.pt cut short": ("ema.pt", _cut("ema.pt", 0.5), "is damaged"),
+    "ema.pt cut short, no checksum": (
+        "ema.pt",
+        lambda d: (_cut("ema.pt", 0.5)(d), ckpt.checksum_path(d / "ema.pt").unlink()),
+        "cannot be loaded",
+    ),
+    "ema.pt a folder": ("ema.pt", lambda d: (_delete(d, "ema.pt"), (d / "ema.pt").mkdir()), "is a folder"),
+    "ema.pt a tensor": ("ema.pt", _edit_weights(lambda s: torch.zeros(3)), "holds Tensor, not a model's weights"),
+    "ema.pt missing an entry": (
+        "ema.pt",
+        _edit_weights(lambda s: {k: v for k, v in s.items() if k != "net.stem.weight"}),
+        "lack net.stem.weight",
+    ),
+    "ema.pt with an extra entry": (
+        "ema.pt",
+        _edit_weights(lambda s: {**s, "net.extra.weight": torch.zeros(2)}),
+        "hold net.extra.weight, which the config's model has not",
+    ),
+    "ema.pt of another shape": (
+        "ema.pt",
+        _edit_weights(lambda s: {**s, "net.stem.weight": torch.zeros(8, 3, 3, 3)}),
+        "net.stem.weight is 8x3x3x3 in the weights but",
+    ),
+    "ema.pt in float16": ("ema.pt", _edit_weights(lambda s: {k: v.half() for k, v in s.items()}), "torch.float16"),
+    "ema.pt with a NaN": ("ema.pt", _edit_weights(_nan), "non-finite values (NaN or inf)"),
+    "model.pt cut short": ("model.pt", _cut("model.pt", 0.5), "is damaged"),
+}
+
+
+@pytest.mark.parametrize("fault", MODEL_FAULTS)
+def test_a_damaged_model_folder_is_one_line_naming_the_file_and_the_fix(model_dir, tmp_path, fault):
+    name, damage, words = MODEL_FAULTS[fault]
+    d = copy_of(model_dir, tmp_path / "models")
+    damage(d)
+    before = tree(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        ckpt.load_model(d, "model" if name == "model.pt" else "ema")
+    message = str(e.value)
+    assert "\n" not in message and words in message, message
+    assert str(d / name) in message and "dvc checkout models" in message and "dvc repro -f train" in message
+    assert time.monotonic() - t0 < 10  # nothing built before the files agree (the 800 GB net)
+    assert tree(tmp_path) == before
+
+
+def test_the_optional_guide_weights_load_by_name_with_the_same_checks(model_dir, tmp_path):
+    """guide.pt (the same net's EMA weights earlier in training, for autoguidance): its absence is
+    no fault for ema and model, one line when asked for; when there, it is checked like ema.pt."""
+    d = copy_of(model_dir, tmp_path / "models")
+    with pytest.raises(UserError, match=r"guide\.pt not found: this model has no guide weights \(its folder holds "):
+        ckpt.load_model(d, "guide")
+    early = torch.load(d / "model.pt", weights_only=True)  # stands for the EMA weights of an earlier step
+    ckpt.save(early, d / "guide.pt")
+    guide, _ = ckpt.load_model(d, "guide")
+    assert all(torch.equal(v, early[k]) for k, v in guide.state_dict().items())
+    damage(d / "guide.pt", "bit-flipped", random.Random(0))
+    with pytest.raises(UserError, match=r"guide weights .*guide\.pt is damaged"):
+        ckpt.load_model(d, "guide")
+    ckpt.load_model(d, "ema")  # the others are not affected
+    for bad in ("../models/ema", "/etc/passwd", "", "ema.pt"):
+        with pytest.raises(UserError, match="give a name such as ema or model"):
+            ckpt.load_model(d, bad)
+
+
+CLI_FAULTS = ("config.json cut short", "a config asking for an 800 GB net", "ema.pt with a NaN")
+
+
+@pytest.mark.parametrize("fault", CLI_FAULTS)
+@pytest.mark.parametrize("entry", ["vdm generate", "vdm serve", "sample stage"])
+def test_every_entry_point_gives_the_loaders_line_and_exit_2(model_dir, tmp_path, fault, entry):
+    """The command line, the demo server and the sample stage all load through load_model."""
+    name, damage, words = MODEL_FAULTS[fault]
+    proj = tmp_path / "p"
+    d = copy_of(model_dir, proj / "models")
+    damage(d)
+    before = tree(tmp_path)
+    if entry == "sample stage":
+        (proj / "params.yaml").write_text(yaml.safe_dump(tiny()))
+        cmd = [sys.executable, "-m", "stages.sample"]
+        env = subprocess_env() | {"PYTHONPATH": str(ROOT)}
+    else:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = str(free.getsockname()[1])
+        args = ["generate", "--out", "new", "--n", "2"] if entry == "vdm generate" else ["serve", "--port", port]
+        cmd = [sys.executable, "-m", "vdm", *args, "--model", "models", "--device", "cpu"]
+        env = subprocess_env()
+    p = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert words in line and f"models/{name}" in line
+    if entry == "sample stage":
+        (proj / "params.yaml").unlink()
+    assert tree(tmp_path) == before  # nothing written: no new/, no samples/
+
+
+# --- 10. artifacts one stage reads that another wrote --------------------------------------------
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _rewrite_npy(change):
+    def damage(path: Path) -> None:
+        path.write_bytes(_npy_bytes(change(np.load(path))))
+
+    return damage
+
+
+def _cut_file(keep: float):
+    return lambda path: path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+# fault -> (damage(path), words of the message)
+NPY_FAULTS = {
+    "missing": (lambda p: p.unlink(), "not found"),
+    "emptied": (lambda p: p.write_bytes(b""), "is empty (0 bytes"),
+    "cut short": (_cut_file(0.7), "is cut short"),
+    "cut inside its header": (_cut_file(0.0005), "is not a .npy array"),
+    "grown": (lambda p: p.write_bytes(p.read_bytes() + b"\0" * 100), "but its header declares"),
+    "replaced by an HTML page": (lambda p: p.write_bytes(b"<html>404</html>\n"), "is not a .npy array"),
+    "replaced by pickled objects": (
+        lambda p: p.write_bytes(_npy_bytes(np.array([{"a": 1}], dtype=object))),
+        "is not a .npy array",
+    ),
+    "float32": (_rewrite_npy(lambda a: a.astype(np.float32)), "holds float32"),
+    "grey (no colour axis)": (_rewrite_npy(lambda a: a[..., 0]), "expected square images (N, H, H, 3) uint8"),
+    "not square": (_rewrite_npy(lambda a: a[:, :, :16]), "expected square images"),
+    "no images": (_rewrite_npy(lambda a: a[:0]), "holds no images"),
+}
+
+
+@pytest.mark.parametrize("fault", NPY_FAULTS)
+def test_a_damaged_processed_array_stops_the_train_stage_naming_the_file_and_preprocess(
+    tmp_path, checkpointed, monkeypatch, capsys, fault
+):
+    proj = copy_of(checkpointed, tmp_path / "p")
+    damage, words = NPY_FAULTS[fault]
+    damage(proj / "data/processed/train.npy")
+    before = tree(proj)
+
+    code, err = run_stage("train", proj, monkeypatch, capsys)
+
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: data/processed/train.npy ") and words in err
+    assert "`dvc checkout data/processed`" in err and "`dvc repro preprocess`" in err
+    assert tree(proj) == before  # the checkpoint, models/ and the damaged file: all as they were
+
+
+def _with_samples(proj: Path, n: int = 4) -> Path:
+    """samples/ as the sample stage writes it: samples.npy and info.json of the same run."""
+    rng = np.random.default_rng(0)
+    vdm.atomic.save_npy(proj / "samples/samples.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    info = {"count": n, "sampler": "ancestral", "steps": 4, "spacing": "t", "clip_denoised": True, "seconds": 0.1}
+    vdm.atomic.write_json(proj / "samples/info.json", {**info, "img_per_s": 40.0, "device": "cpu"})
+    return proj
+
+
+def _edit_info(edit):
+    def damage(path: Path) -> None:
+        info = json.loads(path.read_text())
+        edit(info)
+        path.write_text(json.dumps(info))
+
+    return damage
+
+
+# (file, damage(path), words of the message)
+SAMPLE_FAULTS = {
+    **{f"samples.npy {k}": ("samples/samples.npy", *v) for k, v in NPY_FAULTS.items()},
+    "samples.npy of another image size": (
+        "samples/samples.npy",
+        _rewrite_npy(lambda a: a[:, :16, :16]),
+        "holds 16x16 sprites but the model draws 32x32",
+    ),
+    "samples.npy of another run": (
+        "samples/samples.npy",
+        _rewrite_npy(lambda a: a[:3]),
+        "records 4 sprites but samples/samples.npy holds 3",
+    ),
+    "info.json missing": ("samples/info.json", lambda p: p.unlink(), "not found"),
+    "info.json cut short": ("samples/info.json", _cut_file(0.5), "is cut short"),
+    "info.json a list": ("samples/info.json", lambda p: p.write_text("[]"), "holds no object"),
+    "info.json without the sampler": (
+        "samples/info.json",
+        _edit_info(lambda i: i.pop("sampler")),
+        "sampler is missing",
+    ),
+    "info.json steps a string": (
+        "samples/info.json",
+        _edit_info(lambda i: i.update(steps="4")),
+        "steps = '4' is a string, expected a whole number",
+    ),
+    "test split of another image size": (
+        "data/processed/test.npy",
+        _rewrite_npy(lambda a: np.repeat(np.repeat(a, 2, axis=1), 2, axis=2)),
+        "holds 64x64 images but the model in models/ was trained on 32x32",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", SAMPLE_FAULTS)
+def test_a_damaged_sample_or_split_stops_the_evaluate_stage_naming_the_file_and_the_stage(
+    tmp_path, checkpointed, monkeypatch, capsys, fault
+):
+    proj = _with_samples(copy_of(checkpointed, tmp_path / "p"))
+    name, damage, words = SAMPLE_FAULTS[fault]
+    damage(proj / name)
+    before = tree(proj)
+
+    code, err = run_stage("evaluate", proj, monkeypatch, capsys)
+
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and name in err and words in err, err
+    stage = "preprocess" if name.startswith("data/") else "sample"
+    assert f"`dvc repro {stage}`" in err or "run `dvc repro`" in err
+    assert tree(proj) == before  # no metrics, no eval/
+
+
+CHECKPOINT_FAULTS = {
+    "without its optimizer state": (lambda s: s.pop("optimizer") and s, "it has no 'optimizer'"),
+    "a negative step": (lambda s: {**s, "step": -1}, "its 'step' is -1"),
+    "rows that are no list": (lambda s: {**s, "train_rows": "x"}, "its 'train_rows' is a str, not a list"),
+}
+
+
+@pytest.mark.parametrize("fault", [*CHECKPOINT_FAULTS, "a folder"])
+def test_a_checkpoint_that_is_not_one_is_one_line_and_kept(tmp_path, checkpointed, monkeypatch, capsys, fault):
+    proj = copy_of(checkpointed, tmp_path / "p")
+    (ck,) = (proj / "checkpoints").glob("*.pt")
+    if fault == "a folder":
+        ck.unlink()
+        ck.mkdir()
+        words = "is a folder, not a file"
+    else:
+        edit, words = CHECKPOINT_FAULTS[fault]
+        ckpt.save(edit(ckpt.load(ck, "checkpoint")), ck)  # with a matching checksum
+    before = tree(proj)
+
+    code, err = run_stage("train", proj, monkeypatch, capsys)
+
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"checkpoints/{ck.name}" in err and words in err and "start over from step 0" in err
+    assert tree(proj) == before
+
+
+# --- 11. a scaling run killed at a random step ---------------------------------------------------
+
+SCALING_KILL_SEED = 29
+SCALING = [sys.executable, "benchmarks/scaling.py", "--train-only", "--images", "16", "32", "48", "--out", "out"]
+
+
+def _scaling_project(root: Path, processed: Path) -> Path:
+    """A project to run benchmarks/scaling.py in: code, processed data, tiny params (12 steps of 4
+    images, a checkpoint every 2; snapshots at steps 4, 8 and 12)."""
+    shutil.copytree(processed, root / "data/processed")
+    for name in ("vdm", "benchmarks"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny(eval_images=4, checkpoint_every=2)))
+    return root
+
+
+def _scaling_outputs(root: Path) -> dict[str, bytes]:
+    """The run's weights: every snapshot's files and the final models/, bytes by path."""
+    d = root / "out/default"
+    files = sorted((d / "snapshots").rglob("*")) + sorted((d / "models").iterdir())
+    return {f.relative_to(d).as_posix(): f.read_bytes() for f in files if f.is_file()}
+
+
+def test_a_scaling_run_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path, processed):
+    """SIGKILL after a seeded random count of new checkpoints (1-3 of the 5 a run writes) plus a
+    random part of a step, then the same command again: every snapshot and the final weights are
+    byte-identical to an uninterrupted run's, and no checkpoint or temporary file is left."""
+    rng = random.Random(SCALING_KILL_SEED)
+    ref = _scaling_project(tmp_path / "ref", processed)
+    p = start(ref, *SCALING)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    want = _scaling_outputs(ref)
+    assert sorted(k for k in want if k.endswith("ema.pt")) == [
+        "models/ema.pt",
+        "snapshots/step-000004/ema.pt",
+        "snapshots/step-000008/ema.pt",
+        "snapshots/step-000012/ema.pt",
+    ]
+
+    proj = _scaling_project(tmp_path / "killed", processed)
+    p = start(proj, *SCALING)
+    proj_ck = proj / "out/default"  # wait_for_checkpoint looks in <proj>/checkpoints
+    wait_for_checkpoint(proj_ck, p, new=rng.randint(1, 3), timeout=300)
+    time.sleep(rng.uniform(0.0, 0.05))
+    p.kill()
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    (ck,) = (proj_ck / "checkpoints").glob("*.pt")
+    step = ckpt.load(ck, "checkpoint")["step"]
+    assert 0 < step < 12 and not (proj_ck / "models").exists()
+
+    p = start(proj, *SCALING)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert f"resuming from out/default/checkpoints/{ck.name} at step {step}/12" in err
+    assert _scaling_outputs(proj) == want
+    assert not list((proj_ck / "checkpoints").iterdir())
+    assert not [f for f in proj_ck.rglob(".*")]  # no staged or moved-aside snapshot left
 
 
 # --- the README figures --------------------------------------------------------------------------

@@ -172,3 +172,28 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(model_dir):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     (line,) = p.stderr.strip().splitlines()
     assert f"cannot listen on 127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_the_result_cache_holds_a_bounded_count_of_sprites():
+    """Cached results are bounded by sprites in all (not by requests, whose size --max-count sets)."""
+    import time
+
+    from vdm.serve import Drawer, Limits
+
+    class Model:
+        calls = 0
+
+        def generate(self, count, seed, steps, sampler, on_step=None):
+            Model.calls += 1
+            return np.full((count, 4, 4, 3), seed, np.uint8)
+
+    drawer = Drawer(Model(), Limits(cache=10))
+    try:
+        later = time.monotonic() + 60
+        for seed in range(5):
+            drawer._draw((seed, 4, 2), later)
+        assert list(drawer.cache) == [(3, 4, 2), (4, 4, 2)] and drawer.cached == 8  # the newest, within 10
+        sprites, _ = drawer._draw((4, 4, 2), later)  # served from the cache
+        assert Model.calls == 5 and sprites[0, 0, 0, 0] == 4
+    finally:
+        drawer.pool.shutdown()

@@ -137,6 +137,7 @@ class Sprites:
                 temperature=settings["temperature"],
             )
             yield x.permute(0, 2, 3, 1).numpy()
+            del x  # not held while the next batch is drawn
 
     def images(self, n: int, seed: int = 0, **kwargs) -> list:
         """The same sprites as `generate`, as PIL images."""

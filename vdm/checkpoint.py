@@ -166,10 +166,14 @@ class Checkpoints:
         for key, tp in CHECKPOINT_KEYS.items():
             value = state.get(key)
             if isinstance(value, bool) or not isinstance(value, tp) or (key == "step" and value < 0):
-                what = "has no" if key not in state else f"holds {type(value).__name__} as its"
+                if key not in state:
+                    what = f"it has no {key!r}"
+                elif isinstance(value, tp) and not isinstance(value, bool):
+                    what = f"its {key!r} is {value}"
+                else:
+                    what = f"its {key!r} is a {type(value).__name__}, not a {tp.__name__}"
                 raise UserError(
-                    f"checkpoint {self.path} is not a complete training checkpoint: it {what} {key!r} "
-                    f"(expected {tp.__name__}). It is left in place. {fix}"
+                    f"checkpoint {self.path} is not a complete training checkpoint: {what}. It is left in place. {fix}"
                 )
         return state
 
@@ -272,7 +276,7 @@ def read_json(path: Path, fix: str, limit: int = MAX_CONFIG_BYTES) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()):
+        if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):  # the text ends mid-value
             raise UserError(
                 f"{path} is cut short: its JSON stops unfinished after {len(data)} bytes (an interrupted copy or a "
                 f"full disk). {fix}"

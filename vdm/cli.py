@@ -258,13 +258,21 @@ def check_disk(out: Path, n: int, size: int) -> None:
     usage, st = shutil.disk_usage(where), os.statvfs(where)
     if usage.total == 0:  # no figures to go by (/proc, some network file systems): the writes will tell
         return
-    per, fixed = generate_bytes(n, size, st.f_frsize or 4096)
-    need, free = n * per + fixed, usage.free
-    if need > free:
-        fit = max(0, (free - fixed) // per)
+    block = st.f_frsize or 4096
+
+    def need(count: int) -> int:
+        per, fixed = generate_bytes(count, size, block)
+        return count * per + fixed
+
+    free = usage.free
+    if need(n) > free:
+        fit, above = 0, n  # the most sprites that fit: need(fit) <= free < need(above)
+        while above - fit > 1:
+            mid = (fit + above) // 2
+            fit, above = (mid, above) if need(mid) <= free else (fit, mid)
         raise UserError(
-            f"--n {n} needs about {_size(need)} for its {size}x{size} sprites (PNGs and samples.npy) but {where} has "
-            f"{_size(free)} free: ask for at most {fit} sprites, or free space"
+            f"--n {n} needs about {_size(need(n))} for its {size}x{size} sprites (PNGs and samples.npy) but "
+            f"{where} has {_size(free)} free: ask for at most {fit} sprites, or free space"
         )
     if st.f_files and st.f_favail < n + 4:  # file systems with a fixed count of files (inodes)
         raise UserError(
@@ -319,6 +327,7 @@ def cmd_generate(args) -> None:
                 npy.write(np.ascontiguousarray(batch, dtype=np.uint8).tobytes())
                 first.extend(np.array(img) for img in batch[: GRID_SPRITES - len(first)])
                 bar.set_postfix(sprites=f"{done}/{args.n}")
+                del batch, img  # not held while the next batch is drawn
         seconds = time.perf_counter() - t0
         grid = np.stack(first)
         (tmp / "grid.png").write_bytes(png_bytes(image_grid(grid, ncol=math.ceil(math.sqrt(len(grid))))))
