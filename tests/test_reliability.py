@@ -13,6 +13,11 @@ All random choices are seeded. The figures in README.md ("Reliability") come fro
  6. every params.yaml key with a wrong type and out of range      -> one line naming the key, no traceback
  7. a full disk while writing each kind of artifact               -> the old artifact intact, no temp files
  8. credentials in the environment and ~/.kaggle during a pipeline -> in no file and no log
+ 9. every fault of a model folder's files (config.json, the weights)  -> one line naming the file and the fix,
+    from the API, `vdm generate`, `vdm serve` and the sample stage; the optional guide.pt
+10. damaged artifacts between stages (processed arrays, samples/,     -> one line naming the file and the stage
+    checkpoints)                                                          that rebuilds it; every file kept
+11. SIGKILL of a scaling run at a random step, then the same command  -> snapshots and final weights byte-identical
 """
 
 from __future__ import annotations
@@ -962,7 +967,7 @@ MODEL_FAULTS = {
         _edit_config(lambda c: _model(c).update(channels=32)),
         "does not match",
     ),
-    "a config asking for an 800 GB net": (
+    "a config asking for a 1.7 TB net": (
         "ema.pt",
         _edit_config(lambda c: _model(c).update(channels=1024, channel_mult=[16, 16], num_res_blocks=16)),
         "does not match",
@@ -1010,7 +1015,7 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file_and_the_fix(model_di
     message = str(e.value)
     assert "\n" not in message and words in message, message
     assert str(d / name) in message and "dvc checkout models" in message and "dvc repro -f train" in message
-    assert time.monotonic() - t0 < 10  # nothing built before the files agree (the 800 GB net)
+    assert time.monotonic() - t0 < 10  # nothing built before the files agree (the 1.7 TB net: 429e9 parameters)
     assert tree(tmp_path) == before
 
 
@@ -1033,7 +1038,7 @@ def test_the_optional_guide_weights_load_by_name_with_the_same_checks(model_dir,
             ckpt.load_model(d, bad)
 
 
-CLI_FAULTS = ("config.json cut short", "a config asking for an 800 GB net", "ema.pt with a NaN")
+CLI_FAULTS = ("config.json cut short", "a config asking for a 1.7 TB net", "ema.pt with a NaN")
 
 
 @pytest.mark.parametrize("fault", CLI_FAULTS)
@@ -1301,6 +1306,12 @@ def test_figures(tmp_path, capsys, pytestconfig):
         "of them wrong types": sum(1 for _, what, _ in BAD if what == "wrong type"),
         "of them out of range": sum(1 for _, what, _ in BAD if what == "out of range"),
         "disk-full points": 5 * len(WRITERS) + 2,
+        "model folder faults": len(MODEL_FAULTS),
+        "of them in config.json": sum(1 for name, *_ in MODEL_FAULTS.values() if name == "config.json"),
+        "entry points x faults": len(CLI_FAULTS) * 3,
+        "processed array faults": len(NPY_FAULTS),
+        "samples/ and split faults": len(SAMPLE_FAULTS),
+        "checkpoint faults": len(CHECKPOINT_FAULTS) + 1,
     }
     if pytestconfig.getoption("capture") == "no":
         print("\nreliability figures:", figures)
