@@ -8,8 +8,10 @@ from vdm.params import load_params
 def main() -> None:
     r = evaluate(load_params().evaluate)
     fid = f"FID {r['fid']:.1f}" if r["fid"] is not None else "FID/KID/IS skipped (no Inception weights)"
+    scaled = r["test_bpd_eps_scaled"]
+    scaled = f", {scaled:.3f} with the eps scale" if scaled is not None else ""
     print(
-        f"evaluate: test {r['test_bpd']:.3f} +- {r['test_bpd_se']:.3f} bits/dim (EMA); SWD {r['swd']:.1f} +- "
+        f"evaluate: test {r['test_bpd']:.3f} +- {r['test_bpd_se']:.3f} bits/dim (EMA{scaled}); SWD {r['swd']:.1f} +- "
         f"{r['swd_se']:.1f} x1e3 against the test split (real floor {r['swd_floor']:.1f} +- {r['swd_floor_se']:.1f}, "
         f"{r['swd_ratio']:.2f}x); graininess {r['graininess']:.1f} levels (test {r['graininess_test']:.1f}); parts "
         f"{r['parts']:.2f} per sprite (test {r['parts_test']:.2f}), palette {r['palette']:.1f} colours "

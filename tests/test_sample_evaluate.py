@@ -134,3 +134,19 @@ def test_fid_kid_is_through_torch_fidelity_with_a_weights_file(trained, random_i
     for k in ("fid", "kid", "inception_score"):
         assert isinstance(r[k], float) and np.isfinite(r[k]), k
     assert r["fid"] > 0 and r["inception_score"] >= 1.0 - 1e-9  # IS = exp(E KL) >= 1, up to rounding
+
+
+def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reported_beside_it(trained):
+    from vdm.evaluation import test_bounds
+
+    model, _ = load_model(trained / "models", "ema")
+    test = np.load(trained / "data/processed/test.npy")
+    ep = parse_params({**BASE_PARAMS, "data": tiny()["data"]}).evaluate
+    own, scaled = test_bounds(model, test, ep, torch.device("cpu"))
+    assert scaled is None and own["total"] > 0  # no table (tiny() trains without the eps-scale fit)
+    with torch.no_grad():
+        model.eps_scale.fill_(0.5)
+    own_again, scaled = test_bounds(model, test, ep, torch.device("cpu"))
+    assert own_again["total"] == own["total"]  # the table does not change the sampling model's bound
+    assert scaled is not None and scaled["total"] != own["total"]
+    assert bool((model.eps_scale == 0.5).all())  # and the model keeps its table
