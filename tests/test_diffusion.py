@@ -69,7 +69,9 @@ def test_a_wide_window_taken_in_pieces_is_the_same_to_the_bit(gamma_0):
         part = log_prob_levels(x, z, g0, chunk=chunk)
         assert torch.equal(part, whole)
         pz, pg = torch.autograd.grad(part.sum(), (z, g0))
-        assert torch.equal(pz, dz) and torch.allclose(pg, dg, rtol=1e-5)  # a sum in another order
+        # d/d gamma_0 is a float32 sum of 1,344 terms in another order, with cancellation (terms up to
+        # ~50x the total): its last ~4 digits depend on the order and the CPU's vector width
+        assert torch.equal(pz, dz) and torch.allclose(pg, dg, rtol=1e-4)
 
 
 def test_window_is_small_at_gamma_min_and_widens_to_the_full_sum():
