@@ -253,7 +253,7 @@ def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
     cmd = command("gpu")
     assert cmd[:5] == ["dvc", "exp", "run", "-n", "gpu"]
     sets = dict(a.split("=", 1) for a in cmd[6::2])
-    assert sets["model.patch_size"] == "1" and sets["train.compile"] == "true"
+    assert sets["model.patch_size"] == "2" and sets["train.compile"] == "true"
     with pytest.raises(UserError, match="no preset"):
         command("tpu")
 
@@ -321,3 +321,13 @@ def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path
     assert wandb_root(repo / ".dvc/tmp/exps/tmpab12cd") == repo.resolve()  # dvc exp run --temp
     assert wandb_root(repo / ".dvc/tmp/exps/run/abc123/sub") == repo.resolve()  # a queued experiment
     assert wandb_root(repo / "exps") == (repo / "exps").resolve()
+
+
+def test_long_preset_is_the_default_recipe_with_more_steps(monkeypatch):
+    from stages.preset import command
+
+    monkeypatch.chdir(ROOT)
+    cmd = command("long")  # validates the merged params before anything runs
+    sets = dict(a.split("=", 1) for a in cmd[6::2])
+    assert not any(k.startswith("model.") for k in sets)  # the default's net and objective
+    assert int(sets["train.steps"]) * 16 >= 250_000 and int(sets["train.checkpoint_every"]) <= 500
