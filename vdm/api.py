@@ -3,6 +3,8 @@
     from vdm.api import load
     model = load("models")                       # the train stage's output (EMA weights), on CPU
     sprites = model.generate(16, seed=3)          # (16, 96, 96, 3) uint8
+    for batch in model.stream(10_000, seed=3):    # many sprites, a batch at a time as they are drawn
+        ...
     model.images(4, seed=3, steps=32)[0].save("new.png")
     frames = model.interpolate(a, b, frames=8)    # a, b: (96, 96, 3) uint8 sprites
 
@@ -162,7 +164,7 @@ class Sprites:
 
     def decode(self, latents: torch.Tensor, steps: int | None = None, sampler: str | None = None) -> np.ndarray:
         """Sprites (n, H, W, 3) uint8 from latents z_1, the probability-flow ODE run back (DECODE_BATCH
-        latents at a time: memory does not grow with n)."""
+        latents at a time: the network's memory does not grow with n)."""
         sampler, steps = _ode_settings(sampler, steps)
         out = []
         for start in range(0, latents.shape[0], DECODE_BATCH):

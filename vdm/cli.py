@@ -38,8 +38,7 @@ from vdm.samplers import SAMPLERS, SPACINGS
 GENERATED = ("sprite-", "samples.npy", "grid.png", "info.json")
 GRID_SPRITES = 64  # grid.png shows the first 64
 # The demo server's limits, bounded: one request holds the only worker for count x steps network
-# evaluations (a CPU draws ~2 sprite-steps a second at 96x96), and its results stay in the cache
-# (vdm.serve.Limits.cache sprites in all).
+# evaluations (and --timeout stops it between two), and its sprites stay in the result cache.
 MAX_SERVE_COUNT = 256
 MAX_SERVE_STEPS = 1000
 MAX_QUEUE = 256
