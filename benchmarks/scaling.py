@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweep import apply, parse_row, score  # noqa: E402
 
+from vdm.errors import UserError  # noqa: E402
 from vdm.images import image_grid, png_bytes  # noqa: E402
 from vdm.params import parse_params  # noqa: E402
 from vdm.training import Outputs, train  # noqa: E402
@@ -152,7 +153,10 @@ def main() -> None:
     d = Path(args.out) / args.name
     out = Outputs(d / "models", d / "metrics", d / "plots", d / "checkpoints", snapshots=d / "snapshots")
     steps = {b: b // batch for b in budgets}
+    # done: every snapshot written and the run finished (a run killed after its last snapshot
+    # still holds its checkpoint: resuming writes that snapshot again, identically, and models/)
     done = all((out.snapshots / f"step-{s:06d}" / "ema.pt").is_file() for s in steps.values())
+    done = done and not any(out.checkpoints.glob("*.pt"))
     (d / "params.yaml").parent.mkdir(parents=True, exist_ok=True)
     (d / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     if not args.score_only and not done:
@@ -206,4 +210,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # bad params, damaged data, an interrupted run: one line, not a traceback
+        sys.exit(f"scaling: {e}")
