@@ -150,3 +150,22 @@ def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reporte
     assert own_again["total"] == own["total"]  # the table does not change the sampling model's bound
     assert scaled is not None and scaled["total"] != own["total"]
     assert bool((model.eps_scale == 0.5).all())  # and the model keeps its table
+
+
+def test_the_sample_stage_draws_the_sprites_vdm_generate_draws_for_a_seed(trained):
+    from vdm.api import SAMPLE_DEFAULTS, load
+
+    model, _ = load_model(trained / "models", "ema")
+    d = SAMPLE_DEFAULTS
+    stage, _, _ = generate(
+        model, 5, 3, 2, 11, 0, 2, torch.device("cpu"), d["clip_denoised"], d["sampler"], d["spacing"],
+        denoise_last=d["denoise_last"], temperature=d["temperature"],
+    )  # fmt: skip
+    api = load(trained / "models").generate(5, seed=11, steps=3, batch_size=2)  # same batches: same rounding
+    assert np.array_equal(stage, api)
+    # sprite k of a seed does not depend on how many are drawn
+    fewer, _, _ = generate(
+        model, 2, 3, 2, 11, 0, 2, torch.device("cpu"), d["clip_denoised"], d["sampler"], d["spacing"],
+        denoise_last=d["denoise_last"], temperature=d["temperature"],
+    )  # fmt: skip
+    assert np.array_equal(fewer, stage[:2])

@@ -25,6 +25,7 @@ import torch
 from vdm import samplers
 from vdm.errors import UserError
 from vdm.runtime import resolve_device
+from vdm.samplers import sprite_generator
 
 SAMPLE_DEFAULTS = {
     "sampler": "ancestral",
@@ -221,12 +222,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 SEED_LIMIT = 2**63  # seeds 0 .. 2**63 - 1, as params.yaml's seeds: what torch's and numpy's generators take
-
-
-def sprite_generator(seed: int, k: int, device: torch.device) -> torch.Generator:
-    """The random stream of sprite k of `seed`: independent streams from one seed (numpy's SeedSequence)."""
-    state = np.random.SeedSequence([seed, k]).generate_state(2, np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def check_seed(seed) -> int:

@@ -195,13 +195,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-steps",
         type=_whole(1, MAX_SERVE_STEPS, serve_limit),
-        default=64,
+        default=SAMPLE_DEFAULTS["steps"],
         help=f"most network evaluations per sprite (at most {MAX_SERVE_STEPS})",
     )
     s.add_argument(
-        "--steps", type=_whole(1, MAX_SERVE_STEPS, serve_limit), default=32, help="default steps of a request"
+        "--steps",
+        type=_whole(1, MAX_SERVE_STEPS, serve_limit),
+        default=SAMPLE_DEFAULTS["steps"],
+        help="default steps of a request",
     )
-    s.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m", help="sampler of every request")
+    s.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE_DEFAULTS["sampler"], help="sampler of every request")
     s.add_argument(
         "--timeout", type=_seconds, default=60.0, help=f"seconds a request may wait and run (at most {MAX_TIMEOUT:g})"
     )

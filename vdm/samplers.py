@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from vdm.diffusion import VDM, alpha_sigma, decode_nearest, eps_from_x
@@ -61,6 +62,14 @@ def randn(shape, generator: torch.Generator | list[torch.Generator] | None, devi
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
     return torch.randn(tuple(shape), generator=generator, device=device)
+
+
+def sprite_generator(seed: int, k: int, device) -> torch.Generator:
+    """The random stream of sprite k of `seed`: independent streams from one seed (numpy's
+    SeedSequence). Every way of drawing sprites (the sample stage, `vdm generate`, the API, the
+    demo) seeds sprite k with it, so a seed draws the same sprites whatever the count and batch."""
+    state = np.random.SeedSequence([seed, k]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:

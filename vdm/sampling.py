@@ -42,6 +42,8 @@ def generate(
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
 
+    Sprite k is drawn from its own random stream (vdm.samplers.sprite_generator(seed, k)): the
+    same sprites as `vdm generate` and the API draw with the same seed and settings.
     z_t snapshots are kept for the first batch only (the strip), not for every sample.
     `progress` shows a bar over all network evaluations (tqdm; a log line every few seconds
     when not in a terminal). A `guide` model and `guidance` weight autoguide the walk
@@ -49,7 +51,6 @@ def generate(
     """
     from vdm.progress import Progress
 
-    gen = torch.Generator(device=device).manual_seed(seed)
     out, strip = [], None
     bar = Progress(total=steps * math.ceil(count / batch_size), desc="sample", unit="step", enabled=progress)
     t0 = time.perf_counter()
@@ -62,7 +63,7 @@ def generate(
             steps,
             sampler,
             spacing,
-            gen,
+            [samplers.sprite_generator(seed, k, device) for k in range(start, start + n)],
             device,
             points,
             clip_denoised,

@@ -29,16 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vdm.api import SEED_LIMIT, Sprites
+from vdm.api import SAMPLE_DEFAULTS, SEED_LIMIT, Sprites
 from vdm.images import image_grid, png_bytes
 
 
 @dataclass(frozen=True)
 class Limits:
     max_count: int = 16
-    max_steps: int = 64
-    default_steps: int = 32
-    sampler: str = "dpmpp_2m"
+    max_steps: int = SAMPLE_DEFAULTS["steps"]
+    default_steps: int = SAMPLE_DEFAULTS["steps"]  # the sample stage's sampler: the same sprites per seed
+    sampler: str = SAMPLE_DEFAULTS["sampler"]
     timeout: float = 60.0
     queue: int = 8
     cache: int = 1024  # sprites kept for repeated requests, in all (27 MB at 96x96)
