@@ -240,6 +240,7 @@ class TrainParams(Section):
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
     fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
     fit_eps_scale: bool  # after training, scale the bound's eps estimate per gamma (least squares, training images)
+    fit_images: Positive  # training images the two fits above see
     log_every: Positive  # steps between logged loss rows (and non-finite checks)
     eval_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # validation bits/dim (EMA weights)
     eval_images: Positive  # validation (and train) images in each bits/dim estimate

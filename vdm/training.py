@@ -336,7 +336,7 @@ class _Run:
         if not tp.fit_eps_scale:
             return None
         self.ema.module.eval()
-        images = to_nchw(self.train_x[: tp.eval_images])
+        images = to_nchw(self.train_x[: tp.fit_images])
         fit = fit_eps_scale(self.ema.module, images, tp.seed, self.eval_batch, self.device)
         with torch.no_grad():
             self.model.eps_scale.copy_(self.ema.module.eps_scale)
@@ -357,13 +357,13 @@ class _Run:
             return None
         self.ema.module.eval()
         fit = fit_gamma_0(
-            self.ema.module, to_nchw(self.train_x[: tp.eval_images]), tp.seed, self.eval_batch, self.device
+            self.ema.module, to_nchw(self.train_x[: tp.fit_images]), tp.seed, self.eval_batch, self.device
         )
         with torch.no_grad():
             self.model.schedule.endpoints[0] = fit["gamma_0"]
         if self.d.main:
             print(
-                f"train: gamma_0 fitted on {min(tp.eval_images, len(self.train_x))} training images: "
+                f"train: gamma_0 fitted on {min(tp.fit_images, len(self.train_x))} training images: "
                 f"{fit['gamma_0_learned']:.2f} -> {fit['gamma_0']:.2f} "
                 f"(bound {fit['bpd_learned']:.2f} -> {fit['bpd_fitted']:.2f} bits/dim)",
                 file=sys.stderr,
