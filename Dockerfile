@@ -64,8 +64,8 @@ RUN git config --system --add safe.directory '*'
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 # Where pip gets packages: pip reads these from the environment, during this step only (ARGs
-# do not persist in the image). Empty values are ignored; the index defaults to PyPI.
-ARG PIP_INDEX_URL=https://pypi.org/simple
+# do not persist in the image). Empty values are ignored: pip then uses its own default index.
+ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 ARG PIP_FIND_LINKS=
 ARG PIP_CERT=

@@ -64,7 +64,7 @@ if podman image exists "$BASE_IMAGE"; then
 else
     mirror=${DEBIAN_MIRROR:-$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
         | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n 1 | tr -d ' ' || true)}
-    mirror=${mirror:-http://deb.debian.org/debian}
+    [ -n "$mirror" ] || fail "no Debian mirror in /etc/apt sources: set DEBIAN_MIRROR"
     rootfs=$(mktemp -d /var/tmp/bookworm-min.XXXXXX)
     trap 'rm -rf "$rootfs"' EXIT
     say "debootstrap --variant=minbase bookworm from $mirror"
