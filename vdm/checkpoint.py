@@ -39,8 +39,8 @@ from vdm.params import DataParams, ModelParams, Params, Section, as_dict, parse_
 
 # train keys that do not change what a run computes, so not part of the config hash: a checkpoint
 # resumes across them (processes: the global batch and its draws are the same whatever the count,
-# to float rounding)
-_NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes")
+# to float rounding; fit_images: the post-training fits' sample, drawn after the last checkpoint)
+_NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes", "fit_images")
 
 
 def config_hash(params: Params, processed: str | os.PathLike) -> str:
