@@ -77,6 +77,31 @@ def test_lr_schedule():
     assert lr_factor(50, 10, 100, False, 0.1) == 1.0
 
 
+@pytest.mark.parametrize("fraction", [1.0, 0.01])
+def test_the_noise_schedule_learns_at_its_own_fraction_of_the_rate(fraction):
+    """At the UNet's rate AdamW drifts the learned schedule's endpoints about lr per step (their
+    gradient keeps one sign); train.schedule_lr_fraction slows that drift by its factor."""
+    import numpy as np
+
+    from vdm.synthetic import draw_sprite
+    from vdm.train_step import build_training, train_step
+
+    p = parse_params(tiny(lr=0.01, warmup_steps=0, cosine_decay=False, schedule_lr_fraction=fraction))
+    model, ema, opt, sched = build_training(p, torch.device("cpu"))
+    before = model.schedule.endpoints.detach().clone()
+    sprites = [draw_sprite(0, k).convert("RGB").resize((32, 32)) for k in range(8)]
+    x = torch.as_tensor(np.stack([np.asarray(im) for im in sprites]))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        train_step(model, model, ema, opt, sched, x, gen, torch.device("cpu"), grad_clip=1.0)
+    moved = (model.schedule.endpoints.detach() - before).abs().max().item()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.01 * fraction)
+    if fraction == 1.0:
+        assert moved > 0.05  # about lr per step
+    else:
+        assert moved < 0.003
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):
     import vdm.train_step as training
 
