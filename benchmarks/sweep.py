@@ -34,8 +34,8 @@ from vdm.checkpoint import load_model  # noqa: E402
 from vdm.diffusion import estimate_bpd  # noqa: E402
 from vdm.evaluation import sample_quality  # noqa: E402
 from vdm.images import image_grid, png_bytes  # noqa: E402
+from vdm.metrics import structure_summary  # noqa: E402
 from vdm.params import parse_params  # noqa: E402
-from vdm.quality import structure_summary  # noqa: E402
 from vdm.sampling import generate  # noqa: E402
 from vdm.training import Outputs, train  # noqa: E402
 

@@ -416,7 +416,7 @@ def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
 
 
 def test_edm_weighting_is_its_log_normal_density_times_its_loss_weight():
-    from vdm.diffusion import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
+    from vdm.weightings import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
 
     model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0), loss_weighting="edm")
     gamma = torch.linspace(-12.0, 6.0, 37, dtype=torch.float64)
@@ -479,3 +479,18 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
     bench.apply_naive({"recon"})
     assert vdm.diffusion.log_prob_levels is not vdm.diffusion.log_prob_levels_full
     assert torch.allclose(bound(), windowed, rtol=1e-5)
+
+
+def test_loss_weightings_are_a_registry_params_allow_exactly():
+    from typing import get_args
+
+    from vdm.params import ModelParams
+    from vdm.weightings import WEIGHTINGS
+
+    assert get_args(ModelParams.model_fields["loss_weighting"].annotation) == tuple(WEIGHTINGS)
+    gamma = torch.linspace(-12.0, 6.0, 7)
+    for name, fn in WEIGHTINGS.items():
+        w = fn(gamma, sigmoid_bias=-2.0)
+        assert w.shape == gamma.shape and bool((w > 0).all()) and bool(torch.isfinite(w).all()), name
+    assert torch.equal(WEIGHTINGS["elbo"](gamma), torch.ones(7))
+    assert torch.equal(WEIGHTINGS["sigmoid"](gamma, sigmoid_bias=-2.0), torch.sigmoid(gamma - 2.0))

@@ -6,8 +6,8 @@ import pytest
 
 from tests.helpers import data_params, image_bytes, solid
 from vdm.errors import UserError
+from vdm.metrics import codec_bits_per_subpixel
 from vdm.preprocess import group_of, preprocess, split_by_group
-from vdm.quality import codec_bits_per_subpixel
 from vdm.sources import fetch
 
 

@@ -9,7 +9,8 @@ import torch
 
 from tests.helpers import BASE_PARAMS, outs, tiny
 from vdm.checkpoint import load_model
-from vdm.evaluation import INCEPTION_FILE, evaluate, inception_weights, memorisation, nearest
+from vdm.evaluation import evaluate
+from vdm.metrics import INCEPTION_FILE, inception_weights, memorisation, nearest
 from vdm.params import parse_params
 from vdm.preprocess import preprocess
 from vdm.sampling import generate, write_samples

@@ -194,3 +194,15 @@ def test_autoguidance_extrapolates_away_from_the_guide():
         for g, w in ((None, 1.0), (guide, 1.0), (guide, 2.0))
     ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_every_choice_of_sampler_comes_from_the_registry():
+    from typing import get_args
+
+    from vdm.params import SampleParams
+    from vdm.samplers import deterministic_samplers
+
+    assert get_args(SampleParams.model_fields["sampler"].annotation) == tuple(SAMPLERS)
+    assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept
+    with pytest.raises(ValueError, match="ancestral"):
+        solve(lambda z, g: z, torch.zeros(1, 3, 2, 2), torch.linspace(1.0, -1.0, 3), "euler")

@@ -203,8 +203,9 @@ def _ode_settings(sampler: str | None, steps: int | None) -> tuple[str, int]:
     sampler = sampler or INTERPOLATE_DEFAULTS["sampler"]
     steps = INTERPOLATE_DEFAULTS["steps"] if steps is None else steps
     check_sampling(sampler, steps, INTERPOLATE_DEFAULTS["spacing"])
-    if sampler == "ancestral":
-        raise UserError("the probability-flow ODE needs a deterministic sampler: use ddim or dpmpp_2m")
+    if sampler not in samplers.deterministic_samplers():
+        choices = " or ".join(samplers.deterministic_samplers())
+        raise UserError(f"the probability-flow ODE needs a deterministic sampler: use {choices}")
     return sampler, steps
 
 

@@ -32,7 +32,7 @@ from vdm.api import (
     SEED_LIMIT,
 )
 from vdm.errors import UserError
-from vdm.samplers import SAMPLERS, SPACINGS
+from vdm.samplers import SAMPLERS, SPACINGS, deterministic_samplers
 
 # What `vdm generate` writes into --out; a folder holding anything else is not replaced.
 GENERATED = ("sprite-", "samples.npy", "grid.png", "info.json")
@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=_seed, default=0, help="random seed")
     g.add_argument("--steps", type=_steps, default=SAMPLE_DEFAULTS["steps"], help="network evaluations per sprite")
-    g.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE_DEFAULTS["sampler"], help="sampler")
+    g.add_argument("--sampler", choices=tuple(SAMPLERS), default=SAMPLE_DEFAULTS["sampler"], help="sampler")
     g.add_argument("--spacing", choices=SPACINGS, default=SAMPLE_DEFAULTS["spacing"], help="step spacing")
     g.add_argument(
         "--temperature",
@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--steps", type=_steps, default=INTERPOLATE_DEFAULTS["steps"], help="ODE steps each way")
     i.add_argument(
-        "--sampler", choices=("ddim", "dpmpp_2m"), default=INTERPOLATE_DEFAULTS["sampler"], help="ODE solver"
+        "--sampler", choices=deterministic_samplers(), default=INTERPOLATE_DEFAULTS["sampler"], help="ODE solver"
     )
     i.add_argument("--processed", default="data/processed", help="where SPLIT:INDEX sprites are read")
     i.add_argument("--out", default="interpolation.png", help="the strip (PNG)")
@@ -204,7 +204,9 @@ def parser() -> argparse.ArgumentParser:
         default=SAMPLE_DEFAULTS["steps"],
         help="default steps of a request",
     )
-    s.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE_DEFAULTS["sampler"], help="sampler of every request")
+    s.add_argument(
+        "--sampler", choices=tuple(SAMPLERS), default=SAMPLE_DEFAULTS["sampler"], help="sampler of every request"
+    )
     s.add_argument(
         "--timeout", type=_seconds, default=60.0, help=f"seconds a request may wait and run (at most {MAX_TIMEOUT:g})"
     )

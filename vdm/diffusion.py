@@ -30,11 +30,8 @@ pure noise. It lowers every term of the diffusion integral it touches and so let
 The samplers keep the network's own x_hat: the mix carries z_t's noise, which the eye sees as grain.
 
 The network trains on the bound, or on the bound with the diffusion integrand weighted by
-w(gamma_t) (Kingma & Gao, 2023): `sigmoid` w = sigmoid(gamma_t + b), about 1 at low SNR and
-e^(gamma_t + b) at high SNR, which moves the network's effort from imperceptible high-SNR detail
-to the coarse structure that sampling needs first; `min_snr` w = min(1, 5 / SNR_t) (Hang et al.
-2023, min-SNR-5 written for the eps integrand); `edm` EDM's objective (see `VDM.weight`). The
-reported bits/dim (`Loss.total`, every metric) is always the unweighted bound.
+w(gamma_t) (Kingma & Gao, 2023): the weightings (sigmoid, min_snr, edm, ...) are a registry in
+vdm/weightings.py. The reported bits/dim (`Loss.total`, every metric) is always the unweighted bound.
 
 The schedule's shape gets its gradient from the variance of the objective, not from its mean
 (see vdm/schedules.py): `Schedule.__call__(t, slot)` hands back gamma_t whose backward multiplies
@@ -53,20 +50,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vdm.errors import UserError
-from vdm.params import ModelParams
 from vdm.schedules import GradScale, Schedule
+from vdm.weightings import WEIGHTINGS
+
+if TYPE_CHECKING:  # only for type checkers: params.py imports vdm.samplers, which imports this module
+    from vdm.params import ModelParams
 
 LEVELS = 256
-WEIGHTINGS = ("elbo", "sigmoid", "min_snr", "edm")
-MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: the eps-loss weight min(SNR, 5) / SNR
-# EDM's training distribution of the noise level (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2),
-# sigma the noise-to-signal ratio e^(gamma/2), and its data standard deviation
-EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 BIN = 2.0 / LEVELS  # spacing of the 256 levels in [-1, 1]
 # gamma values at which the bound's eps scale is tabulated (linear in between, the end values outside)
 EPS_SCALE_GRID = (-20.0, 10.0, 0.5)  # first, last, step
@@ -335,22 +331,9 @@ class VDM(nn.Module):
         return eps_from_x(z, self._x_with_skip(z, g, alpha, out), alpha, sigma)
 
     def weight(self, gamma: torch.Tensor) -> torch.Tensor:
-        """w(gamma_t) for the training objective's diffusion term (1 for the bound).
-
-        edm: EDM's objective as a weighting of the bound's integrand over gamma (Kingma & Gao
-        2023): its log-normal density of sigma, times its loss weight (sigma^2 + sigma_data^2) /
-        (sigma sigma_data)^2 turned from x-space into eps-space (a factor sigma^2). As a density
-        over gamma = 2 ln sigma it is N(gamma; 2 P_mean, (2 P_std)^2); scaled to peak at 1 there.
-        """
-        if self.loss_weighting == "elbo":
-            return torch.ones_like(gamma)
-        if self.loss_weighting == "min_snr":  # min(SNR, 5) / SNR, SNR = e^-gamma
-            return torch.clamp(MIN_SNR_GAMMA * torch.exp(gamma), max=1.0)
-        if self.loss_weighting == "edm":
-            mean, std, sd2 = 2 * EDM_P_MEAN, 2 * EDM_P_STD, EDM_SIGMA_DATA**2
-            density = torch.exp(-0.5 * torch.square((gamma - mean) / std))
-            return density * (torch.exp(gamma) + sd2) / (math.exp(mean) + sd2)
-        return torch.sigmoid(gamma + self.sigmoid_bias)
+        """w(gamma_t) for the training objective's diffusion term (1 for the bound): the registered
+        weighting `loss_weighting` (vdm/weightings.py)."""
+        return WEIGHTINGS[self.loss_weighting](gamma, sigmoid_bias=self.sigmoid_bias)
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim."""

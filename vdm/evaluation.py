@@ -1,11 +1,6 @@
-"""Evaluation: held-out bits/dim, sliced Wasserstein distance and graininess beside their
-real-vs-real floor (vdm/quality.py), FID/KID/IS (torch-fidelity), memorisation distances.
-
-Inception weights: torch-fidelity downloads them from GitHub on first use, which fails
-offline. They are taken from `evaluate.inception_weights` (a local .pth) or torch hub's
-cache; when neither exists the metrics are null with the reason and a hint. The file is
-first loaded with torch.load(weights_only=True): torch-fidelity itself loads it with
-weights_only=False, so only a file that provably holds no pickled code is handed over.
+"""The evaluate stage: held-out bits/dim of the model, the registered sample metrics beside
+their real-vs-real floors (vdm/metrics.py), FID/KID/IS where Inception weights are at hand,
+memorisation distances; eval/ and metrics/eval.json written together.
 """
 
 from __future__ import annotations
@@ -21,123 +16,21 @@ from vdm.data import load_images, load_split, to_nchw
 from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
+from vdm.metrics import SAMPLE_METRICS, SampleSets, fidelity, inception_weights, memorisation
 from vdm.params import EvaluateParams
-from vdm.quality import graininess, structure_summary, swd
 from vdm.runtime import resolve_device
-
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-
-
-def inception_weights(param: str) -> tuple[Path | None, str, str]:
-    """(path, "", "") of usable Inception weights, or (None, a short code, why not and how to get
-    them). The code goes into metrics/eval.json (short enough for `dvc exp show`), the hint is printed."""
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    # shown with ~ for the home folder: the reason lands in committed metrics
-    shown = f"~/{cache.relative_to(Path.home())}" if cache.is_relative_to(Path.home()) else str(cache)
-    how = (
-        f"download {INCEPTION_URL} on a machine with internet access and set evaluate.inception_weights "
-        f"to the file's path (or copy it to {shown})"
-    )
-    if param:
-        path = Path(param).expanduser()
-        if not path.is_file():
-            return None, "weights_file_missing", f"evaluate.inception_weights = {param!r}: no such file; {how}"
-    elif cache.is_file():
-        path = cache
-    else:
-        why = f"no Inception weights (evaluate.inception_weights is empty and {shown} does not exist); {how}"
-        return None, "no_inception_weights", why
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = f"{path} is not a plain tensor file ({type(e).__name__}); refusing to load it: {how}"
-        return None, "weights_file_refused", why
-    return path, "", ""
-
-
-class _Uint8Images(torch.utils.data.Dataset):
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).contiguous()
-
-
-def fidelity(samples: np.ndarray, reference: np.ndarray, weights: Path, device: torch.device) -> dict:
-    """FID and KID against `reference`, Inception Score of `samples` (torch-fidelity)."""
-    import torch_fidelity
-
-    n = min(len(samples), len(reference))
-    m = torch_fidelity.calculate_metrics(
-        input1=_Uint8Images(samples),
-        input2=_Uint8Images(reference),
-        cuda=device.type == "cuda",
-        fid=True,
-        kid=True,
-        isc=True,
-        kid_subset_size=min(1000, n),
-        isc_splits=min(10, len(samples)),
-        feature_extractor_weights_path=str(weights),
-        cache=False,
-        verbose=False,
-        save_cpu_ram=True,
-    )
-    return {
-        "fid": float(m["frechet_inception_distance"]),
-        "kid": float(m["kernel_inception_distance_mean"]),
-        "kid_std": float(m["kernel_inception_distance_std"]),
-        "inception_score": float(m["inception_score_mean"]),
-        "inception_score_std": float(m["inception_score_std"]),
-    }
-
-
-def nearest(samples: np.ndarray, reference: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """For each sample, the L2 distance (pixels in [0, 1]) to its nearest reference image, and its index."""
-    a = torch.from_numpy(samples.reshape(len(samples), -1).astype(np.float32) / 255.0)
-    best_d = torch.full((len(a),), float("inf"))
-    best_i = torch.zeros(len(a), dtype=torch.long)
-    for start in range(0, len(reference), chunk):
-        b = torch.from_numpy(np.asarray(reference[start : start + chunk]).reshape(-1, a.shape[1]).astype(np.float32))
-        d = torch.cdist(a, b / 255.0)
-        m, i = d.min(dim=1)
-        better = m < best_d
-        best_d[better], best_i[better] = m[better], i[better] + start
-    return best_d.numpy(), best_i.numpy()
-
-
-def memorisation(samples: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict:
-    """Nearest-train distance over nearest-test distance per sample: about 1 or above means
-    the samples are no closer to the training set than to unseen Pokémon (no copying)."""
-    d_train, i_train = nearest(samples, train)
-    d_test, _ = nearest(samples, test)
-    ratio = d_train / np.maximum(d_test, 1e-12)
-    return {"ratio": ratio, "d_train": d_train, "i_train": i_train, "d_test": d_test}
 
 
 def sample_quality(
     samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int, per_repeat: bool = False
 ) -> dict:
-    """SWD (x 1000, mean over pyramid levels and per level, each +- bootstrap s.e.) of the samples
-    against the test split, beside the floor: as many training images as samples (a fresh
-    seeded subset in every repeat) against the test split; graininess, parts and palette
-    (vdm.quality.sprite_structure) of samples and test.
+    """Every registered sample metric (vdm.metrics.SAMPLE_METRICS: SWD beside its floor, graininess,
+    parts, palette, flatness, ...) of the samples, with the training and test splits as references.
     per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
-    n, out = len(samples), {}
-    for name, images, subsets in (("swd", samples, False), ("swd_floor", train, True)):
-        r = swd(images, test, n, repeats, seed, subsets=subsets)
-        out[name], out[f"{name}_se"] = r["avg"], r["avg_se"]
-        if per_repeat and name == "swd":
-            out["swd_per_repeat"] = r["per_repeat"]
-        for side, m, se in zip(r["levels"], r["mean"], r["se"], strict=True):
-            out[f"{name}_{side}"], out[f"{name}_{side}_se"] = m, se
-    out["swd_ratio"] = out["swd"] / out["swd_floor"]
-    out["graininess"] = graininess(samples)
-    out["graininess_test"] = graininess(test)
-    out.update(structure_summary(samples, test))
+    sets = SampleSets(samples, train, test, repeats, seed, per_repeat)
+    out = {}
+    for metric in SAMPLE_METRICS.values():
+        out.update(metric(sets))
     return out
 
 

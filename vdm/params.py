@@ -19,6 +19,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from vdm.errors import ParamError, ParamErrors, UserError, short_repr
+from vdm.samplers import SAMPLERS
+from vdm.weightings import WEIGHTINGS
 
 SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/sources.py's SOURCES (a test checks)
 SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
@@ -161,7 +163,7 @@ class ModelParams(Section):
     timesteps: Int("0 (continuous) or a step count", ge=0, le=100_000)  # 0 = continuous-time loss, else T steps
     prediction: Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
     x_skip_noise: Num("a number in [0, 1]", ge=0, le=1)  # prediction x: below this noise/signal, x_hat ~ z_t / alpha_t
-    loss_weighting: Literal["elbo", "sigmoid", "min_snr", "edm"]  # weighting of the diffusion term the net trains on
+    loss_weighting: Literal[tuple(WEIGHTINGS)]  # weighting of the diffusion term the net trains on (vdm/weightings.py)
     sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/diffusion.py)
     seed: Seed  # weight initialisation
@@ -275,7 +277,7 @@ class TrainParams(Section):
 
 class SampleParams(Section):
     count: Int("an integer from 1 to 100000", ge=1, le=100_000)  # sprites generated (EMA weights)
-    sampler: Literal["ancestral", "ddim", "dpmpp_2m"]  # see vdm/samplers.py
+    sampler: Literal[tuple(SAMPLERS)]  # see vdm/samplers.py
     steps: Int("an integer from 1 to 100000", ge=1, le=100_000)  # network evaluations per sprite
     spacing: Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
     batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)

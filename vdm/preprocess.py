@@ -29,8 +29,8 @@ from tqdm import tqdm
 from vdm.atomic import atomic_dir, save_npy_rows, write_bytes, write_json
 from vdm.errors import UserError
 from vdm.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
+from vdm.metrics import codec_bits_per_subpixel
 from vdm.params import SPLITS, DataParams
-from vdm.quality import codec_bits_per_subpixel
 from vdm.sources import FILES, group_of, read_source
 
 

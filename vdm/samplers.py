@@ -15,6 +15,11 @@ and a step from gamma_t to gamma_s < gamma_t:
                D = x_hat on the first step, else (1 + 1/2r) x_hat - (1/2r) x_hat_prev with
                r = h_prev / h (Lu et al. 2022, DPM-Solver++(2M): second order, one net call a step)
 
+Each sampler is a step function registered by name in SAMPLERS (`@sampler("name", deterministic=...)`):
+params.yaml's sample.sampler, the CLI and the API take their choices from it, and the deterministic
+ones (no fresh noise) are those encoding and interpolation accept. A new sampler is one function
+here and its test.
+
 Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): with a
 guide, a weaker model of the same kind (here the same net earlier in its training), and a weight
 w > 1, every sampler's denoiser becomes x_guide + w (x_hat - x_guide): the step moves away from what
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,10 +42,89 @@ import torch
 from vdm.diffusion import VDM, alpha_sigma, decode_nearest, eps_from_x
 from vdm.diffusion import encode as level_centres
 
-SAMPLERS = ("ancestral", "ddim", "dpmpp_2m")
 SPACINGS = ("t", "logsnr")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, gamma of shape (B,)) -> x_hat
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a walk from gamma_t down (or up, when encoding) to gamma_s: z at gamma_t, the
+    denoiser's x_hat there, and what a sampler may use besides. `memory` lives for one walk: a
+    multistep sampler keeps its earlier steps there."""
+
+    z: torch.Tensor
+    x_hat: torch.Tensor
+    gamma_t: torch.Tensor
+    gamma_s: torch.Tensor
+    generator: torch.Generator | list[torch.Generator] | None
+    temperature: float
+    memory: dict
+
+
+StepFn = Callable[[Step], torch.Tensor]  # -> z at gamma_s
+
+
+@dataclass(frozen=True)
+class Sampler:
+    step: StepFn
+    deterministic: bool  # draws no noise: runs the probability-flow ODE (encoding needs one)
+
+
+# name -> sampler, in the order params.yaml's docs list them; `@sampler("name")` adds one
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def sampler(name: str, deterministic: bool) -> Callable[[StepFn], StepFn]:
+    """Register a step function under `name`: params.yaml's sample.sampler, the CLI, the API and
+    the tests take their choices from SAMPLERS."""
+
+    def register(step: StepFn) -> StepFn:
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} is registered twice")
+        SAMPLERS[name] = Sampler(step, deterministic)
+        return step
+
+    return register
+
+
+def deterministic_samplers() -> tuple[str, ...]:
+    """The samplers that draw no noise (encoding and interpolation need one)."""
+    return tuple(name for name, s in SAMPLERS.items() if s.deterministic)
+
+
+@sampler("ancestral", deterministic=False)
+def ancestral_step(s: Step) -> torch.Tensor:
+    """z_s ~ q(z_s | z_t, x = x_hat), its fresh noise scaled by the temperature."""
+    alpha_t, _ = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    c = -torch.expm1(s.gamma_s - s.gamma_t)
+    noise = randn(s.z.shape, s.generator, s.z.device)
+    return (
+        (alpha_s / alpha_t) * (1 - c) * s.z + alpha_s * c * s.x_hat + s.temperature * torch.sqrt(sigma_s**2 * c) * noise
+    )
+
+
+@sampler("ddim", deterministic=True)
+def ddim_step(s: Step) -> torch.Tensor:
+    """z_s = alpha_s x_hat + sigma_s eps_hat (eta = 0)."""
+    alpha_t, sigma_t = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    return alpha_s * s.x_hat + sigma_s * eps_from_x(s.z, s.x_hat, alpha_t, sigma_t)
+
+
+@sampler("dpmpp_2m", deterministic=True)
+def dpmpp_2m_step(s: Step) -> torch.Tensor:
+    """DPM-Solver++(2M): second order from the previous step's x_hat (kept in `memory`)."""
+    _, sigma_t = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    h = 0.5 * (s.gamma_t - s.gamma_s)
+    d = s.x_hat
+    if "x_prev" in s.memory:
+        r = s.memory["h_prev"] / h
+        d = (1 + 0.5 / r) * s.x_hat - (0.5 / r) * s.memory["x_prev"]
+    s.memory["x_prev"], s.memory["h_prev"] = s.x_hat, h
+    return (sigma_s / sigma_t) * s.z - alpha_s * torch.expm1(-h) * d
 
 
 @torch.no_grad()
@@ -122,32 +207,13 @@ def solve(
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     n = z.shape[0]
     kept = {}
-    x_prev, h_prev = None, None
+    step, memory = SAMPLERS[sampler].step, {}
     for i in range(len(gammas) - 1):
         if i in snapshots:
             kept[i] = z.clone()
         gt, gs = gammas[i], gammas[i + 1]
         x_hat = denoise(z, gt.expand(n))
-        alpha_t, sigma_t = alpha_sigma(gt)
-        alpha_s, sigma_s = alpha_sigma(gs)
-        if sampler == "ancestral":
-            c = -torch.expm1(gs - gt)
-            noise = randn(z.shape, generator, z.device)
-            z = (
-                (alpha_s / alpha_t) * (1 - c) * z
-                + alpha_s * c * x_hat
-                + temperature * torch.sqrt(sigma_s**2 * c) * noise
-            )
-        elif sampler == "ddim":
-            z = alpha_s * x_hat + sigma_s * eps_from_x(z, x_hat, alpha_t, sigma_t)
-        else:  # dpmpp_2m
-            h = 0.5 * (gt - gs)
-            d = x_hat
-            if x_prev is not None:
-                r = h_prev / h
-                d = (1 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
-            z = (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h) * d
-            x_prev, h_prev = x_hat, h
+        z = step(Step(z, x_hat, gt, gs, generator, temperature, memory))
         if on_step is not None:
             on_step(i + 1)
     if len(gammas) - 1 in snapshots:
@@ -218,8 +284,9 @@ def encode(
     forward, from z_0 = alpha_0 x at gamma(0) up to gamma(1), with a deterministic sampler (the same
     update rules as sampling, on the reversed gamma grid). `sample(..., z=latents)` with the same
     sampler and step count runs the ODE back; the round trip is exact as steps grow."""
-    if sampler not in ("ddim", "dpmpp_2m"):
-        raise ValueError(f"encoding needs a deterministic sampler (ddim or dpmpp_2m), not {sampler!r}")
+    if sampler not in deterministic_samplers():
+        choices = " or ".join(deterministic_samplers())
+        raise ValueError(f"encoding needs a deterministic sampler ({choices}), not {sampler!r}")
     device = next(model.parameters()).device
     x = level_centres(images.to(device))
     gammas = gamma_grid(model.schedule, steps, spacing, device).flip(0)
