@@ -87,11 +87,12 @@ def explicit_attention(self, x):
 
 def apply_naive(choices) -> None:
     """Swap library pieces for their naive forms (this process only)."""
+    import vdm.decoder
     import vdm.diffusion
     import vdm.unet
 
     if "recon" in choices:
-        full = vdm.diffusion.log_prob_levels_full
+        full = vdm.decoder.log_prob_levels_full
         # the windowed version's chunk and half_width options do not apply to the full tensor
         vdm.diffusion.log_prob_levels = lambda x, z, g0, chunk=None, half_width=None: full(x, z, g0)
     if "attention" in choices:

@@ -30,8 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vdm.bound import estimate_bpd  # noqa: E402
 from vdm.checkpoint import load_model  # noqa: E402
-from vdm.diffusion import estimate_bpd  # noqa: E402
 from vdm.evaluation import sample_quality  # noqa: E402
 from vdm.images import image_grid, png_bytes  # noqa: E402
 from vdm.metrics import structure_summary  # noqa: E402

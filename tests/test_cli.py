@@ -17,7 +17,7 @@ import yaml
 
 from tests.helpers import ROOT, subprocess_env
 from vdm import api
-from vdm.diffusion import decode_nearest, encode
+from vdm.conversions import decode_nearest, encode
 from vdm.errors import UserError
 from vdm.samplers import sample, solve
 

@@ -5,16 +5,10 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import (
-    VDM,
-    build_vdm,
-    encode,
-    estimate_bpd,
-    log_prob_levels,
-    log_prob_levels_full,
-    recon_stride,
-    window_half_width,
-)
+from vdm.bound import estimate_bpd
+from vdm.conversions import encode
+from vdm.decoder import log_prob_levels, log_prob_levels_full, recon_stride, window_half_width
+from vdm.diffusion import VDM, build_vdm
 from vdm.samplers import sample, solve, vdm_denoiser
 from vdm.schedules import make_schedule
 
@@ -324,7 +318,7 @@ class BadBelow(torch.nn.Module):
 
 @pytest.mark.parametrize("below, expected", [(-math.inf, -13.0), (-6.0, -6.0), (-6.2, -6.0)])
 def test_fit_gamma_0_moves_the_endpoint_to_where_denoising_stops_paying(below, expected):
-    from vdm.diffusion import fit_gamma_0
+    from vdm.bound import fit_gamma_0
 
     x = images(n=64).clone()
     x[:] = x[:1]  # one image: the exact denoiser is known in closed form
@@ -358,7 +352,8 @@ class TimesBelow(torch.nn.Module):
 
 
 def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alone():
-    from vdm.diffusion import EPS_SCALE_GRID, fit_eps_scale
+    from vdm.bound import fit_eps_scale
+    from vdm.diffusion import EPS_SCALE_GRID
 
     x = images(n=64).clone()
     x[:] = x[:1]
@@ -393,7 +388,8 @@ def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alo
 def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
     """A net whose x_hat errs by independent noise of variance v: the best mix of x_hat and z_t / alpha_t
     (error variance s^2 = e^gamma) weighs x_hat by s^2 / (s^2 + v), which is the fitted eps factor."""
-    from vdm.diffusion import alpha_sigma, eps_from_x, fit_eps_scale
+    from vdm.bound import fit_eps_scale
+    from vdm.conversions import alpha_sigma, eps_from_x
 
     x = images(n=64, size=16).clone()
     x[:] = x[:1]
@@ -460,6 +456,7 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
     import importlib.util
     from pathlib import Path
 
+    import vdm.decoder
     import vdm.diffusion
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
@@ -477,7 +474,7 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
     windowed = bound()
     monkeypatch.setattr(vdm.diffusion, "log_prob_levels", vdm.diffusion.log_prob_levels)  # restored after
     bench.apply_naive({"recon"})
-    assert vdm.diffusion.log_prob_levels is not vdm.diffusion.log_prob_levels_full
+    assert vdm.diffusion.log_prob_levels is not vdm.decoder.log_prob_levels
     assert torch.allclose(bound(), windowed, rtol=1e-5)
 
 

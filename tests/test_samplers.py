@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import build_vdm, decode_nearest, encode
-from vdm.samplers import SAMPLERS, gamma_grid, sample, solve, vdm_denoiser
+from vdm.conversions import decode_nearest, encode
+from vdm.diffusion import build_vdm
+from vdm.samplers import gamma_grid, sample, solve, vdm_denoiser
+from vdm.steps import SAMPLERS
 
 
 def _alpha_sigma(g):
@@ -200,7 +202,7 @@ def test_every_choice_of_sampler_comes_from_the_registry():
     from typing import get_args
 
     from vdm.params import SampleParams
-    from vdm.samplers import deterministic_samplers
+    from vdm.steps import deterministic_samplers
 
     assert get_args(SampleParams.model_fields["sampler"].annotation) == tuple(SAMPLERS)
     assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept

@@ -26,6 +26,7 @@ from vdm import samplers
 from vdm.errors import UserError
 from vdm.runtime import resolve_device
 from vdm.samplers import sprite_generator
+from vdm.steps import SAMPLERS, deterministic_samplers
 
 SAMPLE_DEFAULTS = {
     "sampler": "ancestral",
@@ -49,8 +50,8 @@ DECODE_BATCH = 32
 
 
 def check_sampling(sampler: str, steps: int, spacing: str, temperature: float = 1.0) -> None:
-    if sampler not in samplers.SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(samplers.SAMPLERS)}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if spacing not in samplers.SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}: use one of {', '.join(samplers.SPACINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -203,8 +204,8 @@ def _ode_settings(sampler: str | None, steps: int | None) -> tuple[str, int]:
     sampler = sampler or INTERPOLATE_DEFAULTS["sampler"]
     steps = INTERPOLATE_DEFAULTS["steps"] if steps is None else steps
     check_sampling(sampler, steps, INTERPOLATE_DEFAULTS["spacing"])
-    if sampler not in samplers.deterministic_samplers():
-        choices = " or ".join(samplers.deterministic_samplers())
+    if sampler not in deterministic_samplers():
+        choices = " or ".join(deterministic_samplers())
         raise UserError(f"the probability-flow ODE needs a deterministic sampler: use {choices}")
     return sampler, steps
 

@@ -32,7 +32,8 @@ from vdm.api import (
     SEED_LIMIT,
 )
 from vdm.errors import UserError
-from vdm.samplers import SAMPLERS, SPACINGS, deterministic_samplers
+from vdm.samplers import SPACINGS
+from vdm.steps import SAMPLERS, deterministic_samplers
 
 # What `vdm generate` writes into --out; a folder holding anything else is not replaced.
 GENERATED = ("sprite-", "samples.npy", "grid.png", "info.json")

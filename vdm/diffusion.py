@@ -1,8 +1,10 @@
-"""The Variational Diffusion Model: its denoiser, its loss in bits/dim, the bpd estimator and
-the gamma_0 fit. The samplers live in vdm/samplers.py.
+"""The Variational Diffusion Model: its denoiser and its loss in bits/dim. The conversions
+between data, levels and noise are vdm/conversions.py, the decoder term's window
+vdm/decoder.py, the bound over a dataset and the post-training fits vdm/bound.py, the samplers
+vdm/samplers.py.
 
-Data x in {0..255} is mapped to the centres of 256 bins in [-1, 1]: f = (2x + 1)/256 - 1.
-With alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), z_t = alpha_t f + sigma_t eps:
+With f the data's level centres in [-1, 1], alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 =
+sigmoid(gamma_t) and z_t = alpha_t f + sigma_t eps:
 
     diffusion  L_inf = 1/2 E_t[ gamma'(t) ||eps - eps_hat(z_t, gamma_t)||^2 ]     (continuous time)
                L_T   = T/2 E_t[ expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 ]   (T steps, s = t - 1/T)
@@ -21,13 +23,8 @@ The network predicts one of three things (`prediction`); the bound is the same f
 `VDM.x_hat` gives the estimate of x straight from the net's output (what the samplers use),
 `VDM.eps_hat` the estimate of eps (what the bound's integrand measures).
 
-After training, the bound's eps estimate can be scaled per noise level (`fit_eps_scale`, the
-train stage's `train.fit_eps_scale`): eps_hat -> c(gamma) eps_hat, c the least-squares factor on
-training images, a table over `EPS_SCALE_GRID` interpolated linearly. Scaling eps_hat by c is
-blending x_hat with z_t / alpha_t: x_hat -> c x_hat + (1 - c) z_t / alpha_t, the mean-square-
-optimal mix of a network that denoises imperfectly at low noise and of z_t itself, whose error is
-pure noise. It lowers every term of the diffusion integral it touches and so lets gamma_0 go lower.
-The samplers keep the network's own x_hat: the mix carries z_t's noise, which the eye sees as grain.
+In eval mode the bound's eps estimate carries a per-noise-level scale c(gamma), a table over
+`EPS_SCALE_GRID` (all ones until vdm/bound.py's `fit_eps_scale` fits it).
 
 The network trains on the bound, or on the bound with the diffusion integrand weighted by
 w(gamma_t) (Kingma & Gao, 2023): the weightings (sigmoid, min_snr, edm, ...) are a registry in
@@ -50,157 +47,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from vdm.conversions import alpha_sigma, encode, eps_from_x, x_from_eps
+from vdm.decoder import ReconWindow, log_prob_levels, recon_stride
 from vdm.errors import UserError
+from vdm.params import ModelParams
 from vdm.schedules import GradScale, Schedule
 from vdm.weightings import WEIGHTINGS
 
-if TYPE_CHECKING:  # only for type checkers: params.py imports vdm.samplers, which imports this module
-    from vdm.params import ModelParams
-
-LEVELS = 256
-BIN = 2.0 / LEVELS  # spacing of the 256 levels in [-1, 1]
 # gamma values at which the bound's eps scale is tabulated (linear in between, the end values outside)
 EPS_SCALE_GRID = (-20.0, 10.0, 0.5)  # first, last, step
-# Levels whose logit is more than this below the best one carry < e^-60 of the mass:
-# nothing a float32 (or float64) sum can see.
-_NEGLIGIBLE_LOGIT = 60.0
-
-
-def encode(x: torch.Tensor) -> torch.Tensor:
-    """uint8 levels {0..255} -> bin centres in [-1, 1] (float32)."""
-    return (2.0 * x.float() + 1.0) / LEVELS - 1.0
-
-
-def alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_t = sqrt(sigmoid(-gamma_t)) and sigma_t = sqrt(sigmoid(gamma_t)), so that
-    alpha^2 + sigma^2 = 1 and gamma = log(sigma^2 / alpha^2)."""
-    return torch.sqrt(torch.sigmoid(-gamma)), torch.sqrt(torch.sigmoid(gamma))
-
-
-def x_from_eps(z: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The x that z = alpha x + sigma eps holds for this eps."""
-    return (z - sigma * eps) / alpha
-
-
-def eps_from_x(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The eps that z = alpha x + sigma eps holds for this x."""
-    return (z - alpha * x) / sigma
-
-
-def decode_nearest(z_rescaled: torch.Tensor) -> torch.Tensor:
-    """The most likely level for z_0 / alpha_0: the nearest bin centre, as uint8."""
-    return torch.clamp(torch.round((z_rescaled + 1.0) * (LEVELS / 2) - 0.5), 0, LEVELS - 1).to(torch.uint8)
-
-
-def window_half_width(gamma_0: float) -> int:
-    """Levels each side of the nearest one that can carry mass, given gamma_0 = -log SNR_0.
-
-    With s = sqrt(SNR_0) and spacing B, the nearest level is at most B/2 from z_0/alpha_0 and
-    a level k steps further at least (k - 1/2) B, so its logit trails the nearest one's by at
-    least (s B)^2 k (k - 1) / 2. Levels with k (k - 1) >= 2 * 60 / (s B)^2 carry < e^-60 of
-    the mass: the window keeps the offsets below the smallest such k.
-    """
-    if not math.isfinite(gamma_0) or gamma_0 > 20:  # diverged: let the full sum show the NaN
-        return LEVELS
-    c = 2 * _NEGLIGIBLE_LOGIT / (math.exp(-0.5 * gamma_0) * BIN) ** 2
-    k = math.ceil((1 + math.sqrt(1 + 4 * c)) / 2)  # smallest k with k (k - 1) >= c
-    return k - 1
-
-
-TRAIN_WINDOW = 16  # decoder levels per subpixel a training step pays for at most (see recon_stride)
-
-
-def recon_stride(width: int, dims: int) -> int:
-    """Training estimates the decoder term on every k-th subpixel (k a power of two dividing
-    dims) when the window is wider than TRAIN_WINDOW levels, so its cost stays that of a
-    TRAIN_WINDOW-level window; 1 (every subpixel, exactly) when it is not."""
-    k = 1
-    while width > TRAIN_WINDOW * k and dims % (2 * k) == 0:
-        k *= 2
-    return k
-
-
-WINDOW_CHUNK = 1 << 24  # elements of the (..., window) tensor per chunk: 64 MB in float32
-
-
-class ReconWindow:
-    """The decoder window's half-width for the gamma_0 of each loss call, read from the host.
-
-    Reading a CPU tensor costs nothing, so on a CPU the width is exact at every call. Reading a
-    CUDA tensor makes the host wait for the GPU to finish all queued work, in the middle of every
-    training step; there the width is taken from gamma_0 + `margin` (a wider window: still exact
-    to float precision, since the levels it adds carry < e^-60 of the mass) and gamma_0 is read
-    again only every `refresh` calls. gamma_0 moves by about lr per AdamW step, so it stays below
-    the value the width was taken at, plus the margin, between two reads.
-    """
-
-    def __init__(self, refresh: int = 50, margin: float = 2.0):
-        self.refresh, self.margin = refresh, margin
-        self.calls, self.width = 0, None
-
-    def __call__(self, gamma_0: torch.Tensor, exact: bool = False) -> int:
-        """exact: read gamma_0 now (evaluation, where gamma_0 may be set to anything between calls)."""
-        if exact or gamma_0.device.type != "cuda":
-            return window_half_width(float(gamma_0.detach()))
-        if self.width is None or self.calls % self.refresh == 0:
-            self.width = window_half_width(float(gamma_0.detach()) + self.margin)
-        self.calls += 1
-        return self.width
-
-
-def log_prob_levels(
-    x: torch.Tensor,
-    z_rescaled: torch.Tensor,
-    gamma_0: torch.Tensor,
-    chunk: int = WINDOW_CHUNK,
-    half_width: int | None = None,
-) -> torch.Tensor:
-    """log p(x | z_0) per element for the 256-level discretised decoder, exactly, but without
-    a (..., 256) tensor unless gamma_0 is so large that mass spreads over all levels.
-
-    The normaliser logsumexp_k(logit_k) is taken over a window of levels around the nearest
-    one, wide enough (from gamma_0) that every level outside it is below e^-60 of the peak.
-    A wide window (a gamma_0 fitted to a visible noise level) is taken over the batch in pieces
-    of at most `chunk` window elements: every element is independent, so the result is the
-    same to the bit, and the peak memory stays bounded instead of growing with batch x window.
-    `half_width` (default: from gamma_0) may be wider than needed, never narrower.
-    """
-    w = window_half_width(float(gamma_0.detach())) if half_width is None else half_width
-    width = LEVELS if 2 * w + 1 >= LEVELS else 2 * w + 1
-    per_row = z_rescaled[0].numel() * width if z_rescaled.dim() else width
-    rows = max(1, chunk // max(1, per_row))
-    if z_rescaled.dim() and z_rescaled.shape[0] > rows:
-        return torch.cat(
-            [_log_prob_window(x[i : i + rows], z_rescaled[i : i + rows], gamma_0, w) for i in range(0, len(x), rows)]
-        )
-    return _log_prob_window(x, z_rescaled, gamma_0, w)
-
-
-def _log_prob_window(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor, w: int) -> torch.Tensor:
-    scale = torch.exp(-0.5 * gamma_0)
-    logit_true = -0.5 * torch.square((z_rescaled - encode(x)) * scale)
-    if 2 * w + 1 >= LEVELS:
-        levels = torch.arange(LEVELS, device=x.device)
-    else:
-        nearest = decode_nearest(z_rescaled.detach()).long()
-        # window [lo, lo + 2w] clamped to stay within 0..255, so it always holds 2w + 1 levels
-        lo = torch.clamp(nearest - w, 0, LEVELS - 1 - 2 * w)
-        levels = lo[..., None] + torch.arange(2 * w + 1, device=x.device)
-    centres = (2.0 * levels + 1.0) / LEVELS - 1.0
-    logits = -0.5 * torch.square((z_rescaled[..., None] - centres) * scale)
-    return logit_true - torch.logsumexp(logits, dim=-1)
-
-
-def log_prob_levels_full(x: torch.Tensor, z_rescaled: torch.Tensor, gamma_0: torch.Tensor) -> torch.Tensor:
-    """Reference: the same, with the full (..., 256) tensor. For tests and benchmarks."""
-    centres = encode(torch.arange(LEVELS, device=x.device))
-    logits = -0.5 * torch.square((z_rescaled[..., None] - centres) * torch.exp(-0.5 * gamma_0))
-    return torch.gather(torch.log_softmax(logits, dim=-1), -1, x.long()[..., None])[..., 0]
 
 
 @dataclass
@@ -394,140 +253,6 @@ class VDM(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         return self.loss(x, generator)
-
-
-@torch.no_grad()
-def estimate_bpd(
-    model: VDM,
-    images: torch.Tensor,
-    time_samples: int = 1,
-    batch_size: int = 64,
-    generator: torch.Generator | None = None,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Bits/dim over a dataset: each image's bound averaged over K time (and noise) samples,
-    then mean and standard error over images, for the total and each term.
-
-    images: (N, C, H, W) uint8 (or NHWC numpy-backed uint8 permuted to NCHW).
-    """
-    per_image = {k: [] for k in ("total", "diffusion", "latent", "recon")}
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device)
-        acc = None
-        for _ in range(time_samples):
-            loss = model.loss(x, generator)
-            terms = torch.stack([loss.total, loss.diffusion, loss.latent, loss.recon])
-            acc = terms if acc is None else acc + terms
-        acc = (acc / time_samples).double().cpu()
-        for i, k in enumerate(per_image):
-            per_image[k].append(acc[i])
-    out = {}
-    for k, parts in per_image.items():
-        v = torch.cat(parts)
-        out[k] = float(v.mean())
-        out[f"{k}_se"] = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    out["images"] = len(images)
-    out["time_samples"] = time_samples
-    return out
-
-
-@torch.no_grad()
-def fit_gamma_0(
-    model: VDM,
-    images: torch.Tensor,
-    seed: int,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    step: float = 0.5,
-    span: float = 10.0,
-) -> dict:
-    """Set the schedule's gamma_0 to the value in [gamma_0, gamma_0 + span] (a grid of `step`)
-    that minimises the bound of `images`; returns the learned and fitted gamma_0, the bound at
-    each, and the whole curve.
-
-    In continuous time the bound depends on the schedule only through its endpoints, and the
-    network is conditioned on gamma itself, so any gamma_0 gives a valid bound for the same
-    network: the diffusion integral from gamma_0 up plus the decoder's -log p(x | z_0) at gamma_0.
-    A network trained with a weighting that hardly sees low noise (sigmoid, edm) denoises badly
-    there, yet the weighted objective keeps pushing gamma_0 down (only the decoder term sees it);
-    the fit moves gamma_0 to where denoising stops paying. Every candidate sees the same time and
-    noise draws (one generator seed), so the curve is smooth. Fit on training images: the
-    held-out bound stays unbiased.
-    """
-    schedule = model.schedule
-    learned = float(schedule.endpoints[0])
-    top = float(schedule.endpoints[1]) - 1.0
-    candidates = [learned + k * step for k in range(int(span / step) + 1) if learned + k * step <= top]
-    curve = []
-    try:
-        for g in candidates:
-            schedule.endpoints[0] = g
-            gen = torch.Generator(device=device).manual_seed(seed)
-            curve.append(estimate_bpd(model, images, 1, batch_size, gen, device)["total"])
-    finally:
-        schedule.endpoints[0] = learned
-    best = min(range(len(curve)), key=curve.__getitem__)
-    schedule.endpoints[0] = candidates[best]
-    return {
-        "gamma_0_learned": learned,
-        "gamma_0": candidates[best],
-        "bpd_learned": curve[0],
-        "bpd_fitted": curve[best],
-        "curve": [[g, b] for g, b in zip(candidates, curve, strict=True)],
-    }
-
-
-@torch.no_grad()
-def fit_eps_scale(
-    model: VDM,
-    images: torch.Tensor,
-    seed: int,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Fit the bound's eps scale: at each grid point gamma of EPS_SCALE_GRID from the schedule's
-    gamma_0 up, c(gamma) = <eps, eps_hat> / <eps_hat, eps_hat> over `images` (one noise draw each,
-    from `seed`), the factor that minimises ||eps - c eps_hat||^2 there, i.e. the diffusion
-    integrand at that gamma, up to the first grid point at or above gamma_1 (the bound sees no
-    gamma outside [gamma_0, gamma_1]); outside the scan the table keeps the end values. Returns
-    the fitted gamma values and factors, and where c crosses 1/2 (None if it never does).
-
-    The network's own eps_hat is what is scaled (the table is reset first), so fitting twice gives
-    the same table. Fit on training images: the held-out bound stays unbiased.
-    """
-    first, last, step = EPS_SCALE_GRID
-    model.eps_scale.fill_(1.0)
-    start = max(0, math.floor((float(model.schedule.gamma_0) - first) / step))
-    stop = min(len(model.eps_scale) - 1, max(start, math.ceil((float(model.schedule.gamma_1) - first) / step)))
-    f_all = encode(images)
-    gammas, scales = [], []
-    for i in range(start, stop + 1):
-        g = first + i * step
-        gen = torch.Generator(device=device).manual_seed(seed)
-        num = den = 0.0
-        for b in range(0, len(f_all), batch_size):
-            f = f_all[b : b + batch_size].to(device)
-            gamma = torch.full((len(f),), g, device=device)
-            alpha, sigma = alpha_sigma(gamma.view(-1, 1, 1, 1))
-            eps = torch.randn(f.shape, generator=gen, device=device)
-            z = alpha * f + sigma * eps
-            x_self = model.self_estimate(z, gamma, None) if model.self_condition else None
-            e_hat = model.eps_hat(z, gamma, x_self).double()
-            num += float((eps.double() * e_hat).sum())
-            den += float((e_hat * e_hat).sum())
-        c = num / den if den > 0 else 1.0
-        gammas.append(g)
-        scales.append(c)
-    table = torch.full_like(model.eps_scale, scales[-1])
-    table[:start] = scales[0]
-    table[start : stop + 1] = torch.tensor(scales, dtype=table.dtype)
-    model.eps_scale.copy_(table)
-    half = None
-    for k in range(1, len(scales)):
-        if scales[k - 1] < 0.5 <= scales[k]:
-            half = gammas[k - 1] + (0.5 - scales[k - 1]) / (scales[k] - scales[k - 1]) * step
-            break
-    return {"gamma": gammas, "scale": scales, "gamma_half": half}
 
 
 def build_vdm(model: ModelParams, image_size: int) -> VDM:

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from vdm.atomic import Commit, journal_for, recover, write_json
+from vdm.bound import estimate_bpd
 from vdm.checkpoint import check_keys, load_model, read_json
 from vdm.data import load_images, load_split, to_nchw
-from vdm.diffusion import estimate_bpd
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.metrics import SAMPLE_METRICS, SampleSets, fidelity, inception_weights, memorisation
@@ -125,7 +125,7 @@ def evaluate(
         "test_bpd": bpd["total"],
         "test_bpd_se": bpd["total_se"],
         **{f"test_{k}": bpd[k] for k in ("diffusion", "latent", "recon")},
-        # the bound of the model with its eps-scale table (vdm.diffusion.fit_eps_scale): another model,
+        # the bound of the model with its eps-scale table (vdm.bound.fit_eps_scale): another model,
         # which no sampler uses; None when the model has no table
         "test_bpd_eps_scaled": bpd_scaled and bpd_scaled["total"],
         "test_bpd_eps_scaled_se": bpd_scaled and bpd_scaled["total_se"],

@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from vdm.errors import ParamError, ParamErrors, UserError, short_repr
-from vdm.samplers import SAMPLERS
+from vdm.steps import SAMPLERS
 from vdm.weightings import WEIGHTINGS
 
 SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/sources.py's SOURCES (a test checks)
@@ -277,7 +277,7 @@ class TrainParams(Section):
 
 class SampleParams(Section):
     count: Int("an integer from 1 to 100000", ge=1, le=100_000)  # sprites generated (EMA weights)
-    sampler: Literal[tuple(SAMPLERS)]  # see vdm/samplers.py
+    sampler: Literal[tuple(SAMPLERS)]  # see vdm/steps.py
     steps: Int("an integer from 1 to 100000", ge=1, le=100_000)  # network evaluations per sprite
     spacing: Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
     batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)

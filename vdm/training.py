@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from vdm import checkpoint as ckpt
 from vdm.atomic import Commit, journal_for, recover, write_bytes, write_json
+from vdm.bound import estimate_bpd, fit_eps_scale, fit_gamma_0
 from vdm.data import StepBatches, batch_loader, hflip_half, load_split, to_nchw
-from vdm.diffusion import VDM, estimate_bpd, fit_eps_scale, fit_gamma_0
+from vdm.diffusion import VDM
 from vdm.errors import UserError
 from vdm.images import image_grid, png_bytes
 from vdm.params import Params, as_dict
@@ -331,7 +332,7 @@ class _Run:
 
     def fit_eps_scale(self) -> dict | None:
         """train.fit_eps_scale: the bound's eps estimate scaled per gamma by the least-squares factor
-        on training images (vdm.diffusion.fit_eps_scale), fitted on the EMA weights and given to both."""
+        on training images (vdm.bound.fit_eps_scale), fitted on the EMA weights and given to both."""
         tp = self.tp
         if not tp.fit_eps_scale:
             return None
@@ -351,7 +352,7 @@ class _Run:
 
     def fit_gamma_0(self) -> dict | None:
         """train.fit_gamma_0: gamma_0 moved to where the EMA weights' bound of training images is
-        lowest (vdm.diffusion.fit_gamma_0). On every rank (deterministic): DDP replicas stay identical."""
+        lowest (vdm.bound.fit_gamma_0). On every rank (deterministic): DDP replicas stay identical."""
         tp = self.tp
         if not tp.fit_gamma_0:
             return None
