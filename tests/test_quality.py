@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vdm.evaluation import sample_quality
-from vdm.metrics import (
+from vdm.data.synthetic import draw_sprite
+from vdm.evaluation.evaluate import sample_quality
+from vdm.evaluation.metrics import (
     KERNEL,
     codec_bits_per_subpixel,
     graininess,
@@ -24,7 +25,6 @@ from vdm.metrics import (
     swd,
     swd_once,
 )
-from vdm.synthetic import draw_sprite
 
 
 def sprites(n: int, seed: int, size: int = 48) -> np.ndarray:
@@ -177,7 +177,7 @@ def _encode(im: np.ndarray, fmt: str, **kw) -> bytes:
 
 
 def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
-    from vdm.metrics import sprite_structure, structure_summary
+    from vdm.evaluation.metrics import sprite_structure, structure_summary
 
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2
@@ -203,7 +203,7 @@ def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
 
 
 def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
-    from vdm.metrics import flat_share, sprite_structure
+    from vdm.evaluation.metrics import flat_share, sprite_structure
 
     # a 6x6 flat square on white: of its 36 pixels, the inner 4x4 have four same-colour neighbours
     im = np.full((10, 10, 3), 255, np.uint8)
@@ -224,7 +224,7 @@ def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
 
 
 def test_sample_quality_reports_every_registered_metric(real):
-    from vdm.metrics import PER_IMAGE_METRICS, SAMPLE_METRICS, SampleSets
+    from vdm.evaluation.metrics import PER_IMAGE_METRICS, SAMPLE_METRICS, SampleSets
 
     a, b = real
     q = sample_quality(a[:8], a[8:24], b[:8], repeats=2, seed=0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.conversions import decode_nearest, encode
-from vdm.diffusion import build_vdm
-from vdm.samplers import gamma_grid, sample, solve, vdm_denoiser
-from vdm.steps import SAMPLERS
+from vdm.model.conversions import decode_nearest, encode
+from vdm.model.diffusion import build_vdm
+from vdm.sampling.samplers import gamma_grid, sample, solve, vdm_denoiser
+from vdm.sampling.steps import SAMPLERS
 
 
 def _alpha_sigma(g):
@@ -139,8 +139,8 @@ class _OnePoint(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
-    from vdm.diffusion import VDM
-    from vdm.schedules import make_schedule
+    from vdm.model.diffusion import VDM
+    from vdm.model.schedules import make_schedule
 
     x0 = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     model = VDM(_OnePoint(encode(x0)), make_schedule("fixed_linear", -5.0, 5.0))  # sigma_0 / alpha_0 = 0.08: 10 levels
@@ -172,7 +172,7 @@ def test_temperature_scales_only_the_ancestral_steps_fresh_noise():
 
 
 def test_autoguidance_extrapolates_away_from_the_guide():
-    from vdm.samplers import guided_denoiser
+    from vdm.sampling.samplers import guided_denoiser
 
     model, guide = _tiny_model(), _tiny_model()
     with torch.no_grad():
@@ -201,8 +201,8 @@ def test_autoguidance_extrapolates_away_from_the_guide():
 def test_every_choice_of_sampler_comes_from_the_registry():
     from typing import get_args
 
-    from vdm.params import SampleParams
-    from vdm.steps import deterministic_samplers
+    from vdm.core.params import SampleParams
+    from vdm.sampling.steps import deterministic_samplers
 
     assert get_args(SampleParams.model_fields["sampler"].annotation) == tuple(SAMPLERS)
     assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept
