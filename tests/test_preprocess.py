@@ -6,9 +6,9 @@ import pytest
 
 from tests.helpers import data_params, image_bytes, solid
 from vdm.core.errors import UserError
+from vdm.data.codecs import codec_bits_per_subpixel
 from vdm.data.preprocess import group_of, preprocess, split_by_group
 from vdm.data.sources import fetch
-from vdm.evaluation.metrics import codec_bits_per_subpixel
 
 
 @pytest.mark.parametrize(

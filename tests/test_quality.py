@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vdm.data.codecs import codec_bits_per_subpixel
 from vdm.data.synthetic import draw_sprite
 from vdm.evaluation.evaluate import sample_quality
 from vdm.evaluation.metrics import (
     KERNEL,
-    codec_bits_per_subpixel,
     graininess,
     laplacian_pyramid,
     normalise,

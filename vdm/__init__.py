@@ -15,6 +15,7 @@ stages), one job per module:
         archives    safe extraction of zip/tar archives
         synthetic   procedurally drawn sprite-like images (tests and smoke runs)
         preprocess  decode, dedupe, group, split and write the processed arrays
+        codecs      the lossless-codec yardstick for bits/dim
         splits      the processed splits, memory-mapped, in reproducible batches
     model       the model
         conversions levels <-> [-1, 1], alpha/sigma from gamma, eps <-> x
@@ -36,7 +37,7 @@ stages), one job per module:
         samplers    the walk, autoguidance, probability-flow encoding
         sprites     the sample stage's outputs
     evaluation  the evaluate stage
-        metrics     the sample metrics' registry; FID/KID/IS, memorisation, codec yardstick
+        metrics     the sample metrics' registry; FID/KID/IS, memorisation
         evaluate    the stage: bits/dim, the metrics, eval.json
     app         using a trained model
         api         load, generate, interpolate from Python

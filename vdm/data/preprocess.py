@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vdm.core.atomic import atomic_dir, save_npy_rows, write_bytes, write_json
 from vdm.core.errors import UserError
 from vdm.core.images import CORRUPT, SKIP_REASONS, Decoded, decode, image_grid, png_bytes
-from vdm.evaluation.metrics import codec_bits_per_subpixel
+from vdm.data.codecs import codec_bits_per_subpixel
 from vdm.core.params import SPLITS, DataParams
 from vdm.data.sources import FILES, group_of, read_source
 

@@ -1,6 +1,7 @@
 """The metrics of samples: multi-scale sliced Wasserstein distance, graininess, whole-sprite
-structure (parts, palette, flatness), FID/KID/IS (torch-fidelity), memorisation distances, and the
-lossless-codec yardstick for bits/dim. The evaluate stage's orchestration is vdm/evaluation/evaluate.py.
+structure (parts, palette, flatness), FID/KID/IS (torch-fidelity), memorisation distances. The
+evaluate stage's orchestration is vdm/evaluation/evaluate.py; the lossless-codec yardstick for
+bits/dim, a figure of the data, is vdm/data/codecs.py.
 
 The metrics of a sample set are a registry, SAMPLE_METRICS: name -> fn(SampleSets) -> {key:
 value}, every key a field of metrics/eval.json. A new one is a function here with
@@ -37,7 +38,6 @@ weights_only=False, so only a file that provably holds no pickled code is handed
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 PATCH = 7
 PATCHES_PER_IMAGE = 128
@@ -346,23 +345,6 @@ def structure_summary(samples: np.ndarray, test: np.ndarray) -> dict[str, float]
     for name, fn in PER_IMAGE_METRICS.items():
         out.update(_summary(name, fn, samples, test))
     return out
-
-
-def codec_bits_per_subpixel(images: np.ndarray) -> dict[str, float]:
-    """Size of each (H, W, 3) uint8 image under lossless codecs, in bits per subpixel (the
-    unit of bits/dim): PNG (Pillow, optimize) and WebP lossless (Pillow, method 6, quality 100)."""
-    total = {"png": 0, "webp_lossless": 0}
-    for img in images:
-        im = Image.fromarray(np.asarray(img), "RGB")
-        for fmt, kwargs, key in (
-            ("PNG", {"optimize": True}, "png"),
-            ("WEBP", {"lossless": True, "method": 6, "quality": 100}, "webp_lossless"),
-        ):
-            buf = io.BytesIO()
-            im.save(buf, format=fmt, **kwargs)
-            total[key] += buf.tell()
-    subpixels = max(1, int(np.prod(images.shape)))
-    return {k: 8.0 * v / subpixels for k, v in total.items()}
 
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
