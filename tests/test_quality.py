@@ -234,3 +234,12 @@ def test_sample_quality_reports_every_registered_metric(real):
     assert set(SAMPLE_METRICS) >= {"swd", "graininess", *PER_IMAGE_METRICS}
     for name in PER_IMAGE_METRICS:
         assert {name, f"{name}_se", f"{name}_test", f"{name}_test_se"} <= set(q)
+
+
+def test_a_new_sample_metric_is_one_registered_function(real, monkeypatch):
+    from vdm.evaluation import metrics
+
+    monkeypatch.setitem(metrics.SAMPLE_METRICS, "white", lambda s: {"white_share": float((s.samples == 255).mean())})
+    a, b = real
+    q = sample_quality(a[:4], a[4:12], b[:4], repeats=1, seed=0)
+    assert q["white_share"] == float((a[:4] == 255).mean())

@@ -208,3 +208,15 @@ def test_every_choice_of_sampler_comes_from_the_registry():
     assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept
     with pytest.raises(ValueError, match="ancestral"):
         solve(lambda z, g: z, torch.zeros(1, 3, 2, 2), torch.linspace(1.0, -1.0, 3), "euler")
+
+
+def test_a_new_sampler_is_one_registered_step_function(monkeypatch):
+    from vdm.sampling import steps
+
+    def halfway(s):  # moves z halfway to x_hat each step
+        return 0.5 * (s.z + s.x_hat)
+
+    monkeypatch.setitem(steps.SAMPLERS, "halfway", steps.Sampler(halfway, deterministic=True))
+    z1 = torch.full((1, 3, 2, 2), 4.0)
+    z, _ = solve(lambda z, g: torch.zeros_like(z), z1, torch.linspace(1.0, -1.0, 4), "halfway")
+    assert torch.equal(z, z1 / 8) and "halfway" in steps.deterministic_samplers()

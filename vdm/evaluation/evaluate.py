@@ -1,6 +1,6 @@
 """The evaluate stage: held-out bits/dim of the model, the registered sample metrics beside
-their real-vs-real floors (vdm/evaluation/metrics.py), FID/KID/IS where Inception weights are at hand,
-memorisation distances; eval/ and metrics/eval.json written together.
+their real-vs-real floors (vdm/evaluation/metrics.py), FID/KID/IS where Inception weights are
+at hand, memorisation distances; eval/ and metrics/eval.json written together.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from vdm.model.checkpoint import check_keys, load_model, read_json
 def sample_quality(
     samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int, per_repeat: bool = False
 ) -> dict:
-    """Every registered sample metric (vdm.evaluation.metrics.SAMPLE_METRICS: SWD beside its floor, graininess,
-    parts, palette, flatness, ...) of the samples, with the training and test splits as references.
+    """Every registered sample metric (vdm.evaluation.metrics.SAMPLE_METRICS: SWD beside its floor,
+    graininess, parts, palette, flatness, ...) of the samples, with the training and test splits as
+    references.
     per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
     sets = SampleSets(samples, train, test, repeats, seed, per_repeat)
     out = {}

@@ -60,11 +60,13 @@ StepFn = Callable[[Step], torch.Tensor]  # -> z at gamma_s
 
 @dataclass(frozen=True)
 class Sampler:
+    """A registered sampler: its step function and whether it draws noise."""
+
     step: StepFn
     deterministic: bool  # draws no noise: runs the probability-flow ODE (encoding needs one)
 
 
-# name -> sampler, in the order params.yaml's docs list them; `@sampler("name")` adds one
+# name -> sampler, in the order params.yaml's comment lists them; `@sampler(name, deterministic)` adds one
 SAMPLERS: dict[str, Sampler] = {}
 
 
