@@ -23,7 +23,7 @@ repro: $(STAMP)  ## run the whole pipeline (only what changed reruns)
 	dvc repro
 
 smoke: $(STAMP)  ## the whole pipeline in about a minute (synthetic data, small model), as a --temp experiment
-	python -m stages.preset smoke -- --temp
+	python scripts/preset.py smoke -- --temp
 
 plots: $(STAMP)  ## dvc plots show with vega inline (no CDN), checked in headless Chromium
 	python scripts/offline_plots.py --check

@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdm.api import load  # noqa: E402
-from vdm.cli import read_sprite  # noqa: E402
-from vdm.images import image_grid, png_bytes  # noqa: E402
+from vdm.app.api import load  # noqa: E402
+from vdm.app.cli import read_sprite  # noqa: E402
+from vdm.core.images import image_grid, png_bytes  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     python benchmarks/model.py --list                # the rows and what they change
 
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
-(the real `vdm.train_step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
+(the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
 of timed steps after warm-up), model FLOPs per image (torch.utils.flop_counter, forward +
 backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process
 (fp32 on a CPU, bf16 on CUDA), sampler img/s at T=256 and T=64 (real ancestral sampling),
@@ -87,19 +87,20 @@ def explicit_attention(self, x):
 
 def apply_naive(choices) -> None:
     """Swap library pieces for their naive forms (this process only)."""
-    import vdm.diffusion
-    import vdm.unet
+    import vdm.model.decoder
+    import vdm.model.diffusion
+    import vdm.model.unet
 
     if "recon" in choices:
-        full = vdm.diffusion.log_prob_levels_full
+        full = vdm.model.decoder.log_prob_levels_full
         # the windowed version's chunk and half_width options do not apply to the full tensor
-        vdm.diffusion.log_prob_levels = lambda x, z, g0, chunk=None, half_width=None: full(x, z, g0)
+        vdm.model.diffusion.log_prob_levels = lambda x, z, g0, chunk=None, half_width=None: full(x, z, g0)
     if "attention" in choices:
-        vdm.unet.Attention.forward = explicit_attention
+        vdm.model.unet.Attention.forward = explicit_attention
 
 
 def row_params(row: str, device):
-    from vdm.params import load_params, parse_params
+    from vdm.core.params import load_params, parse_params
 
     params = load_params(ROOT / "params.yaml")
     if row != "gpu":
@@ -120,9 +121,9 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vdm.runtime import autocast_for
-    from vdm.samplers import sample as draw
-    from vdm.train_step import build_training, train_step
+    from vdm.core.runtime import autocast_for
+    from vdm.sampling.samplers import sample as draw
+    from vdm.training.step import build_training, train_step
 
     choices = ROWS[row]
     apply_naive(choices)

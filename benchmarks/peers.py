@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdm.atomic import write_json  # noqa: E402
-from vdm.evaluation import fidelity, inception_weights, sample_quality  # noqa: E402
-from vdm.images import image_grid, png_bytes  # noqa: E402
+from vdm.core.atomic import write_json  # noqa: E402
+from vdm.core.images import image_grid, png_bytes  # noqa: E402
+from vdm.evaluation.evaluate import sample_quality  # noqa: E402
+from vdm.evaluation.metrics import fidelity, inception_weights  # noqa: E402
 
 # (block_out_channels, layers_per_block): candidates for matching the VDM's step cost
 SIZES = {

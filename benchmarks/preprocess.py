@@ -25,13 +25,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vdm.params import parse_params  # noqa: E402
-from vdm.sources import fetch  # noqa: E402
+from vdm.core.params import parse_params  # noqa: E402
+from vdm.data.sources import fetch  # noqa: E402
 
 CHILD = """
 import json, resource, sys
-from vdm.params import parse_params
-from vdm.preprocess import preprocess
+from vdm.core.params import parse_params
+from vdm.data.preprocess import preprocess
 raw, tmp, workers = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 preprocess(parse_params(raw).data, f"{tmp}/raw", f"{tmp}/out", f"{tmp}/data.json", workers=workers)
 print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

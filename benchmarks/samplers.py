@@ -24,11 +24,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdm.checkpoint import load_model  # noqa: E402
-from vdm.evaluation import sample_quality  # noqa: E402
-from vdm.images import image_grid, png_bytes  # noqa: E402
-from vdm.params import parse_params  # noqa: E402
-from vdm.sampling import generate  # noqa: E402
+from vdm.core.images import image_grid, png_bytes  # noqa: E402
+from vdm.core.params import parse_params  # noqa: E402
+from vdm.evaluation.evaluate import sample_quality  # noqa: E402
+from vdm.model.checkpoint import load_model  # noqa: E402
+from vdm.sampling.sprites import generate  # noqa: E402
 
 DEFAULT_ROWS = [
     "ancestral:256:t",

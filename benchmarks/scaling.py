@@ -8,7 +8,7 @@
 
 One run of params.yaml (with --set's changes) trains at a constant learning rate after warm-up
 (train.cosine_decay = false), so its schedule does not end at any budget, for as many steps as the
-largest budget needs; the weights are saved at every budget (vdm.training: snapshot_steps).
+largest budget needs; the weights are saved at every budget (vdm.training.loop: snapshot_steps).
 Each snapshot is then scored as the sample and evaluate stages score a model: sample.count
 sprites from the EMA weights with params.yaml's sampler and seed, their parts, palette,
 flatness, SWD and graininess beside the test split's, and the test bound (one time sample per
@@ -21,7 +21,7 @@ figure against images seen, log axis, the test sprites' value as a dashed line) 
 (8 sprites per budget, the same seeds: one row per budget).
 
 With --guide-ratio R and --guidance W, every budget b whose b / R is also a budget is sampled
-with autoguidance (vdm.samplers.guided_denoiser): the snapshot at b / R guides with weight W.
+with autoguidance (vdm.sampling.samplers.guided_denoiser): the snapshot at b / R guides with weight W.
 Those rows go to their own files (scaling-guideR-wW.*), from the same seeds as the plain ones.
 """
 
@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweep import apply, parse_row, score  # noqa: E402
 
-from vdm.errors import UserError  # noqa: E402
-from vdm.images import image_grid, png_bytes  # noqa: E402
-from vdm.params import parse_params  # noqa: E402
-from vdm.training import Outputs, train  # noqa: E402
+from vdm.core.errors import UserError  # noqa: E402
+from vdm.core.images import image_grid, png_bytes  # noqa: E402
+from vdm.core.params import parse_params  # noqa: E402
+from vdm.training.loop import Outputs, train  # noqa: E402
 
 BUDGETS = (2_400, 4_800, 9_600, 19_200, 38_400, 76_800, 115_200, 153_600, 230_400, 307_200)  # images seen (2.1 decades)
 # (figure, its test-split reference, y label, log y)

@@ -30,14 +30,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdm.checkpoint import load_model  # noqa: E402
-from vdm.diffusion import estimate_bpd  # noqa: E402
-from vdm.evaluation import sample_quality  # noqa: E402
-from vdm.images import image_grid, png_bytes  # noqa: E402
-from vdm.params import parse_params  # noqa: E402
-from vdm.quality import structure_summary  # noqa: E402
-from vdm.sampling import generate  # noqa: E402
-from vdm.training import Outputs, train  # noqa: E402
+from vdm.core.images import image_grid, png_bytes  # noqa: E402
+from vdm.core.params import parse_params  # noqa: E402
+from vdm.evaluation.evaluate import sample_quality  # noqa: E402
+from vdm.evaluation.metrics import structure_summary  # noqa: E402
+from vdm.model.bound import estimate_bpd  # noqa: E402
+from vdm.model.checkpoint import load_model  # noqa: E402
+from vdm.sampling.sprites import generate  # noqa: E402
+from vdm.training.loop import Outputs, train  # noqa: E402
 
 
 def parse_row(spec: str) -> tuple[str, dict]:

@@ -390,10 +390,10 @@ def finished(run: Path, steps: int) -> bool:
 
 def write_interim(run: Path) -> int | None:
     """models/ (and plots/train.csv) from the checkpoint of a run cut short: its step, or None."""
-    from vdm import checkpoint as ckpt
-    from vdm.diffusion import build_vdm
-    from vdm.params import as_dict, load_params
-    from vdm.tracking import write_csv
+    from vdm.core.params import as_dict, load_params
+    from vdm.model import checkpoint as ckpt
+    from vdm.model.diffusion import build_vdm
+    from vdm.training.tracking import write_csv
 
     params = load_params(run / "params.yaml")
     key = ckpt.config_hash(params, run / "data" / "processed")

@@ -10,7 +10,7 @@ import errno
 import sys
 from collections.abc import Callable
 
-from vdm.errors import UserError
+from vdm.core.errors import UserError
 
 
 def run(main: Callable[[], object], doc: str | None = None) -> None:

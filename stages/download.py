@@ -1,8 +1,8 @@
 """download: data.source -> data/raw/files + data/raw/SOURCE.json."""
 
 from stages._cli import run
-from vdm.params import load_params
-from vdm.sources import fetch
+from vdm.core.params import load_params
+from vdm.data.sources import fetch
 
 RAW = "data/raw"
 

@@ -1,8 +1,8 @@
 """evaluate: models/, samples/, data/processed -> metrics/eval.json, eval/closest_pairs.png."""
 
 from stages._cli import run
-from vdm.evaluation import evaluate
-from vdm.params import load_params
+from vdm.core.params import load_params
+from vdm.evaluation.evaluate import evaluate
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """preprocess: data/raw -> data/processed/{train,val,test}.npy, manifest.csv, preview.png + metrics/data.json."""
 
 from stages._cli import run
-from vdm.params import load_params
-from vdm.preprocess import preprocess
+from vdm.core.params import load_params
+from vdm.data.preprocess import preprocess
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """sample: models/ema.pt -> samples/ (PNGs, samples.npy, grid.png, strip.png, info.json)."""
 
 from stages._cli import run
-from vdm.checkpoint import load_model
-from vdm.params import load_params
-from vdm.runtime import resolve_device
-from vdm.sampling import generate, write_samples
+from vdm.core.params import load_params
+from vdm.core.runtime import resolve_device
+from vdm.model.checkpoint import load_model
+from vdm.sampling.sprites import generate, write_samples
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ of torchrun's processes: torchrun --standalone --nproc_per_node=N -m stages.trai
 import os
 
 from stages._cli import run
-from vdm.params import load_params
-from vdm.runtime import launch, process_count
-from vdm.training import train
+from vdm.core.params import load_params
+from vdm.core.runtime import launch, process_count
+from vdm.training.loop import train
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ deleted either), so no stage reruns because of it.
 from pathlib import Path
 
 from stages._cli import run
-from vdm.errors import ParamError
-from vdm.params import batch_split, load_params
+from vdm.core.errors import ParamError
+from vdm.core.params import batch_split, load_params
 
 OK = Path("params.ok")
 TEXT = "params.yaml passed `python -m stages.validate` (this file never changes; see dvc.yaml)\n"
@@ -23,7 +23,7 @@ TEXT = "params.yaml passed `python -m stages.validate` (this file never changes;
 
 def main() -> None:
     p = load_params()
-    from vdm.runtime import process_count, resolve_device
+    from vdm.core.runtime import process_count, resolve_device
 
     resolve_device(p.train.device, "train.device")
     resolve_device(p.sample.device, "sample.device")
@@ -32,7 +32,7 @@ def main() -> None:
     if why := batch_split(p.train.batch_size, processes):
         raise ParamError("train.batch_size", p.train.batch_size, f"{why} (train.processes = {p.train.processes})")
     if p.train.wandb != "disabled":
-        from vdm.tracking import check_wandb_environment
+        from vdm.training.tracking import check_wandb_environment
 
         check_wandb_environment(p.train.wandb)
     if not OK.is_file() or OK.read_text() != TEXT:

@@ -6,11 +6,11 @@ import uuid
 import pytest
 
 from tests.helpers import LONG, TINY_MODEL, TINY_TRAIN, copy_project, project, run, start, subprocess_env, tiny
-from vdm.checkpoint import save_model
-from vdm.diffusion import build_vdm
-from vdm.params import parse_params
-from vdm.preprocess import preprocess
-from vdm.sources import fetch
+from vdm.core.params import parse_params
+from vdm.data.preprocess import preprocess
+from vdm.data.sources import fetch
+from vdm.model.checkpoint import save_model
+from vdm.model.diffusion import build_vdm
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Shared test helpers. No test touches the network: data comes from vdm.synthetic or
+"""Shared test helpers. No test touches the network: data comes from vdm.data.synthetic or
 from small files the tests write."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from vdm.params import ModelParams, parse_params, parse_section, read_yaml
+from vdm.core.params import ModelParams, parse_params, parse_section, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ LONG = dict(steps=30, checkpoint_every=3, eval_every=0, sample_every=0, log_ever
 
 
 def outs(base: Path):
-    from vdm.training import Outputs
+    from vdm.training.loop import Outputs
 
     return Outputs(base / "models", base / "metrics", base / "plots", base / "checkpoints")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import add_tar_member, make_zip
-from vdm.archives import copy_tree, safe_extract
-from vdm.errors import UnsafeArchive, UserError
+from vdm.core.errors import UnsafeArchive, UserError
+from vdm.data.archives import copy_tree, safe_extract
 
 CAPS = dict(max_files=100, max_bytes=1 << 20)
 

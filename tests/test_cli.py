@@ -1,4 +1,4 @@
-"""Using a trained model outside DVC: the Python API (vdm.api), the `vdm` command, the
+"""Using a trained model outside DVC: the Python API (vdm.app.api), the `vdm` command, the
 probability-flow encoding behind interpolation, and the package's pins."""
 
 import json
@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from tests.helpers import ROOT, subprocess_env
-from vdm import api
-from vdm.diffusion import decode_nearest, encode
-from vdm.errors import UserError
-from vdm.samplers import sample, solve
+from vdm.app import api
+from vdm.core.errors import UserError
+from vdm.model.conversions import decode_nearest, encode
+from vdm.sampling.samplers import sample, solve
 
 
 def vdm_cmd(*args, cwd=None):
@@ -261,7 +261,7 @@ def test_help_explains_every_option():
 
 def run_main(argv, capsys) -> tuple[int, str]:
     """`vdm ARGV` in this process: (exit code, stderr)."""
-    from vdm import cli
+    from vdm.app import cli
 
     capsys.readouterr()
     try:
@@ -327,7 +327,7 @@ def _fake_disk(monkeypatch, free: int, files: int = 10**9):
 def test_generate_refuses_a_count_the_disk_cannot_hold_before_drawing(model_dir, tmp_path, capsys, monkeypatch):
     """The space for --n sprites (PNGs that do not compress, samples.npy, grid and info) is counted
     up front: one more sprite than fits is refused before any is drawn, as many as fit are drawn."""
-    from vdm import cli
+    from vdm.app import cli
 
     drawn = []
     real = api.Sprites.stream
@@ -455,11 +455,11 @@ def test_package_dependencies_are_the_requirements_pins():
     # run, build or chart the project (matplotlib: the benchmarks' pictures); the package never imports them
     tools = {"dvc", "pytest", "ruff", "setuptools", "matplotlib"}
     assert deps == {k: v for k, v in reqs.items() if k not in tools}
-    assert project["scripts"]["vdm"] == "vdm.cli:main"
+    assert project["scripts"]["vdm"] == "vdm.app.cli:main"
 
 
 def test_console_script_is_installed():
     from importlib.metadata import entry_points
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "vdm"]
-    assert ep.value == "vdm.cli:main"
+    assert ep.value == "vdm.app.cli:main"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import build_vdm
-from vdm.runtime import autocast_for
-from vdm.unet import UNet
+from vdm.core.runtime import autocast_for
+from vdm.model.diffusion import build_vdm
+from vdm.model.unet import UNet
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -105,9 +105,9 @@ def test_fused_adamw_takes_the_same_step_as_foreach():
 def test_resume_on_cuda_gives_the_weights_of_an_uninterrupted_run(tmp_path, processed):
     """Deterministic algorithms on: 6 steps straight, against 4 steps, a checkpoint, and 2 more."""
     from tests.helpers import tiny
-    from vdm import checkpoint as ckpt
-    from vdm.params import parse_params
-    from vdm.training import Outputs, train
+    from vdm.core.params import parse_params
+    from vdm.model import checkpoint as ckpt
+    from vdm.training.loop import Outputs, train
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)

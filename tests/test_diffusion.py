@@ -5,18 +5,12 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import (
-    VDM,
-    build_vdm,
-    encode,
-    estimate_bpd,
-    log_prob_levels,
-    log_prob_levels_full,
-    recon_stride,
-    window_half_width,
-)
-from vdm.samplers import sample, solve, vdm_denoiser
-from vdm.schedules import make_schedule
+from vdm.model.bound import estimate_bpd
+from vdm.model.conversions import encode
+from vdm.model.decoder import log_prob_levels, log_prob_levels_full, recon_stride, window_half_width
+from vdm.model.diffusion import VDM, build_vdm
+from vdm.model.schedules import make_schedule
+from vdm.sampling.samplers import sample, solve, vdm_denoiser
 
 LN2 = math.log(2)
 
@@ -282,8 +276,8 @@ def test_clipping_keeps_a_wild_model_inside_the_data_range():
 
 def test_overfits_a_few_sprites():
     """A tiny model on 8 synthetic sprites: train bits/dim clearly falls within 200 CPU steps."""
-    from vdm.images import decode, png_bytes
-    from vdm.synthetic import draw_sprite
+    from vdm.core.images import decode, png_bytes
+    from vdm.data.synthetic import draw_sprite
 
     x = torch.from_numpy(np.stack([decode(png_bytes(draw_sprite(0, k)), 32).pixels for k in range(8)]))
     x = x.permute(0, 3, 1, 2).contiguous()
@@ -324,7 +318,7 @@ class BadBelow(torch.nn.Module):
 
 @pytest.mark.parametrize("below, expected", [(-math.inf, -13.0), (-6.0, -6.0), (-6.2, -6.0)])
 def test_fit_gamma_0_moves_the_endpoint_to_where_denoising_stops_paying(below, expected):
-    from vdm.diffusion import fit_gamma_0
+    from vdm.model.bound import fit_gamma_0
 
     x = images(n=64).clone()
     x[:] = x[:1]  # one image: the exact denoiser is known in closed form
@@ -358,7 +352,8 @@ class TimesBelow(torch.nn.Module):
 
 
 def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alone():
-    from vdm.diffusion import EPS_SCALE_GRID, fit_eps_scale
+    from vdm.model.bound import fit_eps_scale
+    from vdm.model.diffusion import EPS_SCALE_GRID
 
     x = images(n=64).clone()
     x[:] = x[:1]
@@ -393,7 +388,8 @@ def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alo
 def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
     """A net whose x_hat errs by independent noise of variance v: the best mix of x_hat and z_t / alpha_t
     (error variance s^2 = e^gamma) weighs x_hat by s^2 / (s^2 + v), which is the fitted eps factor."""
-    from vdm.diffusion import alpha_sigma, eps_from_x, fit_eps_scale
+    from vdm.model.bound import fit_eps_scale
+    from vdm.model.conversions import alpha_sigma, eps_from_x
 
     x = images(n=64, size=16).clone()
     x[:] = x[:1]
@@ -416,7 +412,7 @@ def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
 
 
 def test_edm_weighting_is_its_log_normal_density_times_its_loss_weight():
-    from vdm.diffusion import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
+    from vdm.model.weightings import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
 
     model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0), loss_weighting="edm")
     gamma = torch.linspace(-12.0, 6.0, 37, dtype=torch.float64)
@@ -460,7 +456,8 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
     import importlib.util
     from pathlib import Path
 
-    import vdm.diffusion
+    import vdm.model.decoder
+    import vdm.model.diffusion
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
     spec = importlib.util.spec_from_file_location("bench_model", path)
@@ -475,7 +472,22 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
         return model.loss(x, torch.Generator().manual_seed(0)).total
 
     windowed = bound()
-    monkeypatch.setattr(vdm.diffusion, "log_prob_levels", vdm.diffusion.log_prob_levels)  # restored after
+    monkeypatch.setattr(vdm.model.diffusion, "log_prob_levels", vdm.model.diffusion.log_prob_levels)  # restored after
     bench.apply_naive({"recon"})
-    assert vdm.diffusion.log_prob_levels is not vdm.diffusion.log_prob_levels_full
+    assert vdm.model.diffusion.log_prob_levels is not vdm.model.decoder.log_prob_levels
     assert torch.allclose(bound(), windowed, rtol=1e-5)
+
+
+def test_loss_weightings_are_a_registry_params_allow_exactly():
+    from typing import get_args
+
+    from vdm.core.params import ModelParams
+    from vdm.model.weightings import WEIGHTINGS
+
+    assert get_args(ModelParams.model_fields["loss_weighting"].annotation) == tuple(WEIGHTINGS)
+    gamma = torch.linspace(-12.0, 6.0, 7)
+    for name, fn in WEIGHTINGS.items():
+        w = fn(gamma, sigmoid_bias=-2.0)
+        assert w.shape == gamma.shape and bool((w > 0).all()) and bool(torch.isfinite(w).all()), name
+    assert torch.equal(WEIGHTINGS["elbo"](gamma), torch.ones(7))
+    assert torch.equal(WEIGHTINGS["sigmoid"](gamma, sigmoid_bias=-2.0), torch.sigmoid(gamma - 2.0))

@@ -195,9 +195,9 @@ def test_a_run_cut_short_is_sampled_from_its_checkpoint(tmp_path, processed):
     import torch
     import yaml
 
-    from vdm import checkpoint as ckpt
-    from vdm.params import parse_params
-    from vdm.train_step import build_training
+    from vdm.core.params import parse_params
+    from vdm.model import checkpoint as ckpt
+    from vdm.training.step import build_training
 
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)

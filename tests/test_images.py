@@ -7,8 +7,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests.helpers import image_bytes, solid
-from vdm import images
-from vdm.images import decode, image_grid
+from vdm.core import images
+from vdm.core.images import decode, image_grid
 
 WHITE = (255, 255, 255)
 

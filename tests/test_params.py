@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, copy_project, raw_params, run
-from vdm.errors import ParamError, UserError
-from vdm.params import load_params, parse_params
+from vdm.core.errors import ParamError, UserError
+from vdm.core.params import load_params, parse_params
 
 
 def test_project_params_file_is_valid():
@@ -152,7 +152,7 @@ def test_sections_are_frozen_and_strict():
 
 
 # --- what the train stage would refuse, refused up front ---------------------------------------
-# The UNet's shape rules (vdm.params.unet_sizes, which vdm/unet.py builds from) and how the
+# The UNet's shape rules (vdm.core.params.unet_sizes, which vdm/model/unet.py builds from) and how the
 # training processes split the batch: checked with the rest of params.yaml, so `python -m
 # stages.validate` stops the pipeline before DVC deletes models/.
 
@@ -244,7 +244,7 @@ ACCEPTED = [
 def _net_output_shape(p):
     import torch
 
-    from vdm.unet import UNet
+    from vdm.model.unet import UNet
 
     s = p.data.image_size
     with torch.device("meta"):  # shapes only: a shape that does not fit fails here as it would in training
@@ -290,7 +290,7 @@ def test_images_smaller_than_the_metrics_pyramid_are_scored():
     """data.image_size may be as small as 8: the evaluate stage's sample metrics take such images."""
     import numpy as np
 
-    from vdm.evaluation import sample_quality
+    from vdm.evaluation.evaluate import sample_quality
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
@@ -302,11 +302,11 @@ def test_the_validate_stage_splits_the_batch_over_the_processes_this_machine_run
     """train.processes: auto is one process per GPU: only the machine tells how many, so the
     validate stage checks the batch against that count (here: 3 GPUs, a global batch of 16)."""
     import stages.validate
-    import vdm.runtime
+    import vdm.core.runtime
 
     proj = copy_project(tmp_path / "p", train={"processes": "auto", "batch_size": 16, "wandb": "disabled"})
     monkeypatch.chdir(proj)
-    monkeypatch.setattr(vdm.runtime, "process_count", lambda setting, device: 3 if setting == "auto" else setting)
+    monkeypatch.setattr(vdm.core.runtime, "process_count", lambda setting, device: 3 if setting == "auto" else setting)
     with pytest.raises(ParamError) as e:
         stages.validate.main()
     assert str(e.value) == (
@@ -314,6 +314,6 @@ def test_the_validate_stage_splits_the_batch_over_the_processes_this_machine_run
         "training processes (train.processes = auto)"
     )
     assert not (proj / "params.ok").exists()
-    monkeypatch.setattr(vdm.runtime, "process_count", lambda setting, device: 2)
+    monkeypatch.setattr(vdm.core.runtime, "process_count", lambda setting, device: 2)
     stages.validate.main()
     assert (proj / "params.ok").is_file()

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import copy_project, run
+from tests.helpers import ROOT, copy_project, run
 
 
 @pytest.mark.parametrize(
@@ -99,12 +99,12 @@ def test_dvc_repro_end_to_end_in_a_fresh_repo(pipeline):
 
 
 def test_smoke_preset_runs_the_whole_pipeline_in_a_temporary_copy(pipeline):
-    """`python -m stages.preset smoke -- --temp`: all five stages on synthetic data, recorded as an
+    """`python scripts/preset.py smoke -- --temp`: all five stages on synthetic data, recorded as an
     experiment, the workspace's outputs untouched; `dvc exp show` filters and exports it."""
     proj = pipeline.proj
     before = {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")}
     runs = set((proj / "wandb").glob("offline-run-*"))
-    run = pipeline.run([sys.executable, "-m", "stages.preset", "smoke", "--", "--temp"])
+    run = pipeline.run([sys.executable, str(ROOT / "scripts/preset.py"), "smoke", "--", "--temp"])
     for stage in ("download", "preprocess", "train", "sample", "evaluate"):
         assert f"Running stage '{stage}'" in run.stdout
     assert {p: p.read_bytes() for p in (proj / "metrics").glob("*.json")} == before
@@ -183,9 +183,14 @@ def test_a_config_trained_before_comes_from_the_run_cache(pipeline):
     assert (proj / "models/ema.pt").read_bytes() == ema
 
 
-# Modules no stage's outputs can depend on: the package docstring, and the error classes (they
-# only word messages). Everything else a stage imports, at any depth, must be a dep in dvc.yaml.
-NOT_DEPS = {"vdm/__init__.py", "vdm/errors.py", "stages/__init__.py"}
+# Modules no stage's outputs can depend on: the packages' docstrings (every __init__.py), and the
+# error classes (they only word messages). Everything else a stage imports, at any depth, must be a
+# dep in dvc.yaml: a module itself, or a folder whose every module the stage imports.
+NOT_DEPS = {"vdm/core/errors.py"}
+
+
+def _not_dep(path: str) -> bool:
+    return path in NOT_DEPS or path.endswith("__init__.py")
 
 
 def _imported_modules(path):
@@ -215,14 +220,45 @@ def import_closure(root, module):
     return {p.relative_to(root).as_posix() for p in seen}
 
 
-def test_every_stage_lists_exactly_the_modules_it_imports_as_deps():
-    from tests.helpers import ROOT
+def covered(root, deps):
+    """The modules the .py deps and the folder deps among `deps` name: {folder: its modules}, the files."""
+    folders, files = {}, set()
+    for d in deps:
+        if d.endswith(".py"):
+            files.add(d)
+        elif (root / d).is_dir() and d.split("/")[0] in ("vdm", "stages"):
+            folders[d] = {p.relative_to(root).as_posix() for p in (root / d).rglob("*.py")}
+    return folders, files
 
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"validate", "download", "preprocess", "train", "sample", "evaluate"}
+
+def check_deps(root, stages):
+    """For each stage: the modules it imports (at any depth) are exactly those its deps name, and
+    every folder it lists holds only modules it imports, so a change to any other reruns nothing."""
     for name, stage in stages.items():
         module = stage["cmd"].removeprefix("python -m ")
-        needed = import_closure(ROOT, module) - NOT_DEPS
-        listed = {d for d in stage["deps"] if d.endswith(".py")}
+        needed = {m for m in import_closure(root, module) if not _not_dep(m)}
+        folders, files = covered(root, stage["deps"])
+        listed = {m for m in files.union(*folders.values()) if not _not_dep(m)}
         assert not needed - listed, f"{name}: imports {sorted(needed - listed)}, not in its deps"
         assert not listed - needed, f"{name}: lists {sorted(listed - needed)}, which it never imports"
+        for folder, mods in folders.items():
+            assert any(not _not_dep(m) for m in mods), f"{name}: {folder} holds no module"
+
+
+def test_every_stage_lists_exactly_the_modules_it_imports_as_deps():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {"validate", "download", "preprocess", "train", "sample", "evaluate"}
+    check_deps(ROOT, stages)
+    for init in (ROOT / "vdm").rglob("__init__.py"):  # docstrings only: they are no stage's dep
+        assert not _imported_modules(init), init
+
+
+def test_the_dep_check_fails_on_a_missing_module_or_a_folder_with_one_not_imported(tmp_path):
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    train = stages["train"]
+    short = {"train": {**train, "deps": [d for d in train["deps"] if d != "vdm/model"]}}
+    with pytest.raises(AssertionError, match="not in its deps"):
+        check_deps(ROOT, short)
+    wide = {"train": {**train, "deps": [*train["deps"], "vdm/app"]}}  # the train stage imports no app module
+    with pytest.raises(AssertionError, match="never imports"):
+        check_deps(ROOT, wide)

@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from tests.helpers import data_params, image_bytes, solid
-from vdm.errors import UserError
-from vdm.preprocess import group_of, preprocess, split_by_group
-from vdm.quality import codec_bits_per_subpixel
-from vdm.sources import fetch
+from vdm.core.errors import UserError
+from vdm.data.codecs import codec_bits_per_subpixel
+from vdm.data.preprocess import group_of, preprocess, split_by_group
+from vdm.data.sources import fetch
 
 
 @pytest.mark.parametrize(

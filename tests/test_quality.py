@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vdm.evaluation import sample_quality
-from vdm.quality import (
+from vdm.data.codecs import codec_bits_per_subpixel
+from vdm.data.synthetic import draw_sprite
+from vdm.evaluation.evaluate import sample_quality
+from vdm.evaluation.metrics import (
     KERNEL,
-    codec_bits_per_subpixel,
     graininess,
     laplacian_pyramid,
     normalise,
@@ -24,7 +25,6 @@ from vdm.quality import (
     swd,
     swd_once,
 )
-from vdm.synthetic import draw_sprite
 
 
 def sprites(n: int, seed: int, size: int = 48) -> np.ndarray:
@@ -177,7 +177,7 @@ def _encode(im: np.ndarray, fmt: str, **kw) -> bytes:
 
 
 def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
-    from vdm.quality import sprite_structure, structure_summary
+    from vdm.evaluation.metrics import sprite_structure, structure_summary
 
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2
@@ -203,7 +203,7 @@ def test_sprite_structure_counts_parts_and_palette_as_the_eye_does():
 
 
 def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
-    from vdm.quality import flat_share, sprite_structure
+    from vdm.evaluation.metrics import flat_share, sprite_structure
 
     # a 6x6 flat square on white: of its 36 pixels, the inner 4x4 have four same-colour neighbours
     im = np.full((10, 10, 3), 255, np.uint8)
@@ -221,3 +221,25 @@ def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
     # no foreground: 0, not a division by zero; an edge pixel is never flat
     assert flat_share(np.zeros((5, 5), np.int32), np.zeros((5, 5), bool)) == 0.0
     assert flat_share(np.zeros((3, 3), np.int32), np.ones((3, 3), bool)) == 1 / 9
+
+
+def test_sample_quality_reports_every_registered_metric(real):
+    from vdm.evaluation.metrics import PER_IMAGE_METRICS, SAMPLE_METRICS, SampleSets
+
+    a, b = real
+    q = sample_quality(a[:8], a[8:24], b[:8], repeats=2, seed=0)
+    sets = SampleSets(a[:8], a[8:24], b[:8], 2, 0)
+    for name, metric in SAMPLE_METRICS.items():
+        assert metric(sets) == {k: q[k] for k in metric(sets)}, name
+    assert set(SAMPLE_METRICS) >= {"swd", "graininess", *PER_IMAGE_METRICS}
+    for name in PER_IMAGE_METRICS:
+        assert {name, f"{name}_se", f"{name}_test", f"{name}_test_se"} <= set(q)
+
+
+def test_a_new_sample_metric_is_one_registered_function(real, monkeypatch):
+    from vdm.evaluation import metrics
+
+    monkeypatch.setitem(metrics.SAMPLE_METRICS, "white", lambda s: {"white_share": float((s.samples == 255).mean())})
+    a, b = real
+    q = sample_quality(a[:4], a[4:12], b[:4], repeats=1, seed=0)
+    assert q["white_share"] == float((a[:4] == 255).mean())

@@ -48,8 +48,8 @@ import torch
 import yaml
 from PIL import Image
 
-import vdm.atomic
-import vdm.checkpoint as ckpt
+import vdm.core.atomic
+import vdm.model.checkpoint as ckpt
 from stages import _cli
 from tests.helpers import (
     LONG,
@@ -66,13 +66,13 @@ from tests.helpers import (
     tiny,
     wait_for_checkpoint,
 )
-from vdm.errors import ParamError, UnsafeArchive, UserError
-from vdm.images import decode
-from vdm.params import parse_params
-from vdm.preprocess import preprocess
-from vdm.sources import fetch
-from vdm.synthetic import write_synthetic
-from vdm.training import train
+from vdm.core.errors import ParamError, UnsafeArchive, UserError
+from vdm.core.images import decode
+from vdm.core.params import parse_params
+from vdm.data.preprocess import preprocess
+from vdm.data.sources import fetch
+from vdm.data.synthetic import write_synthetic
+from vdm.training.loop import train
 
 
 def tree(root: Path) -> dict[str, object]:
@@ -590,7 +590,7 @@ class _FillingFile:
 
 def fill_disk(monkeypatch, free: int) -> FullDisk:
     disk = FullDisk(free)
-    for module in (vdm.atomic, ckpt):
+    for module in (vdm.core.atomic, ckpt):
         monkeypatch.setattr(module, "open", disk.open, raising=False)
     monkeypatch.setattr(os, "posix_fallocate", disk.fallocate)
     return disk
@@ -600,7 +600,7 @@ DISK_SEED = 3
 
 
 def _write_models(d: Path, seed: int):
-    from vdm.diffusion import build_vdm
+    from vdm.model.diffusion import build_vdm
 
     p = parse_params(tiny())
     torch.manual_seed(seed)
@@ -609,16 +609,16 @@ def _write_models(d: Path, seed: int):
 
 
 def _write_json(d: Path, seed: int):
-    vdm.atomic.write_json(d / "train.json", {"val_bpd": seed, "rows": list(range(200))})
+    vdm.core.atomic.write_json(d / "train.json", {"val_bpd": seed, "rows": list(range(200))})
 
 
 def _save_npy(d: Path, seed: int):
-    vdm.atomic.save_npy(d / "x.npy", np.random.default_rng(seed).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8))
+    vdm.core.atomic.save_npy(d / "x.npy", np.random.default_rng(seed).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8))
 
 
 def _save_npy_rows(d: Path, seed: int):
     a = np.random.default_rng(seed).integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
-    vdm.atomic.save_npy_rows(d / "rows.npy", a, np.arange(0, 16, 2))
+    vdm.core.atomic.save_npy_rows(d / "rows.npy", a, np.arange(0, 16, 2))
 
 
 WRITERS = {
@@ -658,7 +658,7 @@ def test_a_full_disk_is_one_clear_line_from_the_stage(tmp_path, checkpointed, mo
     if stage == "preprocess":
         params = yaml.safe_load((proj / "params.yaml").read_text())
         fetch(parse_params(params).data, proj / "data/raw")
-        vdm.atomic.write_json(proj / "metrics/data.json", {"images": "the previous run's"})
+        vdm.core.atomic.write_json(proj / "metrics/data.json", {"images": "the previous run's"})
     before = tree(proj)
     fill_disk(monkeypatch, 0)
 
@@ -685,13 +685,13 @@ OUTPUTS = (
 
 def _commit_outputs(root: Path, version: str) -> None:
     """The train stage's commit, with each output's content naming its run."""
-    with vdm.atomic.Commit(vdm.atomic.journal_for(root / "models")) as c:
+    with vdm.core.atomic.Commit(vdm.core.atomic.journal_for(root / "models")) as c:
         m = c.dir(root / "models")
         (m / "model.pt").write_text(version)
         (m / "config.json").write_text(version)
         (c.dir(root / "plots/samples") / "step-000002.png").write_text(version)
         c.file(root / "plots/train.csv").write_text(version)
-        vdm.atomic.write_json(c.file(root / "metrics/train.json"), version)
+        vdm.core.atomic.write_json(c.file(root / "metrics/train.json"), version)
 
 
 def _versions(root: Path) -> set[str]:
@@ -712,7 +712,7 @@ def _count_renames(tmp_path: Path, monkeypatch) -> int:
     real = os.replace
     _commit_outputs(tmp_path / "count", "old")
     with monkeypatch.context() as m:
-        m.setattr(vdm.atomic.os, "replace", lambda a, b: (calls.append(1), real(a, b)))
+        m.setattr(vdm.core.atomic.os, "replace", lambda a, b: (calls.append(1), real(a, b)))
         _commit_outputs(tmp_path / "count", "new")
     return len(calls)
 
@@ -735,7 +735,7 @@ def test_a_commit_failing_at_any_rename_leaves_every_output_as_it_was(tmp_path, 
             return real(a, b)
 
         with monkeypatch.context() as m:
-            m.setattr(vdm.atomic.os, "replace", flaky)
+            m.setattr(vdm.core.atomic.os, "replace", flaky)
             with pytest.raises((OSError, UserError)) as e:  # OSError: a staged write (the body of the commit)
                 _commit_outputs(root, "new")
         assert isinstance(e.value, OSError) or "every output is as it was before this run" in str(e.value)
@@ -748,14 +748,14 @@ def test_a_commit_failing_at_any_rename_leaves_every_output_as_it_was(tmp_path, 
 KILL_AT_RENAME = """
 import os
 from pathlib import Path
-import vdm.atomic
+import vdm.core.atomic
 real, calls = os.replace, []
 def kill(a, b):
     calls.append(1)
     if len(calls) == K + 1:
         os._exit(9)
     return real(a, b)
-vdm.atomic.os.replace = kill
+vdm.core.atomic.os.replace = kill
 """
 
 
@@ -776,7 +776,7 @@ def test_a_commit_killed_at_any_rename_ends_all_old_or_all_new(tmp_path, monkeyp
             cwd=ROOT,
         ).returncode
         assert code == 9
-        vdm.atomic.recover(vdm.atomic.journal_for(root / "models"))  # what the stage does first
+        vdm.core.atomic.recover(vdm.core.atomic.journal_for(root / "models"))  # what the stage does first
         versions = _versions(root)
         assert versions in ({"old"}, {"new"}), (k, versions)
         seen[versions.pop()] += 1
@@ -801,7 +801,7 @@ def test_the_train_stage_commits_its_outputs_together(tmp_path, checkpointed, mo
         return real(a, b)
 
     with monkeypatch.context() as m:
-        m.setattr(vdm.atomic.os, "replace", refuse_metrics)
+        m.setattr(vdm.core.atomic.os, "replace", refuse_metrics)
         code, err = run_stage("train", proj, monkeypatch, capsys)
     assert code != 0 and "Traceback" not in err
     assert tree(proj) == before
@@ -1129,9 +1129,9 @@ def test_a_damaged_processed_array_stops_the_train_stage_naming_the_file_and_pre
 def _with_samples(proj: Path, n: int = 4) -> Path:
     """samples/ as the sample stage writes it: samples.npy and info.json of the same run."""
     rng = np.random.default_rng(0)
-    vdm.atomic.save_npy(proj / "samples/samples.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+    vdm.core.atomic.save_npy(proj / "samples/samples.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
     info = {"count": n, "sampler": "ancestral", "steps": 4, "spacing": "t", "clip_denoised": True, "seconds": 0.1}
-    vdm.atomic.write_json(proj / "samples/info.json", {**info, "img_per_s": 40.0, "device": "cpu"})
+    vdm.core.atomic.write_json(proj / "samples/info.json", {**info, "img_per_s": 40.0, "device": "cpu"})
     return proj
 
 
@@ -1332,7 +1332,7 @@ def test_an_empty_or_unknown_wandb_mode_is_one_line_naming_the_variable(tmp_path
 
 
 def test_wandb_online_with_the_service_out_of_reach_fails_in_seconds(monkeypatch):
-    from vdm.tracking import Tracker
+    from vdm.training.tracking import Tracker
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from tests.helpers import BASE_PARAMS, outs, tiny
-from vdm.checkpoint import load_model
-from vdm.evaluation import INCEPTION_FILE, evaluate, inception_weights, memorisation, nearest
-from vdm.params import parse_params
-from vdm.preprocess import preprocess
-from vdm.sampling import generate, write_samples
-from vdm.sources import fetch
-from vdm.training import train
+from vdm.core.params import parse_params
+from vdm.data.preprocess import preprocess
+from vdm.data.sources import fetch
+from vdm.evaluation.evaluate import evaluate
+from vdm.evaluation.metrics import INCEPTION_FILE, inception_weights, memorisation, nearest
+from vdm.model.checkpoint import load_model
+from vdm.sampling.sprites import generate, write_samples
+from vdm.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_fid_kid_is_through_torch_fidelity_with_a_weights_file(trained, random_i
 
 
 def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reported_beside_it(trained):
-    from vdm.evaluation import test_bounds
+    from vdm.evaluation.evaluate import test_bounds
 
     model, _ = load_model(trained / "models", "ema")
     test = np.load(trained / "data/processed/test.npy")
@@ -153,7 +154,7 @@ def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reporte
 
 
 def test_the_sample_stage_draws_the_sprites_vdm_generate_draws_for_a_seed(trained):
-    from vdm.api import SAMPLE_DEFAULTS, load
+    from vdm.app.api import SAMPLE_DEFAULTS, load
 
     model, _ = load_model(trained / "models", "ema")
     d = SAMPLE_DEFAULTS

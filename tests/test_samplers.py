@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import build_vdm, decode_nearest, encode
-from vdm.samplers import SAMPLERS, gamma_grid, sample, solve, vdm_denoiser
+from vdm.model.conversions import decode_nearest, encode
+from vdm.model.diffusion import build_vdm
+from vdm.sampling.samplers import gamma_grid, sample, solve, vdm_denoiser
+from vdm.sampling.steps import SAMPLERS
 
 
 def _alpha_sigma(g):
@@ -137,8 +139,8 @@ class _OnePoint(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
-    from vdm.diffusion import VDM
-    from vdm.schedules import make_schedule
+    from vdm.model.diffusion import VDM
+    from vdm.model.schedules import make_schedule
 
     x0 = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     model = VDM(_OnePoint(encode(x0)), make_schedule("fixed_linear", -5.0, 5.0))  # sigma_0 / alpha_0 = 0.08: 10 levels
@@ -170,7 +172,7 @@ def test_temperature_scales_only_the_ancestral_steps_fresh_noise():
 
 
 def test_autoguidance_extrapolates_away_from_the_guide():
-    from vdm.samplers import guided_denoiser
+    from vdm.sampling.samplers import guided_denoiser
 
     model, guide = _tiny_model(), _tiny_model()
     with torch.no_grad():
@@ -194,3 +196,27 @@ def test_autoguidance_extrapolates_away_from_the_guide():
         for g, w in ((None, 1.0), (guide, 1.0), (guide, 2.0))
     ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_every_choice_of_sampler_comes_from_the_registry():
+    from typing import get_args
+
+    from vdm.core.params import SampleParams
+    from vdm.sampling.steps import deterministic_samplers
+
+    assert get_args(SampleParams.model_fields["sampler"].annotation) == tuple(SAMPLERS)
+    assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept
+    with pytest.raises(ValueError, match="ancestral"):
+        solve(lambda z, g: z, torch.zeros(1, 3, 2, 2), torch.linspace(1.0, -1.0, 3), "euler")
+
+
+def test_a_new_sampler_is_one_registered_step_function(monkeypatch):
+    from vdm.sampling import steps
+
+    def halfway(s):  # moves z halfway to x_hat each step
+        return 0.5 * (s.z + s.x_hat)
+
+    monkeypatch.setitem(steps.SAMPLERS, "halfway", steps.Sampler(halfway, deterministic=True))
+    z1 = torch.full((1, 3, 2, 2), 4.0)
+    z, _ = solve(lambda z, g: torch.zeros_like(z), z1, torch.linspace(1.0, -1.0, 4), "halfway")
+    assert torch.equal(z, z1 / 8) and "halfway" in steps.deterministic_samplers()

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from tests.helpers import ROOT, outs, same_weights, subprocess_env, tiny, weights
-from vdm.params import parse_params
-from vdm.training import train
+from vdm.core.params import parse_params
+from vdm.training.loop import train
 
 
 def test_a_snapshot_is_the_model_a_run_of_that_budget_ends_with(tmp_path, processed):

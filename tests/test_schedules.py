@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from vdm.diffusion import VDM
-from vdm.schedules import SCHEDULES, make_schedule
+from vdm.model.diffusion import VDM
+from vdm.model.schedules import SCHEDULES, make_schedule
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -3,9 +3,9 @@
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import build_vdm
-from vdm.samplers import sample, vdm_denoiser
-from vdm.unet import UNet
+from vdm.model.diffusion import build_vdm
+from vdm.model.unet import UNet
+from vdm.sampling.samplers import sample, vdm_denoiser
 
 
 def _unet(self_condition: bool) -> UNet:
@@ -91,8 +91,8 @@ def test_a_model_saved_before_the_key_existed_loads_without_it(tmp_path):
     import copy
 
     from tests.helpers import BASE_PARAMS
-    from vdm.checkpoint import load_model, save_model
-    from vdm.params import parse_params
+    from vdm.core.params import parse_params
+    from vdm.model.checkpoint import load_model, save_model
 
     raw = copy.deepcopy(BASE_PARAMS)
     raw["data"]["image_size"] = 16

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import ROOT
-from vdm import api
+from vdm.app import api
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import free_port, load_test, start_server  # noqa: E402
@@ -178,7 +178,7 @@ def test_the_result_cache_holds_a_bounded_count_of_sprites():
     """Cached results are bounded by sprites in all (not by requests, whose size --max-count sets)."""
     import time
 
-    from vdm.serve import Drawer, Limits
+    from vdm.app.serve import Drawer, Limits
 
     class Model:
         calls = 0

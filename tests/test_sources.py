@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import data_params, image_bytes, solid
-from vdm import sources
-from vdm.sources import SourceUnavailable, fetch, read_source
+from vdm.data import sources
+from vdm.data.sources import SourceUnavailable, fetch, read_source
 
 PREFIX = sources.POKEAPI_PREFIX
 
@@ -222,8 +222,8 @@ def test_file_names_that_are_not_utf8_are_valid_input(tmp_path, kind):
     import tarfile
 
     from tests.helpers import data_params
-    from vdm.preprocess import preprocess
-    from vdm.sources import fetch
+    from vdm.data.preprocess import preprocess
+    from vdm.data.sources import fetch
 
     src = tmp_path / "src"
     src.mkdir()
@@ -246,8 +246,8 @@ def test_file_names_that_are_not_utf8_are_valid_input(tmp_path, kind):
 
 
 def test_every_source_params_accepts_is_in_the_registry():
-    from vdm.params import SOURCE_NAMES
-    from vdm.sources import GROUPINGS, PATH_SOURCE, SOURCES
+    from vdm.core.params import SOURCE_NAMES
+    from vdm.data.sources import GROUPINGS, PATH_SOURCE, SOURCES
 
     assert SOURCE_NAMES == ("auto", *SOURCES)
     assert all(s.grouping in GROUPINGS for s in (*SOURCES.values(), PATH_SOURCE))

@@ -21,11 +21,11 @@ from tests.helpers import (
     wait_for_checkpoint,
     weights,
 )
-from vdm.errors import UserError
-from vdm.params import parse_params
-from vdm.samplers import sample
-from vdm.train_step import NonFiniteLoss, lr_factor
-from vdm.training import train
+from vdm.core.errors import UserError
+from vdm.core.params import parse_params
+from vdm.sampling.samplers import sample
+from vdm.training.loop import train
+from vdm.training.step import NonFiniteLoss, lr_factor
 
 
 def test_outputs_and_bit_identical_reruns(tmp_path, processed):
@@ -62,7 +62,7 @@ def test_outputs_and_bit_identical_reruns(tmp_path, processed):
 
 
 def test_trained_model_loads_with_weights_only(tmp_path, processed):
-    from vdm.checkpoint import load_model
+    from vdm.model.checkpoint import load_model
 
     train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path))
     model, cfg = load_model(tmp_path / "models")
@@ -103,7 +103,7 @@ def test_the_noise_schedule_learns_at_its_own_fraction_of_the_rate(fraction):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):
-    import vdm.train_step as training
+    import vdm.training.step as training
 
     real = training.build_vdm
     calls = {"n": 0}
@@ -148,7 +148,7 @@ def test_checkpoint_of_another_config_is_left_alone(tmp_path, processed, capsys)
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path, processed):
-    from vdm.checkpoint import config_hash
+    from vdm.model.checkpoint import config_hash
 
     p = parse_params(tiny())
     (tmp_path / "checkpoints").mkdir()
@@ -217,7 +217,7 @@ def test_the_stage_launches_train_processes_itself_and_trains_what_one_process_d
 def test_a_sharded_batch_has_the_losses_and_gradient_of_the_whole():
     """Under W processes, slice r of a global batch gets row r of the global batch's draws: the
     per-image losses are the whole batch's, and the mean of the slices' gradients is its gradient."""
-    from vdm.diffusion import build_vdm
+    from vdm.model.diffusion import build_vdm
 
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     model = build_vdm(model_params(self_condition=True), 16)
@@ -245,7 +245,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line(tmp_p
 
 
 def test_process_count_and_the_process_group_backend_follow_train_device(monkeypatch):
-    from vdm import runtime
+    from vdm.core import runtime
 
     assert runtime.process_count(3, "cpu") == 3 and runtime.process_count("auto", "cpu") == 1
     backends = []
@@ -260,7 +260,7 @@ def test_process_count_and_the_process_group_backend_follow_train_device(monkeyp
 
 
 def test_profiler_writes_traces_tables_and_a_breakdown(tmp_path, processed):
-    from vdm.profiling import PHASES, profile_run
+    from vdm.training.profiling import PHASES, profile_run
 
     b = profile_run(parse_params(tiny()), processed, tmp_path, train_steps=2, sample_steps=2)
     for name in ("train_trace.json", "sample_trace.json", "train_top_ops.txt", "sample_top_ops.txt", "breakdown.json"):
@@ -272,7 +272,7 @@ def test_profiler_writes_traces_tables_and_a_breakdown(tmp_path, processed):
 
 
 def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
-    from stages.preset import command
+    from scripts.preset import command
 
     monkeypatch.chdir(ROOT)
     cmd = command("gpu")
@@ -284,7 +284,7 @@ def test_gpu_preset_is_valid_and_passed_to_dvc_with_set_params(monkeypatch):
 
 
 def test_hflip_mirrors_a_seeded_half_of_the_batch():
-    from vdm.data import hflip_half
+    from vdm.data.splits import hflip_half
 
     batch = torch.arange(64 * 2 * 3 * 3, dtype=torch.int64).reshape(64, 2, 3, 3).to(torch.uint8)
     out = hflip_half(batch, torch.Generator().manual_seed(5))
@@ -297,8 +297,8 @@ def test_hflip_mirrors_a_seeded_half_of_the_batch():
 
 
 def test_hflip_and_gamma_0_fit_in_a_training_run(tmp_path, processed):
-    from vdm.checkpoint import load_model, save_model
-    from vdm.checkpoint import save as checkpoint_save
+    from vdm.model.checkpoint import load_model, save_model
+    from vdm.model.checkpoint import save as checkpoint_save
 
     p = parse_params(tiny(hflip=True, fit_gamma_0=True, fit_eps_scale=True))
     train(p, processed, outs(tmp_path / "a"))
@@ -329,7 +329,7 @@ def test_training_outside_a_terminal_prints_log_lines(tmp_path, processed, capsy
 
 
 def test_likelihood_preset_is_the_papers_objective_and_valid(monkeypatch):
-    from stages.preset import command
+    from scripts.preset import command
 
     monkeypatch.chdir(ROOT)
     cmd = command("likelihood")  # validates the merged params before anything runs
@@ -339,7 +339,7 @@ def test_likelihood_preset_is_the_papers_objective_and_valid(monkeypatch):
 
 
 def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path):
-    from vdm.tracking import wandb_root
+    from vdm.training.tracking import wandb_root
 
     repo = tmp_path / "repo"
     assert wandb_root(repo) == repo.resolve()
@@ -349,7 +349,7 @@ def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path
 
 
 def test_long_preset_is_the_default_recipe_with_more_steps(monkeypatch):
-    from stages.preset import command
+    from scripts.preset import command
 
     monkeypatch.chdir(ROOT)
     cmd = command("long")  # validates the merged params before anything runs

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from tests.helpers import model_params
-from vdm.diffusion import build_vdm
-from vdm.ema import make_ema, warmup_decay
-from vdm.errors import UserError
-from vdm.unet import UNet, fourier_features
+from vdm.core.errors import UserError
+from vdm.model.diffusion import build_vdm
+from vdm.model.unet import UNet, fourier_features
+from vdm.training.ema import make_ema, warmup_decay
 
 
 @pytest.mark.parametrize("patch,channels", [(1, 16), (2, 32), (4, 96)])

@@ -1,13 +1,46 @@
 """vdm: a Variational Diffusion Model pipeline for Pokémon sprites.
 
-Importing this package has no side effects; each module is one concept:
+Importing this package has no side effects. A subpackage per part of the pipeline (dvc.yaml's
+stages), one job per module:
 
-    errors     UserError: a problem the user can fix, reported without a traceback
-    params     params.yaml loading and validation
-    atomic     atomic file and directory writes
-    archives   safe extraction of zip/tar archives
-    synthetic  procedurally drawn sprite-like images (tests and smoke runs)
-    sources    the data sources: kaggle, pokeapi, a local path, synthetic, auto
-    images     decoding any sprite file into a 96x96 RGB uint8 array
-    preprocess decode, dedupe, group, split and write the processed arrays
+    core        what every part uses
+        params      params.yaml loading and validation
+        errors      UserError: a problem the user can fix, reported without a traceback
+        atomic      atomic file and directory writes, outputs committed together
+        runtime     devices, determinism, processes
+        progress    progress bars and log lines
+        images      decoding any sprite file into a square RGB uint8 array; grids, PNG bytes
+    data        the download and preprocess stages
+        sources     the data sources: kaggle, pokeapi, a local path, synthetic, auto
+        archives    safe extraction of zip/tar archives
+        synthetic   procedurally drawn sprite-like images (tests and smoke runs)
+        preprocess  decode, dedupe, group, split and write the processed arrays
+        codecs      the lossless-codec yardstick for bits/dim
+        splits      the processed splits, memory-mapped, in reproducible batches
+    model       the model
+        conversions levels <-> [-1, 1], alpha/sigma from gamma, eps <-> x
+        schedules   gamma(t): fixed, learned linear, learned monotone network
+        unet        the score network
+        diffusion   the VDM: its denoiser and its loss in bits/dim; build_vdm
+        weightings  the loss weightings' registry
+        decoder     the 256-level decoder term and its window of levels
+        bound       bits/dim over a dataset; the post-training gamma_0 and eps-scale fits
+        checkpoint  models/ and resumable checkpoints (weights only), checked loading
+    training    the train stage
+        loop        the training loop and its outputs
+        step        one optimisation step
+        ema         the EMA of the weights
+        tracking    W&B and the CSV curves
+        profiling   torch.profiler traces of the step and the sampler
+    sampling    drawing sprites
+        steps       the samplers' registry (ancestral, ddim, dpmpp_2m)
+        samplers    the walk, autoguidance, probability-flow encoding
+        sprites     the sample stage's outputs
+    evaluation  the evaluate stage
+        metrics     the sample metrics' registry; FID/KID/IS, memorisation
+        evaluate    the stage: bits/dim, the metrics, eval.json
+    app         using a trained model
+        api         load, generate, interpolate from Python
+        cli         the `vdm` command
+        serve       the demo server
 """

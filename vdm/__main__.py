@@ -1,5 +1,5 @@
 """python -m vdm: the same as the `vdm` command."""
 
-from vdm.cli import main
+from vdm.app.cli import main
 
 main()

@@ -1,0 +1,77 @@
+"""Run a DVC experiment with a preset of params (presets/<name>.yaml laid over params.yaml).
+
+    python scripts/preset.py gpu                 # dvc exp run -n gpu -S model.channels=128 -S ...
+    python scripts/preset.py gpu --dry-run       # print the command only
+    python scripts/preset.py gpu -- --queue      # extra arguments go to `dvc exp run`
+
+The merged params are validated before DVC starts; every value the preset sets is passed
+with -S, so `dvc exp show` and `dvc params diff` show exactly what it changed.
+"""
+
+import argparse
+import copy
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
+
+from vdm.core.errors import UserError  # noqa: E402
+from vdm.core.params import parse_params, read_yaml  # noqa: E402
+
+PRESETS = Path("presets")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> list[str]:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
+        raise UserError(f"no preset {path}; presets: {known}")
+    preset = read_yaml(path, "a preset") or {}
+    merged = copy.deepcopy(read_yaml(params_path))
+    for key, value in flatten(preset).items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf not in node:
+            raise UserError(f"preset {path}: {key} is not a key of {params_path}")
+        node[leaf] = value
+    parse_params(merged)  # fail before DVC starts
+    sets = [arg for k, v in flatten(preset).items() for arg in ("-S", f"{k}={json.dumps(v)}")]
+    return ["dvc", "exp", "run", "-n", name, *sets, *extra]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("extra", nargs="*", help="arguments passed on to `dvc exp run` (after --)")
+    args = ap.parse_args()
+    cmd = command(args.name, extra=tuple(args.extra))
+    print(shlex.join(cmd))
+    if not args.dry_run:
+        sys.exit(subprocess.call(cmd))
+
+
+def _main() -> None:
+    """main() with a UserError as one line (exit 2), no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()

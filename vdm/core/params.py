@@ -1,0 +1,431 @@
+"""params.yaml: the one place hyperparameters live, validated up front.
+
+Each section is a frozen pydantic model: unknown keys (typos), missing keys, wrong types and
+out-of-range values are all found in one pass and reported together, one line each, naming the
+key, the value and what is allowed (`description` of the field). Types are strict: a bool is not
+an integer, "7" is not a number (except YAML's 3e-4, which PyYAML reads as a string), and
+nothing is coerced. There are no defaults in code: params.yaml states every value.
+"""
+
+import math
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from vdm.core.errors import ParamError, ParamErrors, UserError, short_repr
+from vdm.model.weightings import WEIGHTINGS
+from vdm.sampling.steps import SAMPLERS
+
+SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/data/sources.py's SOURCES (a test checks)
+SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
+# Spelled exactly, ASCII digits only (str.isdigit() also accepts "²").
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
+
+
+def invalid(value: object, allowed: str, key: str = "") -> PydanticCustomError:
+    """A check's failure, for a validator to raise: `key` names the keys involved (relative to the
+    section; "" for the field being checked), `allowed` says what would pass. Outside validation
+    (a ValueError) it reads as one line: "KEY = VALUE is invalid: ALLOWED"."""
+    ctx = {"key": key, "value": value, "allowed": allowed, "shown": short_repr(value)}
+    return PydanticCustomError("param", "{key} = {shown} is invalid: {allowed}", ctx)
+
+
+def _yaml_float(v: object) -> object:
+    """YAML reads 3e-4 (no dot) as a string: take it as the number it spells."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _list_as_tuple(v: object) -> object:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def Int(allowed: str, **bounds) -> object:
+    return Annotated[int, Field(description=allowed, **bounds)]
+
+
+def Num(allowed: str, **bounds) -> object:
+    return Annotated[float, BeforeValidator(_yaml_float), Field(description=allowed, allow_inf_nan=False, **bounds)]
+
+
+def _one_of(*choices: int):
+    def check(v: int) -> int:
+        if v not in choices:
+            raise invalid(v, " or ".join(", ".join(map(str, choices)).rsplit(", ", 1)))
+        return v
+
+    return AfterValidator(check)
+
+
+def _device(v: str) -> str:
+    if DEVICE_PATTERN.fullmatch(v) is None:
+        raise invalid(v, "auto, cpu, cuda, cuda:N or mps")
+    return v
+
+
+Seed = Int("an integer from 0 to 2**63 - 1", ge=0, lt=2**63)  # what torch and numpy take, with room for offsets
+Device = Annotated[str, AfterValidator(_device), Field(description="auto, cpu, cuda, cuda:N or mps")]
+Positive = Int("an integer >= 1", ge=1)
+IntList = Annotated[tuple[int, ...], BeforeValidator(_list_as_tuple), Field(description="a list of integers")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SyntheticParams(Section):
+    count: Int("an integer from 2 to 1000000", ge=2, le=1_000_000)  # images drawn (two variants per species)
+    seed: Seed
+
+
+_FRACTION = "a fraction strictly between 0 and 1 (no split may be empty)"
+
+
+class SplitParams(Section):
+    train: Num(_FRACTION, gt=0, lt=1)  # fractions of Pokémon groups (not of images) in each split
+    val: Num(_FRACTION, gt=0, lt=1)
+    test: Num(_FRACTION, gt=0, lt=1)
+    seed: Seed
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            fractions = (self.train, self.val, self.test)
+            raise invalid(fractions, f"the three fractions must sum to 1 (they sum to {total:.6g})", "train/val/test")
+        return self
+
+
+class LimitParams(Section):
+    max_files: Positive  # caps on what a download or archive may unpack
+    max_mb: Int("an integer >= 1 (megabytes)", ge=1)
+
+
+def _exists(path: str) -> bool:
+    """Whether a path exists; a name the OS cannot even look up (too long, a NUL byte) does not."""
+    try:
+        return Path(os.path.expanduser(path)).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _source(v: str) -> str:
+    names = ", ".join(SOURCE_NAMES)
+    if not v.strip():
+        raise invalid(v, f"one of {names}, or a path")
+    if v not in SOURCE_NAMES and not _exists(v):
+        raise invalid(
+            v,
+            f"one of {names}, or the path of an existing folder or .zip/.tar/.tar.gz archive (no such file or folder)",
+        )
+    return v
+
+
+class DataParams(Section):
+    source: Annotated[
+        str, AfterValidator(_source), Field(description="one of auto, kaggle, pokeapi, synthetic, or a path")
+    ]
+    synthetic: SyntheticParams
+    limits: LimitParams
+    image_size: Int("an integer from 8 to 512", ge=8, le=512)
+    split: SplitParams
+    preview: Int("an integer from 0 to 1024", ge=0, le=1024)
+
+
+class ModelParams(Section):
+    schedule: Literal["fixed_linear", "learned_linear", "learned_nn"]
+    gamma_min: Num("a finite number")  # initial (or fixed) gamma at t = 0 and t = 1
+    gamma_max: Num("a finite number")
+    channels: Int("an integer from 1 to 1024", ge=1, le=1024)  # UNet width at the first level
+    channel_mult: Annotated[  # one entry per resolution level
+        tuple[Annotated[int, Field(ge=1, le=16)], ...],
+        BeforeValidator(_list_as_tuple),
+        Field(min_length=1, max_length=6, description="1 to 6 integers from 1 to 16"),
+    ]
+    num_res_blocks: Int("an integer from 1 to 16", ge=1, le=16)  # per level
+    attention_resolutions: IntList  # feature-map sizes with self-attention
+    dropout: Num("a number in [0, 1)", ge=0, lt=1)
+    patch_size: Annotated[int, _one_of(1, 2, 4), Field(description="1, 2 or 4")]  # space-to-depth stem
+    fourier_min: Int("an integer from 0 to 12", ge=0, le=12)  # Fourier features 2^n * 2pi, n in [min, max]
+    fourier_max: Int("an integer from -1 to 12", ge=-1, le=12)
+    checkpointing: bool  # recompute activations in backward: less memory, ~1/3 more compute
+    antithetic: bool  # antithetic (low-discrepancy) time sampling
+    timesteps: Int("0 (continuous) or a step count", ge=0, le=100_000)  # 0 = continuous-time loss, else T steps
+    prediction: Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
+    x_skip_noise: Num("a number in [0, 1]", ge=0, le=1)  # prediction x: below this noise/signal, x_hat ~ z_t / alpha_t
+    loss_weighting: Literal[
+        tuple(WEIGHTINGS)
+    ]  # weighting of the diffusion term the net trains on (vdm/model/weightings.py)
+    sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
+    self_condition: bool  # the net also sees its previous estimate of x (see vdm/model/diffusion.py)
+    seed: Seed  # weight initialisation
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not -30 <= self.gamma_min < self.gamma_max <= 30:
+            raise invalid(
+                (self.gamma_min, self.gamma_max), "gamma_min < gamma_max, both within [-30, 30]", "gamma_min/gamma_max"
+            )
+        if not self.fourier_min - 1 <= self.fourier_max:
+            raise invalid(
+                (self.fourier_min, self.fourier_max),
+                "0 <= fourier_min <= fourier_max <= 12 (or fourier_max = fourier_min - 1 for none)",
+                "fourier_min/fourier_max",
+            )
+        return self
+
+
+def unet_sizes(model: ModelParams, image_size: int, in_channels: int = 3) -> list[int]:
+    """The side of the UNet's feature maps at each level (vdm/model/unet.py) for image_size x image_size
+    images: the one home of the net's shape rules. The net is built from them and params.yaml is
+    checked against them (Params), so a value the net cannot take is refused before any stage runs.
+    A value that breaks them raises `invalid`, keyed from the top of params.yaml."""
+    p, levels = model.patch_size, len(model.channel_mult)
+    if image_size % p:
+        fits = " or ".join(str(q) for q in (1, 2, 4) if image_size % q == 0)
+        raise invalid(p, f"a stem that divides data.image_size = {image_size}: {fits}", "model.patch_size")
+    need = in_channels * p * p
+    if model.channels < need:
+        raise invalid(
+            model.channels,
+            f"at least {need} with model.patch_size = {p}: {model.channels} is too few for a {p}x{p} stem (each "
+            f"position carries {need} values of z_t, which the first level passes through)",
+            "model.channels",
+        )
+    sizes = [image_size // p]
+    while len(sizes) < levels:
+        if sizes[-1] % 2:
+            raise invalid(
+                list(model.channel_mult),
+                f"at most {len(sizes)} level{'s' if len(sizes) > 1 else ''} for data.image_size = {image_size} with "
+                f"model.patch_size = {p}: the {sizes[-1]}x{sizes[-1]} feature map of level {len(sizes) - 1} cannot "
+                "be halved",
+                "model.channel_mult",
+            )
+        sizes.append(sizes[-1] // 2)
+    bad = [r for r in model.attention_resolutions if r not in sizes]
+    if bad:
+        raise invalid(
+            list(model.attention_resolutions),
+            f"sizes from {sizes} (data.image_size / model.patch_size / 2^level), or [] for none "
+            f"(not feature-map sizes of this UNet: {', '.join(map(str, bad))})",
+            "model.attention_resolutions",
+        )
+    return sizes
+
+
+def batch_split(batch_size: int, processes: int) -> str:
+    """Why train.batch_size cannot be split evenly over `processes` training processes ("" if it can)."""
+    if batch_size % processes:
+        return f"a multiple of {processes}: the global batch is split evenly over {processes} training processes"
+    return ""
+
+
+class TrainParams(Section):
+    steps: Positive
+    batch_size: Positive  # the global batch: each of train.processes takes batch_size / processes
+    lr: Num("a learning rate in (0, 1]", gt=0, le=1)  # peak learning rate (AdamW)
+    warmup_steps: Int("an integer >= 0", ge=0)  # linear warm-up from 0
+    schedule_lr_fraction: Num("in [0, 1]", ge=0, le=1)  # the noise schedule's lr: this fraction of lr
+    cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
+    final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
+    weight_decay: Num("a number >= 0", ge=0)
+    grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
+    ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
+    hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
+    fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
+    fit_eps_scale: bool  # after training, scale the bound's eps estimate per gamma (least squares, training images)
+    fit_images: Positive  # training images the two fits above see
+    log_every: Positive  # steps between logged loss rows (and non-finite checks)
+    eval_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # validation bits/dim (EMA weights)
+    eval_images: Positive  # validation (and train) images in each bits/dim estimate
+    sample_every: Int("an integer >= 0 (0 = at the end)", ge=0)  # steps between sample grids
+    sample_count: Int("an integer from 0 to 1024", ge=0, le=1024)
+    sample_steps: Positive
+    checkpoint_every: Positive  # steps between resumable checkpoints (outside DVC outs)
+    seed: Seed
+    device: Device  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
+    processes: Annotated[  # auto (one per CUDA device, else 1) | N: the train stage launches them itself
+        Annotated[int, Field(ge=1, le=64)] | Literal["auto"], Field(description="auto or an integer from 1 to 64")
+    ]
+    compile: bool  # torch.compile the UNet (CUDA)
+    num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
+    wandb: Literal["offline", "online", "disabled"]
+
+    @model_validator(mode="after")
+    def _processes_fit(self):
+        if self.processes == "auto":
+            return self  # how many: known on the machine only (stages/validate.py checks it there)
+        if self.processes > 1 and self.device.startswith("cuda:"):
+            raise invalid(
+                self.processes,
+                f"1 with train.device = {self.device} (every process would share one GPU), or set train.device = "
+                "cuda for one GPU per process",
+                "processes",
+            )
+        if why := batch_split(self.batch_size, self.processes):
+            raise invalid(self.batch_size, f"{why} (train.processes)", "batch_size")
+        return self
+
+
+class SampleParams(Section):
+    count: Int("an integer from 1 to 100000", ge=1, le=100_000)  # sprites generated (EMA weights)
+    sampler: Literal[tuple(SAMPLERS)]  # see vdm/sampling/steps.py
+    steps: Int("an integer from 1 to 100000", ge=1, le=100_000)  # network evaluations per sprite
+    spacing: Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
+    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)
+    seed: Seed
+    strip_rows: Int("0 to sample.count", ge=0)  # samples shown in the denoising strip
+    strip_points: Int("an integer from 2 to 64", ge=2, le=64)  # z_t snapshots per row, from t = 1 to 0
+    clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
+    denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
+    temperature: Num("a number above 0 and at most 1", gt=0, le=1)  # scales the ancestral steps' fresh noise
+    device: Device
+
+    @model_validator(mode="after")
+    def _strip_within_count(self):
+        if self.strip_rows > self.count:
+            raise invalid(self.strip_rows, "0 to sample.count", "strip_rows")
+        return self
+
+
+class EvaluateParams(Section):
+    time_samples: Int("an integer from 1 to 1000", ge=1, le=1000)  # K time samples per test image for bits/dim
+    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)
+    seed: Seed
+    inception_weights: str  # path to torch-fidelity's Inception weights; "" = torch hub cache only
+    closest_pairs: Int("0 to 256", ge=0, le=256)  # sample/nearest-training-image pairs in eval/closest_pairs.png
+    swd_repeats: Int("an integer from 2 to 1000", ge=2, le=1000)  # bootstrap repeats of the SWD (its s.e.)
+    device: Device
+
+
+class Params(Section):
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _net_fits_the_images(self):
+        unet_sizes(self.model, self.data.image_size)
+        return self
+
+
+def _allowed_by_type(tp: object) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    return "a valid value"
+
+
+def _error(err: dict, cls: type[Section], raw: object, prefix: str) -> ParamError:
+    """One pydantic error as a ParamError: the key as params.yaml spells it (a list's items fold
+    into the list's key), the value given there, and what the field allows."""
+    node, value, keys, field = cls, raw, [prefix] if prefix else [], None
+    loc = list(err["loc"])
+    while loc and isinstance(node, type) and issubclass(node, Section) and loc[0] in node.model_fields:
+        name = loc.pop(0)
+        keys.append(name)
+        field = node.model_fields[name]
+        node = field.annotation
+        value = value.get(name, "<missing>") if isinstance(value, dict) else value
+    if loc and err["type"] == "extra_forbidden":  # an unknown key, inside the section `node`
+        keys.append(str(loc[0]))
+        return ParamError(
+            ".".join(keys), err["input"], f"unknown key; allowed keys here: {', '.join(node.model_fields)}"
+        )
+    key = ".".join(keys) or "params.yaml"
+    if err["type"] == "param":
+        ctx = err["ctx"]
+        key = ".".join([*keys, ctx["key"]]) if ctx["key"] else key
+        return ParamError(key, ctx["value"], ctx["allowed"])
+    if err["type"] == "missing":
+        return ParamError(key, "<missing>", "this key is required in params.yaml")
+    if isinstance(node, type) and issubclass(node, Section):
+        return ParamError(key, value, "a mapping of keys to values")
+    return ParamError(key, value, (field.description if field else None) or _allowed_by_type(node))
+
+
+def parse_section(cls: type[Section], raw: object, prefix: str = "") -> Section:
+    """Validate a mapping (as read from YAML) into the typed, frozen section `cls`; every problem
+    found is reported at once (ParamErrors: one line each; its key, value, allowed: the first's)."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        errors, seen = [], set()
+        for err in e.errors():
+            pe = _error(err, cls, raw, prefix)
+            if pe.key not in seen:  # several items of one list: one line for the list
+                seen.add(pe.key)
+                errors.append(pe)
+        raise (errors[0] if len(errors) == 1 else ParamErrors(errors)) from None
+
+
+def parse_params(raw: object) -> Params:
+    """Validate a params mapping (as read from YAML) into typed, frozen params."""
+    return parse_section(Params, raw)
+
+
+MAX_YAML_BYTES = 1 << 20  # params.yaml is ~7 KB; a megabyte is no parameter file
+
+
+class StrictLoader(yaml.SafeLoader):
+    """Safe YAML without anchors, aliases or duplicate keys: what is written is what is read,
+    so a small file cannot expand into a huge value (an alias bomb), and a key given twice is
+    an error, as DVC makes it, not silently the last one."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise yaml.YAMLError(
+                f"line {event.start_mark.line + 1}: anchors and aliases (&{event.anchor} / *{event.anchor}) "
+                "are not allowed: write the value out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "params.yaml") -> object:
+    """A YAML file through StrictLoader, at most MAX_YAML_BYTES; errors as one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the stage from the project root, where {what} lives")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"{path} is {size} bytes, more than {MAX_YAML_BYTES} allowed for {what}")
+    try:
+        return yaml.load(path.read_bytes(), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"{path} is not valid YAML: {detail[:300]}") from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    return parse_params(read_yaml(path))
+
+
+def as_dict(obj: Section) -> dict:
+    """Params (or a section) as plain dicts, e.g. for logging and the config hash."""
+    return obj.model_dump()

@@ -1,0 +1,188 @@
+"""The denoising network: a UNet from (z_t, gamma_t) to what the model section predicts (x, eps or v).
+
+    z_t ─ Fourier features (sin/cos of 2^n * 2pi * z_t, concatenated to z_t)
+        [─ with self-conditioning: the previous estimate of x concatenated too]
+        ─ space-to-depth stem (patch p: p x p pixels -> one position with p*p times the channels)
+        ─ down levels (res blocks [+ attention], stride-2 conv) ─ middle (res, attn, res)
+        ─ up levels (res blocks on skip concatenations [+ attention], nearest upsample + conv)
+        ─ GroupNorm, SiLU, zero-initialised conv ─ depth-to-space ─ the prediction
+
+Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP.
+Attention runs only at the feature-map sizes listed in `attention_resolutions`, with
+torch.nn.functional.scaled_dot_product_attention. Which image sizes, stems, levels and attention
+sizes fit together is vdm.core.params.unet_sizes: the net is built from it, and params.yaml is checked
+against it before any stage runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from vdm.core.params import ModelParams, unet_sizes
+
+
+def _groups(channels: int) -> int:
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def fourier_features(z: torch.Tensor, n_min: int, n_max: int) -> torch.Tensor:
+    """Concatenate sin and cos of 2^n * 2pi * z for n in [n_min, n_max] to z (channel axis).
+
+    Levels in [-1, 1] are 2/256 = 1/128 apart: frequencies up to 2^7 * 2pi and beyond
+    resolve them (the paper uses n = 6, 7, 8 with gamma_min = -13.3).
+    """
+    if n_max < n_min:
+        return z
+    freqs = (2.0 ** torch.arange(n_min, n_max + 1, device=z.device, dtype=z.dtype)) * (2 * math.pi)
+    h = z[:, :, None] * freqs[None, None, :, None, None]  # (B, C, F, H, W)
+    h = h.flatten(1, 2)
+    return torch.cat([z, torch.sin(h), torch.cos(h)], dim=1)
+
+
+def gamma_embedding(gamma: torch.Tensor, dim: int, gamma_min: float, gamma_max: float) -> torch.Tensor:
+    """Sinusoidal embedding of gamma rescaled to [0, 1000] over the schedule's range."""
+    t = (gamma - gamma_min) / (gamma_max - gamma_min) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=gamma.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, channels: int, head_dim: int = 64):
+        super().__init__()
+        # about head_dim channels a head, the channels split evenly over the heads
+        self.heads = max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class UNet(nn.Module):
+    def __init__(self, model: ModelParams, image_size: int, in_channels: int = 3):
+        """The net that params.yaml's `model` section describes, for image_size x image_size inputs."""
+        super().__init__()
+        channels, channel_mult, patch_size = model.channels, tuple(model.channel_mult), model.patch_size
+        attention_resolutions, dropout = tuple(model.attention_resolutions), model.dropout
+        fourier_min, fourier_max, self_condition = model.fourier_min, model.fourier_max, model.self_condition
+        self.checkpointing, self.self_condition = model.checkpointing, self_condition
+        unet_sizes(model, image_size, in_channels)  # the shape rules params.yaml is checked against
+        self.patch, self.fourier, self.image_size = patch_size, (fourier_min, fourier_max), image_size
+        self.gamma_range = (model.gamma_min, model.gamma_max)
+        self.emb_dim = channels - channels % 2  # sin/cos pairs
+        n_fourier = max(0, fourier_max - fourier_min + 1)
+        c_stem = in_channels * (1 + 2 * n_fourier + (1 if self_condition else 0)) * patch_size**2
+        self.emb_mlp = nn.Sequential(
+            nn.Linear(self.emb_dim, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
+        )
+        emb_dim = 4 * channels
+        self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
+
+        res = image_size // patch_size
+        chans = [channels]
+        c = channels
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(model.num_res_blocks):
+                blocks = nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout)])
+                c = channels * mult
+                if res in attention_resolutions:
+                    blocks.append(Attention(c))
+                self.down.append(blocks)
+                chans.append(c)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
+                chans.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c), ResBlock(c, c, emb_dim, dropout)])
+        if res not in attention_resolutions:
+            self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout)])  # no attention at this size
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(model.num_res_blocks + 1):
+                blocks = nn.ModuleList([ResBlock(c + chans.pop(), channels * mult, emb_dim, dropout)])
+                c = channels * mult
+                if res in attention_resolutions:
+                    blocks.append(Attention(c))
+                if level != 0 and i == model.num_res_blocks:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    blocks.append(nn.Conv2d(c, c, 3, padding=1))
+                    res *= 2
+                self.up.append(blocks)
+        self.out_norm = nn.GroupNorm(_groups(c), c)
+        self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
+
+    def _block(self, m: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if not isinstance(m, (ResBlock, Attention)):
+            return m(h)
+        args = (h, emb) if isinstance(m, ResBlock) else (h,)
+        if self.checkpointing and torch.is_grad_enabled():
+            # keep only block inputs for backward; recompute the rest (less memory, ~1/3 more compute)
+            return torch.utils.checkpoint.checkpoint(m, *args, use_reentrant=False)
+        return m(*args)
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+        """eps (or v, or x) at (z_t, gamma_t); x_self: the previous estimate of x in [-1, 1] (self-
+        conditioning; zeros when there is none yet), ignored by a net built without it."""
+        emb = self.emb_mlp(gamma_embedding(gamma, self.emb_dim, *self.gamma_range))
+        h = fourier_features(z, *self.fourier)
+        if self.self_condition:
+            h = torch.cat([h, torch.zeros_like(z) if x_self is None else x_self.to(z.dtype)], dim=1)
+        if self.patch > 1:
+            h = F.pixel_unshuffle(h, self.patch)
+        h = self.stem(h)
+        skips = [h]
+        for blocks in self.down:
+            for m in blocks:
+                h = self._block(m, h, emb)
+            skips.append(h)
+        for m in self.mid:
+            h = self._block(m, h, emb)
+        for blocks in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for m in blocks:
+                h = self._block(m, h, emb)
+        h = self.out(F.silu(self.out_norm(h)))
+        if self.patch > 1:
+            h = F.pixel_shuffle(h, self.patch)
+        return h

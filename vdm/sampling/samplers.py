@@ -1,0 +1,188 @@
+"""Sampling a trained VDM, written in gamma = -log SNR so that any monotone schedule works: the
+walk from gamma(1) down to gamma(0) with a registered sampler's steps (vdm/sampling/steps.py), the
+denoisers it calls (the model's own, or autoguided), and the probability-flow encoding.
+
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): with a
+guide, a weaker model of the same kind (here the same net earlier in its training), and a weight
+w > 1, every sampler's denoiser becomes x_guide + w (x_hat - x_guide): the step moves away from what
+the weaker model would draw, which is mostly the errors both models share. w = 1 is no guidance.
+
+Step spacing: `t` takes the grid at t = i / steps, so it follows the learned schedule (which
+puts its steps where the training loss varies most); `logsnr` spaces gamma uniformly between
+the schedule's endpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from vdm.model.conversions import alpha_sigma, decode_nearest
+from vdm.model.conversions import encode as level_centres
+from vdm.model.diffusion import VDM
+from vdm.sampling.steps import SAMPLERS, Step, deterministic_samplers, randn
+
+SPACINGS = ("t", "logsnr")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, gamma of shape (B,)) -> x_hat
+
+
+@torch.no_grad()
+def gamma_grid(schedule: Callable, steps: int, spacing: str, device) -> torch.Tensor:
+    """steps + 1 values of gamma from gamma(1) down to gamma(0) (float32, on device)."""
+    if spacing == "t":
+        t = torch.arange(steps, -1, -1, device=device, dtype=torch.float32) / steps
+        return schedule(t)[0].float()
+    if spacing == "logsnr":
+        ends = schedule(torch.tensor([1.0, 0.0], device=device))[0].float()
+        return torch.linspace(float(ends[0]), float(ends[1]), steps + 1, device=device)
+    raise ValueError(f"unknown spacing {spacing!r}: one of {', '.join(SPACINGS)}")
+
+
+def sprite_generator(seed: int, k: int, device) -> torch.Generator:
+    """The random stream of sprite k of `seed`: independent streams from one seed (numpy's
+    SeedSequence). Every way of drawing sprites (the sample stage, `vdm generate`, the API, the
+    demo) seeds sprite k with it, so a seed draws the same sprites whatever the count and batch."""
+    state = np.random.SeedSequence([seed, k]).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
+    """x_hat(z, gamma) of a VDM, whatever the net predicts. A self-conditioned net sees the
+    previous call's estimate (clipped to [-1, 1]; zeros on the first call): make one denoiser per
+    walk."""
+    previous: list[torch.Tensor] = []
+
+    def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        if not model.self_condition:
+            x_hat = model.x_hat(z, gamma)
+            return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+        x_hat = model.x_hat(z, gamma, previous[0] if previous else None)
+        previous[:] = [x_hat.clamp(-1.0, 1.0)]
+        return previous[0] if clip else x_hat
+
+    return denoise
+
+
+def guided_denoiser(model: VDM, guide: VDM | None, weight: float, clip: bool) -> Denoiser:
+    """The denoiser a sampler walks with: the model's own, or with a guide and weight != 1 the
+    autoguided x_guide + weight (x_hat - x_guide), clipped after mixing when asked."""
+    if guide is None or weight == 1:
+        return vdm_denoiser(model, clip)
+    main, weak = vdm_denoiser(model, False), vdm_denoiser(guide, False)
+
+    def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        x_guide = weak(z, gamma)
+        x_hat = torch.lerp(x_guide, main(z, gamma), weight)
+        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+
+    return denoise
+
+
+@torch.no_grad()
+def solve(
+    denoise: Denoiser,
+    z: torch.Tensor,
+    gammas: torch.Tensor,
+    sampler: str,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    snapshots: set[int] = frozenset(),
+    on_step: Callable[[int], None] | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run `sampler` from z at gammas[0] to gammas[-1]; returns z there and {step index: z} at the
+    indices in `snapshots` (0 = the start, len(gammas) - 1 = the end). `temperature` scales the
+    ancestral steps' fresh noise (the deterministic samplers draw none)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
+    n = z.shape[0]
+    kept = {}
+    step, memory = SAMPLERS[sampler].step, {}
+    for i in range(len(gammas) - 1):
+        if i in snapshots:
+            kept[i] = z.clone()
+        gt, gs = gammas[i], gammas[i + 1]
+        x_hat = denoise(z, gt.expand(n))
+        z = step(Step(z, x_hat, gt, gs, generator, temperature, memory))
+        if on_step is not None:
+            on_step(i + 1)
+    if len(gammas) - 1 in snapshots:
+        kept[len(gammas) - 1] = z.clone()
+    return z, kept
+
+
+@torch.no_grad()
+def sample(
+    model: VDM,
+    n: int,
+    steps: int,
+    sampler: str = "ancestral",
+    spacing: str = "t",
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    device: str | torch.device = "cpu",
+    trajectory_points: int = 0,
+    clip_denoised: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    denoise_last: bool = False,
+    z: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    guide: VDM | None = None,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
+    [-1, 1], as uint8) at evenly spaced steps from the start to the end.
+
+    The walk starts from z_1 ~ N(0, I) drawn from `generator` (one for the batch, or a list: one
+    per sample), or from the given latents `z`
+    (n, 3, H, W), e.g. those of `encode`: with a deterministic sampler (ddim, dpmpp_2m) that decodes them.
+
+    The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
+    `denoise_last` the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network call
+    that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
+    is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0).
+    With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser)."""
+    device = torch.device(device)
+    size = model.net.image_size
+    if z is None:
+        z = randn((n, 3, size, size), generator, device)
+    else:
+        z = z.to(device=device, dtype=torch.float32)
+    gammas = gamma_grid(model.schedule, steps, spacing, device)
+    keep = set()
+    if trajectory_points:
+        keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
+    denoise = guided_denoiser(model, guide, guidance, clip_denoised)
+    z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step, temperature)
+    traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
+    if denoise_last:
+        return decode_nearest(denoise(z, gammas[-1].expand(n))).cpu(), traj
+    alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
+    return decode_nearest(z / alpha_0).cpu(), traj
+
+
+@torch.no_grad()
+def encode(
+    model: VDM,
+    images: torch.Tensor,
+    steps: int,
+    sampler: str = "dpmpp_2m",
+    spacing: str = "t",
+    clip_denoised: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Latents z_1 of images (n, 3, H, W) uint8: the probability-flow ODE of the learned schedule run
+    forward, from z_0 = alpha_0 x at gamma(0) up to gamma(1), with a deterministic sampler (the same
+    update rules as sampling, on the reversed gamma grid). `sample(..., z=latents)` with the same
+    sampler and step count runs the ODE back; the round trip is exact as steps grow."""
+    if sampler not in deterministic_samplers():
+        choices = " or ".join(deterministic_samplers())
+        raise ValueError(f"encoding needs a deterministic sampler ({choices}), not {sampler!r}")
+    device = next(model.parameters()).device
+    x = level_centres(images.to(device))
+    gammas = gamma_grid(model.schedule, steps, spacing, device).flip(0)
+    alpha_0, _ = alpha_sigma(gammas[0])
+    z, _ = solve(vdm_denoiser(model, clip_denoised), alpha_0 * x, gammas, sampler, on_step=on_step)
+    return z

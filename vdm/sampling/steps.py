@@ -1,0 +1,122 @@
+"""The samplers' steps, a registry: SAMPLERS, name -> step function (`@sampler("name", ...)`).
+
+Every sampler walks a grid gamma_0 > ... (from gamma(1) down to gamma(0)) and needs only a
+denoiser x_hat(z, gamma), the estimate of the data given z_t (clipped to [-1, 1] when asked).
+With alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma), lambda = -gamma / 2 = log(alpha / sigma)
+and a step from gamma_t to gamma_s < gamma_t:
+
+    ancestral  z_s ~ q(z_s | z_t, x = x_hat): mean (alpha_s / alpha_t) e^(gamma_s - gamma_t) z_t
+               + alpha_s c x_hat, variance sigma_s^2 c, c = 1 - SNR_t / SNR_s (the paper's sampler);
+               with a temperature T < 1 the fresh noise is scaled by T (standard deviation T sigma_s sqrt(c)):
+               a colder walk, fewer sprites' worth of variety for less of the noise the net fails to remove
+    ddim       z_s = alpha_s x_hat + sigma_s eps_hat, eps_hat = (z_t - alpha_t x_hat) / sigma_t
+               (Song et al. 2021, eta = 0: the probability-flow ODE to first order)
+    dpmpp_2m   z_s = (sigma_s / sigma_t) z_t - alpha_s expm1(-h) D, h = lambda_s - lambda_t,
+               D = x_hat on the first step, else (1 + 1/2r) x_hat - (1/2r) x_hat_prev with
+               r = h_prev / h (Lu et al. 2022, DPM-Solver++(2M): second order, one net call a step)
+
+params.yaml's sample.sampler, the `vdm` command and the API take their choices from SAMPLERS, and
+the deterministic ones (no fresh noise) are those encoding and interpolation accept. A new sampler
+is one function here and its test. The walk that calls the steps is vdm/sampling/samplers.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vdm.model.conversions import alpha_sigma, eps_from_x
+
+
+def randn(shape, generator: torch.Generator | list[torch.Generator] | None, device) -> torch.Tensor:
+    """Standard normal noise; with a list of generators, row k comes from generator k (so each
+    sample's draws do not depend on the others in its batch)."""
+    if isinstance(generator, list | tuple):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a walk from gamma_t down (or up, when encoding) to gamma_s: z at gamma_t, the
+    denoiser's x_hat there, and what a sampler may use besides. `memory` lives for one walk: a
+    multistep sampler keeps its earlier steps there."""
+
+    z: torch.Tensor
+    x_hat: torch.Tensor
+    gamma_t: torch.Tensor
+    gamma_s: torch.Tensor
+    generator: torch.Generator | list[torch.Generator] | None
+    temperature: float
+    memory: dict
+
+
+StepFn = Callable[[Step], torch.Tensor]  # -> z at gamma_s
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its step function and whether it draws noise."""
+
+    step: StepFn
+    deterministic: bool  # draws no noise: runs the probability-flow ODE (encoding needs one)
+
+
+# name -> sampler, in the order params.yaml's comment lists them; `@sampler(name, deterministic)` adds one
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def sampler(name: str, deterministic: bool) -> Callable[[StepFn], StepFn]:
+    """Register a step function under `name`: params.yaml's sample.sampler, the CLI, the API and
+    the tests take their choices from SAMPLERS."""
+
+    def register(step: StepFn) -> StepFn:
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} is registered twice")
+        SAMPLERS[name] = Sampler(step, deterministic)
+        return step
+
+    return register
+
+
+def deterministic_samplers() -> tuple[str, ...]:
+    """The samplers that draw no noise (encoding and interpolation need one)."""
+    return tuple(name for name, s in SAMPLERS.items() if s.deterministic)
+
+
+@sampler("ancestral", deterministic=False)
+def ancestral_step(s: Step) -> torch.Tensor:
+    """z_s ~ q(z_s | z_t, x = x_hat), its fresh noise scaled by the temperature."""
+    alpha_t, _ = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    c = -torch.expm1(s.gamma_s - s.gamma_t)
+    noise = randn(s.z.shape, s.generator, s.z.device)
+    return (
+        (alpha_s / alpha_t) * (1 - c) * s.z + alpha_s * c * s.x_hat + s.temperature * torch.sqrt(sigma_s**2 * c) * noise
+    )
+
+
+@sampler("ddim", deterministic=True)
+def ddim_step(s: Step) -> torch.Tensor:
+    """z_s = alpha_s x_hat + sigma_s eps_hat (eta = 0)."""
+    alpha_t, sigma_t = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    return alpha_s * s.x_hat + sigma_s * eps_from_x(s.z, s.x_hat, alpha_t, sigma_t)
+
+
+@sampler("dpmpp_2m", deterministic=True)
+def dpmpp_2m_step(s: Step) -> torch.Tensor:
+    """DPM-Solver++(2M): second order from the previous step's x_hat (kept in `memory`)."""
+    _, sigma_t = alpha_sigma(s.gamma_t)
+    alpha_s, sigma_s = alpha_sigma(s.gamma_s)
+    h = 0.5 * (s.gamma_t - s.gamma_s)
+    d = s.x_hat
+    if "x_prev" in s.memory:
+        r = s.memory["h_prev"] / h
+        d = (1 + 0.5 / r) * s.x_hat - (0.5 / r) * s.memory["x_prev"]
+    s.memory["x_prev"], s.memory["h_prev"] = s.x_hat, h
+    return (sigma_s / sigma_t) * s.z - alpha_s * torch.expm1(-h) * d

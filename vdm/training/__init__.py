@@ -1,0 +1,1 @@
+"""The train stage's work: the loop, one optimisation step, tracking, profiling."""

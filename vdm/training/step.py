@@ -1,0 +1,101 @@
+"""One optimisation step and what it needs: the model with its EMA, AdamW and the lr schedule,
+and the seeds of each step's random draws. The training loop (vdm/training/loop.py), the profiler
+(vdm/training/profiling.py) and the step benchmark (benchmarks/model.py) all run this same step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vdm.core.errors import UserError
+from vdm.core.params import Params
+from vdm.core.runtime import autocast_for
+from vdm.data.splits import to_nchw
+from vdm.model.diffusion import build_vdm
+from vdm.training.ema import make_ema
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite."""
+
+
+def lr_factor(step: int, warmup: int, total: int, cosine: bool, final: float) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    """The seed of one stream of step `step`'s draws on `rank` (0: times and noise, 1: dropout,
+    2: the flip mask): a function of (seed, step, rank) alone, so a resumed run draws what an
+    uninterrupted one would."""
+    return (((seed * 1_000_003 + step) * 1_009 + rank) * 17 + stream) % (2**63 - 1)
+
+
+def build_training(params: Params, device: torch.device):
+    """(model, EMA, AdamW, lr scheduler) for params, on device, freshly initialised."""
+    tp = params.train
+    model = build_vdm(params.model, params.data.image_size).to(device)
+    if device.type in ("cpu", "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, tp.ema_decay)
+    fused = device.type == "cuda"
+    # the noise schedule learns at train.schedule_lr_fraction of the rate: AdamW moves a parameter
+    # by about lr per step whatever its gradient's size, and the schedule's endpoints and shape get
+    # small gradients of a steady sign (the latent term always pulls gamma_1 up), so at the UNet's
+    # rate they drift without end: gamma_1 went from 5 to 14 in 9,600 steps at lr 2e-3, until
+    # gamma(t) > 9.5 for 90% of t and the net trained on almost nothing but noise
+    sched_ids = {id(p) for p in model.schedule.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in sched_ids], "lr": tp.lr},
+        {"params": [p for p in model.parameters() if id(p) in sched_ids], "lr": tp.lr * tp.schedule_lr_fraction},
+    ]
+    opt = torch.optim.AdamW(
+        [g for g in groups if g["params"]], weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
+    )
+    return model, ema, opt, sched
+
+
+def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float):
+    """One optimisation step on a (B, H, W, 3) uint8 batch; returns (Loss, grad norm). Nothing in
+    it reads a value back from the device, so on a GPU the host queues the next step at once.
+
+    `train_model` is `model` or its DDP wrapper. Phases are labelled for torch.profiler.
+    """
+    with torch.profiler.record_function("data_to_device"):
+        x = to_nchw(batch).to(device, non_blocking=True)
+    with torch.profiler.record_function("forward"), autocast_for(device):
+        loss = train_model(x, gen)
+        objective = loss.objective.mean()  # the bound, or the weighted objective (see vdm.model.diffusion)
+    with torch.profiler.record_function("backward"):
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+    with torch.profiler.record_function("optimizer"):
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(math.nan)
+        )
+        opt.step()
+        sched.step()
+    with torch.profiler.record_function("ema"):
+        ema.update_parameters(model)
+    return loss, grad_norm
+
+
+def check_finite(loss_means: dict, step: int) -> None:
+    """NonFiniteLoss naming the step and every term, if any term is NaN or infinite."""
+    bad = {k: v for k, v in loss_means.items() if not math.isfinite(v)}
+    if bad:
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in loss_means.items())
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} ({terms}). The last good checkpoint is kept; lower train.lr, "
+            "raise train.warmup_steps or set train.grad_clip, then rerun"
+        )
