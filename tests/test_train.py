@@ -83,8 +83,8 @@ def test_the_noise_schedule_learns_at_its_own_fraction_of_the_rate(fraction):
     gradient keeps one sign); train.schedule_lr_fraction slows that drift by its factor."""
     import numpy as np
 
-    from vdm.synthetic import draw_sprite
-    from vdm.train_step import build_training, train_step
+    from vdm.data.synthetic import draw_sprite
+    from vdm.training.step import build_training, train_step
 
     p = parse_params(tiny(lr=0.01, warmup_steps=0, cosine_decay=False, schedule_lr_fraction=fraction))
     model, ema, opt, sched = build_training(p, torch.device("cpu"))
