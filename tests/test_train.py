@@ -77,31 +77,6 @@ def test_lr_schedule():
     assert lr_factor(50, 10, 100, False, 0.1) == 1.0
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.01])
-def test_the_noise_schedule_learns_at_its_own_fraction_of_the_rate(fraction):
-    """At the UNet's rate AdamW drifts the learned schedule's endpoints about lr per step (their
-    gradient keeps one sign); train.schedule_lr_fraction slows that drift by its factor."""
-    import numpy as np
-
-    from vdm.data.synthetic import draw_sprite
-    from vdm.training.step import build_training, train_step
-
-    p = parse_params(tiny(lr=0.01, warmup_steps=0, cosine_decay=False, schedule_lr_fraction=fraction))
-    model, ema, opt, sched = build_training(p, torch.device("cpu"))
-    before = model.schedule.endpoints.detach().clone()
-    sprites = [draw_sprite(0, k).convert("RGB").resize((32, 32)) for k in range(8)]
-    x = torch.as_tensor(np.stack([np.asarray(im) for im in sprites]))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        train_step(model, model, ema, opt, sched, x, gen, torch.device("cpu"), grad_clip=1.0)
-    moved = (model.schedule.endpoints.detach() - before).abs().max().item()
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.01 * fraction)
-    if fraction == 1.0:
-        assert moved > 0.05  # about lr per step
-    else:
-        assert moved < 0.003
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):
     import vdm.training.step as training
 
@@ -348,7 +323,7 @@ def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path
     assert wandb_root(repo / "exps") == (repo / "exps").resolve()
 
 
-def test_long_preset_is_the_default_recipe_with_more_steps(monkeypatch):
+def test_long_preset_is_the_default_net_with_more_steps_at_a_stable_rate(monkeypatch):
     from scripts.preset import command
 
     monkeypatch.chdir(ROOT)
@@ -356,3 +331,4 @@ def test_long_preset_is_the_default_recipe_with_more_steps(monkeypatch):
     sets = dict(a.split("=", 1) for a in cmd[6::2])
     assert not any(k.startswith("model.") for k in sets)  # the default's net and objective
     assert int(sets["train.steps"]) * 16 >= 250_000 and int(sets["train.checkpoint_every"]) <= 500
+    assert float(sets["train.lr"]) <= 5e-4  # the default's 2e-3, held for thousands of steps, diverges

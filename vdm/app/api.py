@@ -70,25 +70,13 @@ class Sprites:
     def __repr__(self) -> str:
         return f"Sprites({str(self.path)!r}, trained {self.config.get('steps')} steps, on {self.device})"
 
-    def generate(
-        self,
-        n: int,
-        seed: int = 0,
-        steps: int | None = None,
-        sampler: str | None = None,
-        spacing: str | None = None,
-        batch_size: int = 32,
-        on_step: Callable[[int], None] | None = None,
-        temperature: float | None = None,
-    ) -> np.ndarray:
-        """n new sprites, (n, H, W, 3) uint8. Sprite k of a seed is the same whatever n and
+    def generate(self, n: int, seed: int = 0, **options) -> np.ndarray:
+        """n new sprites, (n, H, W, 3) uint8; `options` are those of `stream` (steps, sampler,
+        spacing, batch_size, on_step, temperature). Sprite k of a seed is the same whatever n and
         batch_size (each has its own random stream; batched convolutions round differently, by at
-        most a level on a few pixels), so asking for more extends the set. `on_step(i)` is called
-        after every network evaluation of every batch (a progress bar, or a deadline that raises).
-        `temperature` scales the ancestral sampler's fresh noise (default: the sample stage's).
-        All n are kept in memory: for many sprites, `stream` hands them over batch by batch."""
-        batches = self.stream(n, seed, steps, sampler, spacing, batch_size, on_step, temperature)
-        return np.concatenate(list(batches))
+        most a level on a few pixels), so asking for more extends the set. All n are kept in
+        memory: for many sprites, `stream` hands them over batch by batch."""
+        return np.concatenate(list(self.stream(n, seed, **options)))
 
     def stream(
         self,
@@ -103,7 +91,10 @@ class Sprites:
     ) -> Iterator[np.ndarray]:
         """The sprites of `generate` with the same arguments, batch by batch as they are drawn:
         (b, H, W, 3) uint8 arrays of at most batch_size sprites, so memory does not grow with n.
-        The arguments are checked at once, before the first batch is asked for."""
+        `on_step(i)` is called after every network evaluation of every batch (a progress bar, or a
+        deadline that raises); `temperature` scales the ancestral sampler's fresh noise; None
+        means the sample stage's value. The arguments are checked at once, before the first
+        batch is asked for."""
         settings = self._settings(n, seed, steps, sampler, spacing, batch_size, temperature)
         return self._batches(n, seed, batch_size, settings, on_step)
 

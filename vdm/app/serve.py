@@ -79,7 +79,7 @@ class Drawer:
 
         seed, count, steps = key
         t0 = time.perf_counter()
-        sprites = self.model.generate(count, seed, steps, self.limits.sampler, on_step=check)
+        sprites = self.model.generate(count, seed, steps=steps, sampler=self.limits.sampler, on_step=check)
         result = (sprites, time.perf_counter() - t0)
         self.cache[key] = result
         self.cached += len(sprites)

@@ -236,7 +236,6 @@ class TrainParams(Section):
     batch_size: Positive  # the global batch: each of train.processes takes batch_size / processes
     lr: Num("a learning rate in (0, 1]", gt=0, le=1)  # peak learning rate (AdamW)
     warmup_steps: Int("an integer >= 0", ge=0)  # linear warm-up from 0
-    schedule_lr_fraction: Num("in [0, 1]", ge=0, le=1)  # the noise schedule's lr: this fraction of lr
     cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
     final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
     weight_decay: Num("a number >= 0", ge=0)

@@ -46,18 +46,8 @@ def build_training(params: Params, device: torch.device):
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, tp.ema_decay)
     fused = device.type == "cuda"
-    # the noise schedule learns at train.schedule_lr_fraction of the rate: AdamW moves a parameter
-    # by about lr per step whatever its gradient's size, and the schedule's endpoints and shape get
-    # small gradients of a steady sign (the latent term always pulls gamma_1 up), so at the UNet's
-    # rate they drift without end: gamma_1 went from 5 to 14 in 9,600 steps at lr 2e-3, until
-    # gamma(t) > 9.5 for 90% of t and the net trained on almost nothing but noise
-    sched_ids = {id(p) for p in model.schedule.parameters()}
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) not in sched_ids], "lr": tp.lr},
-        {"params": [p for p in model.parameters() if id(p) in sched_ids], "lr": tp.lr * tp.schedule_lr_fraction},
-    ]
     opt = torch.optim.AdamW(
-        [g for g in groups if g["params"]], weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
+        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
