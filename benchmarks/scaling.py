@@ -3,6 +3,7 @@
     python benchmarks/scaling.py                          # train (resuming) and score every budget
     python benchmarks/scaling.py --score-only --threads 1 # score the snapshots written so far
     python benchmarks/scaling.py --docs                   # also write docs/scaling.{csv,png}
+    python benchmarks/scaling.py --name lr5e-4 --set train.lr=0.0005 --docs   # the committed curve
     python benchmarks/scaling.py --name hflip --set train.hflip=true   # another recipe's curve
     python benchmarks/scaling.py --guide-ratio 4 --guidance 2   # autoguided by the snapshot at 1/4
 
@@ -141,7 +142,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/scaling")
-    ap.add_argument("--docs", action="store_true", help="also write docs/scaling.csv, scaling.png, scaling-strip.png")
+    ap.add_argument("--docs", action="store_true", help="also write docs/scaling[-NAME].csv, .png and -strip.png")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
