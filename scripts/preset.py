@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
 
+from stages._cli import run  # noqa: E402
 from vdm.core.errors import UserError  # noqa: E402
 from vdm.core.params import parse_params, read_yaml  # noqa: E402
 
@@ -64,14 +65,5 @@ def main() -> None:
         sys.exit(subprocess.call(cmd))
 
 
-def _main() -> None:
-    """main() with a UserError as one line (exit 2), no traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    _main()
+    run(main)  # a UserError or a full disk: one line, exit 2

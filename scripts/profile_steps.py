@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
 
-from vdm.core.errors import UserError  # noqa: E402
+from stages._cli import run  # noqa: E402
 from vdm.core.params import load_params  # noqa: E402
 from vdm.training.profiling import profile_run  # noqa: E402
 
@@ -35,14 +35,5 @@ def main() -> None:
     )
 
 
-def _main() -> None:
-    """main() with a UserError as one line (exit 2), no traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    _main()
+    run(main)  # a UserError or a full disk: one line, exit 2
