@@ -16,10 +16,12 @@ flatness, SWD and graininess beside the test split's, and the test bound (one ti
 image). The snapshots carry no post-training fits (gamma_0 stays the learned one).
 
 The run is resumable (train.checkpoint_every) and every scored budget is cached in
-OUT/NAME/scores/, so the command can be stopped and rerun at any time, and --score-only can
-score the snapshots of a run still training. Writes OUT/NAME/scaling.csv, scaling.png (each
-figure against images seen, log axis, the test sprites' value as a dashed line) and strip.png
-(8 sprites per budget, the same seeds: one row per budget).
+OUT/NAME/scores/ with the sample and evaluate settings it was scored with (a row scored with
+other settings, e.g. `--set sample.temperature=0.5`, is scored again), so the command can be
+stopped and rerun at any time, and --score-only can score the snapshots of a run still
+training. Writes OUT/NAME/scaling.csv, scaling.png (each figure against images seen, log
+axis, the test sprites' value as a dashed line) and strip.png (8 sprites per budget, the same
+seeds: one row per budget).
 
 With --guide-ratio R and --guidance W, every budget b whose b / R is also a budget is sampled
 with autoguidance (vdm.sampling.samplers.guided_denoiser): the snapshot at b / R guides with weight W.
@@ -83,13 +85,18 @@ def run_params(sets: dict, budgets: tuple[int, ...]) -> tuple[dict, int]:
 def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, test_x, guide=None, weight=1.0):
     """The figures of one snapshot (cached in `cache`, with its samples beside it)."""
     samples_path = cache.with_suffix(".npy")
+    scored_with = {"sample": p.sample.model_dump(mode="json"), "evaluate": p.evaluate.model_dump(mode="json")}
     if cache.is_file() and samples_path.is_file():
-        return json.loads(cache.read_text()), np.load(samples_path)
+        row = json.loads(cache.read_text())
+        if row.pop("scored_with", None) == scored_with:
+            return row, np.load(samples_path)
     q, samples = score(snap, "ema", p, train_x, test_x, guide, weight)
     row = {"images": images, "step": step, **{k: v for k, v in q.items() if not isinstance(v, list)}}
+    row["scored_with"] = scored_with
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(samples_path, samples)
     cache.write_text(json.dumps(row, indent=1) + "\n")
+    del row["scored_with"]
     return row, samples
 
 

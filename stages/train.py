@@ -25,7 +25,8 @@ def main() -> None:
         print(
             f"train: {r['steps']} steps, val {r['val_bpd']:.3f} +- {r['val_bpd_se']:.3f} bits/dim (EMA), "
             f"train {r['train_bpd']:.3f}, {r['img_per_s']:.1f} img/s on {r['device']} x{r['processes']}, "
-            f"{r['wall_s']:.0f} s, peak {r['peak_memory_mb']} MB"
+            f"{r['wall_s']:.0f} s + {r['fits_s']:.0f} s fits + {r['final_eval_s']:.0f} s final bits/dim and grid, "
+            f"peak {r['peak_memory_mb']} MB"
         )
 
 

@@ -1,10 +1,12 @@
 """The scaling curve: weights saved at budgets during one run, and benchmarks/scaling.py scoring them."""
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -52,8 +54,65 @@ def test_scaling_command_scores_every_budget_and_reuses_its_rows(tmp_path, proce
     table = (d / "scaling.csv").read_text()
     r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "train:" not in r.stderr and (d / "scaling.csv").read_text() == table
+    # other sampling settings score again (and train nothing); the rows record what they were scored with
+    cached = json.loads((d / "scores" / "step-000002.json").read_text())["scored_with"]["sample"]
+    assert cached["temperature"] == tiny()["sample"]["temperature"] != 0.5
+    r = subprocess.run(
+        [*cmd, "--set", "sample.temperature=0.5"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and "train:" not in r.stderr, r.stderr[-2000:]
+    assert json.loads((d / "scores" / "step-000002.json").read_text())["scored_with"]["sample"]["temperature"] == 0.5
     # a budget that is not a whole number of batches is one line
     bad = subprocess.run(
         [*cmd[:3], "10", "--out", "out"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True
     )
     assert bad.returncode != 0 and "not multiples of train.batch_size" in bad.stderr
+
+
+def test_denoiser_rows_tell_an_exact_denoiser_from_the_identity(processed):
+    import numpy as np
+
+    from benchmarks.denoiser import denoiser_rows
+    from vdm.evaluation.metrics import flatness, palette
+    from vdm.model.conversions import alpha_sigma, encode
+
+    test = np.load(processed / "test.npy")[:4]
+    clean = encode(torch.from_numpy(test).permute(0, 3, 1, 2))
+
+    class Exact:  # knows the clean sprites
+        def x_hat(self, z, gamma):
+            return clean
+
+    class Identity:  # z_t / alpha_t
+        def x_hat(self, z, gamma):
+            return z / alpha_sigma(gamma)[0].view(-1, 1, 1, 1)
+
+    exact, same = denoiser_rows(Exact(), test), denoiser_rows(Identity(), test)
+    looks = (np.mean([palette(im) for im in test]), np.mean([flatness(im) for im in test]))
+    for e, s in zip(exact, same, strict=True):
+        assert e["rms_x_hat"] == 0 and (e["palette"], e["flatness"]) == pytest.approx(looks)
+        assert s["rms_x_hat"] == pytest.approx(s["rms_identity"]) and s["palette"] == s["palette_identity"]
+    noise = [s["rms_identity"] for s in same]
+    assert noise == sorted(noise) and noise[0] < 1.5 < 20 < noise[-1]  # levels: gamma -10 ... 2, clipped
+
+
+def test_denoiser_command_on_a_trained_model(tmp_path, processed):
+    import json
+
+    train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path / "run"))
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/denoiser.py"), str(tmp_path / "run/models")]
+    cmd += ["--test", str(processed / "test.npy"), "--count", "3", "--json", str(out)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [row["gamma"] for row in rows] == [-10, -8, -6, -4, -2, 0, 2] and "3 test sprites" in r.stdout
+    missing = subprocess.run(
+        cmd[:2] + [str(tmp_path / "nowhere")], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

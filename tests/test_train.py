@@ -51,7 +51,9 @@ def test_outputs_and_bit_identical_reruns(tmp_path, processed):
         and m["val_bpd"] > 0
         and m["val_bpd"] == pytest.approx(m["val_diffusion"] + m["val_latent"] + m["val_recon"], rel=1e-6)
     )
-    assert r1["img_per_s"] > 0 and json.loads((tmp_path / "a/metrics/train_perf.json").read_text())["wall_s"] >= 0
+    perf = json.loads((tmp_path / "a/metrics/train_perf.json").read_text())
+    assert r1["img_per_s"] > 0 and perf["wall_s"] >= 0
+    assert perf["fits_s"] >= 0 and perf["final_eval_s"] >= 0  # seconds (no fits here: about 0)
     rows = (tmp_path / "a/plots/train.csv").read_text().splitlines()
     assert rows[0].startswith("step,total,diffusion,latent,recon,gamma_0,gamma_1,lr") and len(rows) == 1 + 3
     assert (tmp_path / "a/plots/val.csv").read_text().count("\n") == 1 + 2  # step 3 and the end
@@ -279,6 +281,7 @@ def test_hflip_and_gamma_0_fit_in_a_training_run(tmp_path, processed):
     train(p, processed, outs(tmp_path / "a"))
     m = json.loads((tmp_path / "a/metrics/train.json").read_text())
     assert m["gamma_0"] >= m["gamma_0_learned"] and "eps_scale_half_gamma" in m
+    assert json.loads((tmp_path / "a/metrics/train_perf.json").read_text())["fits_s"] > 0
     tables = []
     for which in ("ema", "model"):  # both saved weights carry the fitted endpoint and eps scale
         model, _ = load_model(tmp_path / "a/models", which)

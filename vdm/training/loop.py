@@ -322,9 +322,10 @@ class _Run:
         wall = time.perf_counter() - t_start
         scale = self.fit_eps_scale()
         fit = self.fit_gamma_0()
+        fits_s = time.perf_counter() - t_start - wall
         result = {}
         if d.main:
-            result = self.finish(fit, scale, wall, images_seen)
+            result = self.finish(fit, scale, wall, images_seen, fits_s)
         if d.world > 1:
             _check_ranks_agree(self.model, d)
         self.tracker.finish()
@@ -371,9 +372,11 @@ class _Run:
             )
         return fit
 
-    def finish(self, fit: dict | None, scale: dict | None, wall: float, images_seen: int) -> dict:
-        """The final bits/dim and grid, then every output committed at once; returns metrics + perf."""
+    def finish(self, fit: dict | None, scale: dict | None, wall: float, images_seen: int, fits_s: float) -> dict:
+        """The final bits/dim and grid, then every output committed at once; returns metrics + perf
+        (with the seconds the post-training fits and the final bits/dim and grid took)."""
         tp, d = self.tp, self.d
+        t_final = time.perf_counter()
         v = self.evaluate(tp.steps)
         t = _eval_bpd(self.ema.module, self.train_x, tp.eval_images, tp.seed, self.device, self.eval_batch)
         if tp.sample_count:
@@ -395,7 +398,9 @@ class _Run:
         }
         perf = {
             "img_per_s": round(images_seen / wall, 2),
-            "wall_s": round(wall, 1),
+            "wall_s": round(wall, 1),  # the training steps (evaluations and grids between them included)
+            "fits_s": round(fits_s, 2),  # train.fit_eps_scale and train.fit_gamma_0, after the last step
+            "final_eval_s": round(time.perf_counter() - t_final, 2),  # final bits/dim (val, train) and grid
             "peak_memory_mb": round(peak_memory_mb(self.device)),
             "device": str(self.device),
             "processes": d.world,
