@@ -25,17 +25,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages._cli import run  # noqa: E402
-from vdm.evaluation.metrics import flatness, palette  # noqa: E402
+from vdm.evaluation.metrics import sprite_structure  # noqa: E402
 from vdm.model.checkpoint import load_model  # noqa: E402
 from vdm.model.conversions import alpha_sigma, decode_nearest, encode  # noqa: E402
 
 GAMMAS = (-10.0, -8.0, -6.0, -4.0, -2.0, 0.0, 2.0)
 
 
-def _looks(images: torch.Tensor) -> tuple[float, float]:
-    """Mean palette and flatness of (n, 3, H, W) images in [-1, 1], rounded to pixel levels."""
-    ims = decode_nearest(images.clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
-    return float(np.mean([palette(im) for im in ims])), float(np.mean([flatness(im) for im in ims]))
+def _looks(images: np.ndarray) -> tuple[float, float]:
+    """Mean palette and flatness of (n, H, W, 3) uint8 sprites."""
+    m = sprite_structure(images)
+    return float(m["palette"].mean()), float(m["flatness"].mean())
+
+
+def _levels(images: torch.Tensor) -> np.ndarray:
+    """(n, 3, H, W) images in [-1, 1] as (n, H, W, 3) uint8, rounded to pixel levels."""
+    return decode_nearest(images.clamp(-1, 1)).permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
@@ -49,7 +54,7 @@ def denoiser_rows(model, test: np.ndarray, gammas=GAMMAS, seed: int = 0) -> list
         alpha, sigma = (v.view(-1, 1, 1, 1) for v in alpha_sigma(g))
         z = alpha * x + sigma * eps
         x_hat, identity = model.x_hat(z, g).clamp(-1, 1), (z / alpha).clamp(-1, 1)
-        (pal, flat), (pal_id, flat_id) = _looks(x_hat), _looks(identity)
+        (pal, flat), (pal_id, flat_id) = _looks(_levels(x_hat)), _looks(_levels(identity))
         rows.append(
             {
                 "gamma": gamma,
@@ -75,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     model, _ = load_model(args.models, args.weights)
     test = np.array(np.load(args.test, mmap_mode="r")[: args.count])  # a writable copy of the first few
-    pal, flat = np.mean([palette(im) for im in test]), np.mean([flatness(im) for im in test])
+    pal, flat = _looks(test)
     print(f"denoiser: {len(test)} test sprites: palette {pal:.1f}, flatness {flat:.3f}")
     print(f"{'gamma':>6} {'noise':>7} {'rms x_hat':>9} {'rms z/a':>8} {'palette':>14} {'flatness':>14}")
     rows = denoiser_rows(model, test)
