@@ -82,13 +82,21 @@ def run_params(sets: dict, budgets: tuple[int, ...]) -> tuple[dict, int]:
     return apply(raw, common), batch
 
 
+# settings of the sample and evaluate sections a score does not depend on: a cached score stays valid
+UNSCORED = {"sample": ("device",), "evaluate": ("closest_pairs", "inception_weights", "filter_colours", "device")}
+
+
+def _scoring(settings: dict) -> dict:
+    return {sec: {k: v for k, v in d.items() if k not in UNSCORED.get(sec, ())} for sec, d in settings.items()}
+
+
 def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, test_x, guide=None, weight=1.0):
     """The figures of one snapshot (cached in `cache`, with its samples beside it)."""
     samples_path = cache.with_suffix(".npy")
     scored_with = {"sample": p.sample.model_dump(mode="json"), "evaluate": p.evaluate.model_dump(mode="json")}
     if cache.is_file() and samples_path.is_file():
         row = json.loads(cache.read_text())
-        if row.pop("scored_with", None) == scored_with:
+        if isinstance(cached := row.pop("scored_with", None), dict) and _scoring(cached) == _scoring(scored_with):
             return row, np.load(samples_path)
     q, samples = score(snap, "ema", p, train_x, test_x, guide, weight)
     row = {"images": images, "step": step, **{k: v for k, v in q.items() if not isinstance(v, list)}}

@@ -176,6 +176,14 @@ def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "sprite-0001.png")), expected[1])
     assert np.array_equal(np.load(out / "samples.npy"), expected)
     assert "generate: 3/3 steps" in p.stderr  # progress (a bar in a terminal, lines otherwise)
+    # --colours: the same sprites, each repainted in at most 2 flat colours
+    from vdm.core.images import reduce_colours
+
+    flat = tmp_path / "flat"
+    p = vdm_cmd("generate", "--model", model_dir, "--n", 3, "--seed", 2, "--steps", 3, "--out", flat, "--colours", 2)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((flat / "info.json").read_text())["colours"] == 2 and info["colours"] is None
+    assert np.array_equal(np.load(flat / "samples.npy"), reduce_colours(expected, 2))
     # a rerun replaces its own folder; a folder with other files (a DVC output) is refused
     assert vdm_cmd("generate", "--model", model_dir, "--n", 1, "--steps", 2, "--out", out).returncode == 0
     assert len(list(out.glob("sprite-*.png"))) == 1
@@ -189,6 +197,7 @@ def test_generate_command_writes_sprites_grid_and_info(model_dir, tmp_path):
     [
         (["generate", "--n", "0"], "--n: 0 is not at least 1"),
         (["generate", "--n", "x"], "not a whole number"),
+        (["generate", "--colours", "65"], "more than 64"),
         (["generate", "--sampler", "euler"], "invalid choice"),
         (["generate", "--seed", str(2**64)], "outside"),
         (["generate", "--model", "MISSING"], "not found"),

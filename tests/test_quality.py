@@ -223,6 +223,43 @@ def test_flatness_is_the_share_of_foreground_pixels_inside_a_flat_region():
     assert flat_share(np.zeros((3, 3), np.int32), np.ones((3, 3), bool)) == 1 / 9
 
 
+def test_reduce_colours_repaints_speckle_in_flat_colours_and_keeps_the_silhouette():
+    from vdm.core.images import reduce_colours
+    from vdm.evaluation.metrics import sprite_structure
+
+    # an outlined two-colour disc whose body is speckled with noise of +-40 levels per channel
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2
+    clean = np.full((32, 32, 3), 255, np.uint8)
+    clean[disc < 144] = (40, 40, 40)
+    clean[disc < 100] = (230, 90, 30)
+    clean[(disc < 100) & (xx > 16)] = (60, 120, 220)
+    rng = np.random.default_rng(0)
+    noisy = clean.astype(int)
+    body = disc < 100
+    noisy[body] += rng.integers(-40, 41, (int(body.sum()), 3))
+    noisy[disc >= 144] -= rng.integers(0, 10, (int((disc >= 144).sum()), 3))  # near-white background noise
+    noisy = np.clip(noisy, 0, 255).astype(np.uint8)
+    empty = np.full((32, 32, 3), 250, np.uint8)  # no foreground at all
+    out = reduce_colours(np.stack([noisy, empty]), 3)
+    fg = noisy.min(axis=2) < 240
+    assert np.array_equal(out[0].min(axis=2) < 240, fg)  # the silhouette is kept ...
+    assert (out[0][~fg] == 255).all() and (out[1] == 255).all()  # ... and the background is pure white
+    assert len(np.unique(out[0][fg], axis=0)) <= 3
+    # the three regions come back as their own colours, within a few levels
+    inner = disc < 64
+    for region, colour in ((inner & (xx > 18), (60, 120, 220)), (inner & (xx < 15), (230, 90, 30))):
+        got = out[0][region]
+        assert len(np.unique(got, axis=0)) == 1
+        assert np.abs(got[0].astype(int) - colour).max() <= 6
+    before, after = sprite_structure(noisy[None]), sprite_structure(out[:1])
+    assert before["flatness"][0] < 0.05 and after["flatness"][0] > 0.5 and after["palette"][0] <= 3
+    assert np.array_equal(out, reduce_colours(np.stack([noisy, empty]), 3))  # deterministic
+    assert len(np.unique(reduce_colours(noisy[None], 1)[0][fg], axis=0)) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        reduce_colours(noisy[None], 0)
+
+
 def test_sample_quality_reports_every_registered_metric(real):
     from vdm.evaluation.metrics import PER_IMAGE_METRICS, SAMPLE_METRICS, SampleSets
 

@@ -85,6 +85,10 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
     assert r["swd"] > 0 and r["swd_se"] > 0 and r["swd_floor"] > 0 and r["swd_floor_se"] > 0
     assert r["swd_ratio"] == pytest.approx(r["swd"] / r["swd_floor"])
     assert r["graininess"] > 0 and r["graininess_test"] > 0
+    # the same figures of the samples filtered to evaluate.filter_colours colours, under their own names
+    assert r["filtered_colours"] == ep.filter_colours == 8 and r["filtered_palette"] <= 8
+    assert r["filtered_flatness"] >= r["flatness"] and r["filtered_swd"] > 0 and r["filtered_swd_se"] > 0
+    assert (trained / "eval/grid-filtered.png").is_file()
     assert json.loads((trained / "metrics/eval.json").read_text()) == r
 
 

@@ -54,6 +54,12 @@ def test_scaling_command_scores_every_budget_and_reuses_its_rows(tmp_path, proce
     table = (d / "scaling.csv").read_text()
     r = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "train:" not in r.stderr and (d / "scaling.csv").read_text() == table
+    # a setting no score reads (the filtered figures of the evaluate stage) keeps the cached rows
+    stamp = (d / "scores" / "step-000002.json").stat().st_mtime_ns
+    r = subprocess.run(
+        [*cmd, "--set", "evaluate.filter_colours=0"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert r.returncode == 0 and (d / "scores" / "step-000002.json").stat().st_mtime_ns == stamp, r.stderr[-2000:]
     # other sampling settings score again (and train nothing); the rows record what they were scored with
     cached = json.loads((d / "scores" / "step-000002.json").read_text())["scored_with"]["sample"]
     assert cached["temperature"] == tiny()["sample"]["temperature"] != 0.5

@@ -146,6 +146,13 @@ def parser() -> argparse.ArgumentParser:
         help="ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)",
     )
     g.add_argument(
+        "--colours",
+        type=_whole(0, 64, "a sprite needs about 7"),
+        default=0,
+        help="a filter after sampling: repaint each sprite in at most this many flat colours (0 = the model's own "
+        "sprites; 8 suits a sprite)",
+    )
+    g.add_argument(
         "--batch-size", type=_whole(1, MAX_BATCH, "params.yaml's limit"), default=32, help="sprites per network call"
     )
     g.add_argument("--out", default="generated", help="output folder (a folder holding other files is refused)")
@@ -299,7 +306,7 @@ def cmd_generate(args) -> None:
     --n), which replaces --out once all are there: an interrupted run leaves the old --out as it was."""
     from vdm.app.api import load
     from vdm.core.atomic import atomic_dir
-    from vdm.core.images import image_grid, png_bytes
+    from vdm.core.images import image_grid, png_bytes, reduce_colours
     from vdm.core.progress import Progress
 
     out = Path(args.out)
@@ -326,6 +333,8 @@ def cmd_generate(args) -> None:
         with open(tmp / "samples.npy", "wb") as npy:  # its rows appended as they are drawn
             np.lib.format.write_array_header_1_0(npy, header)
             for batch in batches:
+                if args.colours:
+                    batch = reduce_colours(np.asarray(batch), args.colours)
                 for img in batch:
                     (tmp / f"sprite-{done:0{width}d}.png").write_bytes(png_bytes(img))
                     done += 1
@@ -345,6 +354,7 @@ def cmd_generate(args) -> None:
             sampler=args.sampler,
             spacing=args.spacing,
             temperature=args.temperature,
+            colours=args.colours or None,
             device=str(model.device),
             seconds=round(seconds, 2),
             img_per_s=round(args.n / seconds, 3),

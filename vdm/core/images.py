@@ -140,3 +140,49 @@ def png_bytes(pixels: np.ndarray | Image.Image, compress_level: int = 6) -> byte
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+# A pixel is the sprite's (foreground) where its darkest channel is below this: the background is
+# white (255) and noise a sampler leaves near white stays above it.
+FOREGROUND_BELOW = 240
+
+
+def reduce_colours(images: np.ndarray, colours: int, iterations: int = 10) -> np.ndarray:
+    """A filter after sampling: each (N, H, W, 3) uint8 sprite repainted in at most `colours`
+    flat colours. Per sprite, k-means over its foreground pixels' RGB (started from the means of
+    `colours` equal bands of brightness, so the result is deterministic), then one 3x3 majority
+    vote over the colour labels (a foreground pixel takes the colour most of its neighbourhood
+    carries; ties keep its own), and the background becomes pure white. The sprites change:
+    figures of filtered samples are not the model's own."""
+    if colours < 1:
+        raise ValueError(f"colours = {colours}: give at least 1")
+    out = np.full_like(images, 255)
+    for i, im in enumerate(images):
+        fg = im.min(axis=2) < FOREGROUND_BELOW
+        if not fg.any():
+            continue
+        px = im[fg].astype(np.float64)
+        order = np.argsort(px @ np.array([0.299, 0.587, 0.114]), kind="stable")
+        centres = np.stack([px[band].mean(axis=0) for band in np.array_split(order, min(colours, len(px)))])
+        for _ in range(iterations):
+            label = ((px[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+            sums = np.zeros_like(centres)
+            np.add.at(sums, label, px)
+            counts = np.bincount(label, minlength=len(centres))[:, None]
+            centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        labels = np.full(fg.shape, len(centres))  # the background's label is the last
+        labels[fg] = label
+        votes = _neighbourhood_votes(labels, len(centres) + 1)
+        votes[labels, *np.indices(fg.shape)] += 0.5  # a tie keeps the pixel's own colour
+        voted = votes[: len(centres)].argmax(axis=0)  # foreground pixels stay foreground
+        out[i][fg] = np.clip(np.rint(centres[voted[fg]]), 0, 255).astype(np.uint8)
+    return out
+
+
+def _neighbourhood_votes(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n, H, W): how many pixels of each 3x3 neighbourhood carry each label (edges padded with
+    the nearest pixel)."""
+    onehot = (labels[None] == np.arange(n)[:, None, None]).astype(np.float64)
+    padded = np.pad(onehot, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = labels.shape
+    return sum(padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))

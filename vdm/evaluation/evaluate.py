@@ -12,7 +12,7 @@ import torch
 
 from vdm.core.atomic import Commit, journal_for, recover, write_json
 from vdm.core.errors import UserError
-from vdm.core.images import image_grid, png_bytes
+from vdm.core.images import image_grid, png_bytes, reduce_colours
 from vdm.core.params import EvaluateParams
 from vdm.core.runtime import resolve_device
 from vdm.data.splits import load_images, load_split, to_nchw
@@ -35,6 +35,8 @@ def sample_quality(
     return out
 
 
+# the figures of the filtered samples (evaluate.filter_colours) metrics/eval.json reports, as filtered_*
+FILTERED_KEYS = ("parts", "parts_se", "palette", "palette_se", "flatness", "flatness_se", "graininess", "swd", "swd_se")
 SAMPLES_FIX = "Restore it with `dvc checkout samples`, or redraw it with `dvc repro sample`"
 # what evaluate reads of samples/info.json (the sample stage writes these and more)
 INFO_KEYS = {"count": int, "sampler": str, "steps": int, "img_per_s": (int, float), "device": str}
@@ -107,8 +109,9 @@ def evaluate(
     out_dir="eval",
     metrics_path="metrics/eval.json",
 ) -> dict:
-    """Test bits/dim (EMA; with and without the eps scale), FID/KID/IS where weights exist, memorisation;
-    writes eval.json and closest pairs."""
+    """Test bits/dim (EMA; with and without the eps scale), FID/KID/IS where weights exist, memorisation,
+    the sample metrics (and those of the samples filtered to evaluate.filter_colours colours, as
+    filtered_*); writes eval.json, the closest pairs and the filtered grid."""
     device = resolve_device(ep.device, "evaluate.device")
     recover(journal_for(out_dir))  # an interrupted run's outputs: finish moving them into place first
     model, _ = load_model(models, "ema", device)
@@ -121,6 +124,10 @@ def evaluate(
     fid, skipped = _fidelity_or_none(ep, samples, test, device)
     mem = memorisation(samples, train, test)
     quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed)
+    filtered = reduce_colours(samples, ep.filter_colours) if ep.filter_colours else None
+    if filtered is not None:
+        scores = sample_quality(filtered, train, test, ep.swd_repeats, ep.seed)
+        quality |= {"filtered_colours": ep.filter_colours} | {f"filtered_{k}": scores[k] for k in FILTERED_KEYS}
 
     result = {
         "test_bpd": bpd["total"],
@@ -150,5 +157,8 @@ def evaluate(
         if len(order):
             pairs = np.stack([im for i in order for im in (samples[i], np.asarray(train[mem["i_train"][i]]))])
             (tmp / "closest_pairs.png").write_bytes(png_bytes(image_grid(pairs, ncol=2)))
+        if filtered is not None:  # beside samples/grid.png: the same first 64 sprites
+            ncol = int(np.ceil(np.sqrt(min(64, len(filtered)))))
+            (tmp / "grid-filtered.png").write_bytes(png_bytes(image_grid(filtered[:64], ncol=ncol)))
         write_json(c.file(metrics_path), result)
     return result

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vdm.core.images import FOREGROUND_BELOW
+
 PATCH = 7
 PATCHES_PER_IMAGE = 128
 DIR_REPEATS = 4
@@ -197,9 +199,6 @@ def graininess(images: np.ndarray) -> float:
     return float((dx.sum(dtype=np.int64) + dy.sum(dtype=np.int64)) / (dx.size + dy.size))
 
 
-# A pixel is the sprite's (foreground) where its darkest channel is below this: the background is
-# white (255) and noise a sampler leaves near white stays above it.
-FOREGROUND_BELOW = 240
 MIN_PART = 4  # pixels: smaller 8-connected specks are not parts
 PALETTE_SHARE = 0.9  # the palette: the fewest colours (4 bits per channel) covering this share
 
