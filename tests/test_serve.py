@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.helpers import ROOT
 from vdm.app import api
+from vdm.core.images import reduce_colours
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import free_port, load_test, start_server  # noqa: E402
@@ -69,6 +70,10 @@ def test_sprites_endpoint_returns_the_api_sprites(server, model_dir):
     assert status == 200 and headers["content-type"] == "image/png"
     grid = _png(png)
     assert np.array_equal(grid[2:34, 2:34], want[0])  # the grid's first tile (2 px padding)
+    # colours: the same sprites through the colour filter
+    status, body = server.json("/api/sprites?seed=7&count=3&steps=2&colours=2")
+    got = np.stack([_png(base64.b64decode(u.removeprefix(prefix))) for u in body["sprites"]])
+    assert status == 200 and body["colours"] == 2 and np.array_equal(got, reduce_colours(want, 2))
 
 
 def test_health_and_page(server):
@@ -82,7 +87,7 @@ def test_health_and_page(server):
 
 @pytest.mark.parametrize(
     "query",
-    ["count=0", "count=5", "steps=0", "steps=9", "seed=-1", f"seed={2**63}", "seed=abc", "count=1.5"],
+    ["count=0", "count=5", "steps=0", "steps=9", "seed=-1", f"seed={2**63}", "seed=abc", "count=1.5", "colours=65"],
 )
 def test_bad_input_is_a_422_that_names_the_parameter(server, query):
     status, body = server.json(f"/api/sprites?{query}")
@@ -133,7 +138,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium (apt-get install chromium)")
 def test_a_real_browser_loads_the_page_and_shows_the_sprites(server, tmp_path):
-    url = f"{server.url}/?seed=3&count=4&steps=2"
+    url = f"{server.url}/?seed=3&count=4&steps=2&colours=3"
     common = [
         _chromium(),
         "--headless",
@@ -146,7 +151,7 @@ def test_a_real_browser_loads_the_page_and_shows_the_sprites(server, tmp_path):
     ]
     dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count('<img src="data:image/png;base64,') == 4, dom[-2000:]
-    assert "4 sprites, seed 3, 2 steps" in dom
+    assert "4 sprites, seed 3, 2 steps, filtered to 3 colours" in dom  # the page's fields went to the API
     shot = tmp_path / "page.png"
     subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
@@ -183,7 +188,7 @@ def test_the_result_cache_holds_a_bounded_count_of_sprites():
     class Model:
         calls = 0
 
-        def generate(self, count, seed, steps, sampler, on_step=None):
+        def generate(self, count, seed, steps, sampler, on_step=None, colours=0):
             Model.calls += 1
             return np.full((count, 4, 4, 3), seed, np.uint8)
 
@@ -191,9 +196,9 @@ def test_the_result_cache_holds_a_bounded_count_of_sprites():
     try:
         later = time.monotonic() + 60
         for seed in range(5):
-            drawer._draw((seed, 4, 2), later)
-        assert list(drawer.cache) == [(3, 4, 2), (4, 4, 2)] and drawer.cached == 8  # the newest, within 10
-        sprites, _ = drawer._draw((4, 4, 2), later)  # served from the cache
+            drawer._draw((seed, 4, 2, 0), later)
+        assert list(drawer.cache) == [(3, 4, 2, 0), (4, 4, 2, 0)] and drawer.cached == 8  # the newest, within 10
+        sprites, _ = drawer._draw((4, 4, 2, 0), later)  # served from the cache
         assert Model.calls == 5 and sprites[0, 0, 0, 0] == 4
     finally:
         drawer.pool.shutdown()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vdm.core.errors import UserError
+from vdm.core.images import reduce_colours
 from vdm.core.runtime import resolve_device
 from vdm.sampling import samplers
 from vdm.sampling.samplers import sprite_generator
@@ -46,6 +47,7 @@ MAX_STEPS = 100_000
 MAX_BATCH = 4096
 MAX_SPRITES = 1_000_000
 MAX_FRAMES = 64
+MAX_COLOURS = 64  # the colour filter's most colours per sprite (a sprite needs about 7)
 DECODE_BATCH = 32
 
 
@@ -72,7 +74,7 @@ class Sprites:
 
     def generate(self, n: int, seed: int = 0, **options) -> np.ndarray:
         """n new sprites, (n, H, W, 3) uint8; `options` are those of `stream` (steps, sampler,
-        spacing, batch_size, on_step, temperature). Sprite k of a seed is the same whatever n and
+        spacing, batch_size, on_step, temperature, colours). Sprite k of a seed is the same whatever n and
         batch_size (each has its own random stream; batched convolutions round differently, by at
         most a level on a few pixels), so asking for more extends the set. All n are kept in
         memory: for many sprites, `stream` hands them over batch by batch."""
@@ -88,14 +90,19 @@ class Sprites:
         batch_size: int = 32,
         on_step: Callable[[int], None] | None = None,
         temperature: float | None = None,
+        colours: int = 0,
     ) -> Iterator[np.ndarray]:
         """The sprites of `generate` with the same arguments, batch by batch as they are drawn:
         (b, H, W, 3) uint8 arrays of at most batch_size sprites, so memory does not grow with n.
         `on_step(i)` is called after every network evaluation of every batch (a progress bar, or a
         deadline that raises); `temperature` scales the ancestral sampler's fresh noise; None
-        means the sample stage's value. The arguments are checked at once, before the first
-        batch is asked for."""
+        means the sample stage's value. `colours` > 0 repaints each sprite in at most that many
+        flat colours (vdm.core.images.reduce_colours: a filter after sampling, not the model).
+        The arguments are checked at once, before the first batch is asked for."""
         settings = self._settings(n, seed, steps, sampler, spacing, batch_size, temperature)
+        if isinstance(colours, bool) or not isinstance(colours, int) or not 0 <= colours <= MAX_COLOURS:
+            raise UserError(f"colours = {colours!r}: give a whole number from 0 (the model's own) to {MAX_COLOURS}")
+        settings["colours"] = colours
         return self._batches(n, seed, batch_size, settings, on_step)
 
     def _settings(self, n, seed, steps, sampler, spacing, batch_size, temperature) -> dict:
@@ -131,8 +138,9 @@ class Sprites:
                 denoise_last=SAMPLE_DEFAULTS["denoise_last"],
                 temperature=settings["temperature"],
             )
-            yield x.permute(0, 2, 3, 1).numpy()
-            del x  # not held while the next batch is drawn
+            batch = x.permute(0, 2, 3, 1).numpy()
+            yield reduce_colours(batch, settings["colours"]) if settings["colours"] else batch
+            del x, batch  # not held while the next batch is drawn
 
     def images(self, n: int, seed: int = 0, **kwargs) -> list:
         """The same sprites as `generate`, as PIL images."""

@@ -25,6 +25,7 @@ import numpy as np
 from vdm.app.api import (
     INTERPOLATE_DEFAULTS,
     MAX_BATCH,
+    MAX_COLOURS,
     MAX_FRAMES,
     MAX_SPRITES,
     MAX_STEPS,
@@ -147,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--colours",
-        type=_whole(0, 64, "a sprite needs about 7"),
+        type=_whole(0, MAX_COLOURS, "a sprite needs about 7"),
         default=0,
         help="a filter after sampling: repaint each sprite in at most this many flat colours (0 = the model's own "
         "sprites; 8 suits a sprite)",
@@ -306,7 +307,7 @@ def cmd_generate(args) -> None:
     --n), which replaces --out once all are there: an interrupted run leaves the old --out as it was."""
     from vdm.app.api import load
     from vdm.core.atomic import atomic_dir
-    from vdm.core.images import image_grid, png_bytes, reduce_colours
+    from vdm.core.images import image_grid, png_bytes
     from vdm.core.progress import Progress
 
     out = Path(args.out)
@@ -324,6 +325,7 @@ def cmd_generate(args) -> None:
         args.batch_size,
         on_step=lambda _: bar.update(1),
         temperature=args.temperature,
+        colours=args.colours,
     )
     width = max(4, len(str(args.n - 1)))
     header = {"descr": "|u1", "fortran_order": False, "shape": (args.n, size, size, 3)}
@@ -333,8 +335,6 @@ def cmd_generate(args) -> None:
         with open(tmp / "samples.npy", "wb") as npy:  # its rows appended as they are drawn
             np.lib.format.write_array_header_1_0(npy, header)
             for batch in batches:
-                if args.colours:
-                    batch = reduce_colours(np.asarray(batch), args.colours)
                 for img in batch:
                     (tmp / f"sprite-{done:0{width}d}.png").write_bytes(png_bytes(img))
                     done += 1

@@ -3,13 +3,16 @@
     vdm serve --model models                       http://127.0.0.1:8000
 
     GET /                      the page (a link with ?seed=3&count=8 draws those sprites on load)
-    GET /api/sprites           JSON: {"seed", "count", "steps", "sampler", "seconds", "sprites": [PNG data URLs]}
+    GET /api/sprites           JSON: {"seed", "count", "steps", "colours", "sampler", "seconds",
+                                      "sprites": [PNG data URLs]}
     GET /api/sprites.png       the same sprites as one PNG grid
     GET /api/health            the model and the limits
 
-Query parameters: seed (0 .. 2**63 - 1), count (1 .. --max-count), steps (1 .. --max-steps); anything
-else out of range is a 422. The limits themselves are bounded (vdm/app/cli.py: --max-count at most 256,
---max-steps 1000, --queue 256, --timeout an hour), and so is the cache (Limits.cache sprites in all).
+Query parameters: seed (0 .. 2**63 - 1), count (1 .. --max-count), steps (1 .. --max-steps), colours
+(0 .. 64: each sprite repainted in at most that many flat colours, a filter after sampling; 0, the
+default, is the model's own sprites); anything else out of range is a 422. The limits themselves
+are bounded (vdm/app/cli.py: --max-count at most 256, --max-steps 1000, --queue 256, --timeout an
+hour), and so is the cache (Limits.cache sprites in all).
 The model is loaded once, checked file by file (vdm.model.checkpoint.load_model). One request
 draws at a time (a CPU has no spare cores for two); up to --queue more wait, further ones get 503
 with Retry-After; a request that has waited and run longer than --timeout seconds is stopped
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vdm.app.api import SAMPLE_DEFAULTS, SEED_LIMIT, Sprites
+from vdm.app.api import MAX_COLOURS, SAMPLE_DEFAULTS, SEED_LIMIT, Sprites
 from vdm.core.images import image_grid, png_bytes
 
 
@@ -77,9 +80,11 @@ class Drawer:
             if time.monotonic() > deadline:
                 raise Deadline
 
-        seed, count, steps = key
+        seed, count, steps, colours = key
         t0 = time.perf_counter()
-        sprites = self.model.generate(count, seed, steps=steps, sampler=self.limits.sampler, on_step=check)
+        sprites = self.model.generate(
+            count, seed, steps=steps, sampler=self.limits.sampler, on_step=check, colours=colours
+        )
         result = (sprites, time.perf_counter() - t0)
         self.cache[key] = result
         self.cached += len(sprites)
@@ -88,14 +93,14 @@ class Drawer:
             self.cached -= len(dropped)
         return result
 
-    async def draw(self, seed: int, count: int, steps: int) -> tuple[np.ndarray, float]:
+    async def draw(self, seed: int, count: int, steps: int, colours: int = 0) -> tuple[np.ndarray, float]:
         with self.lock:
             if self.pending > self.limits.queue:  # one running + `queue` waiting
                 raise Busy
             self.pending += 1
         try:
             deadline = time.monotonic() + self.limits.timeout
-            fut = self.pool.submit(self._draw, (seed, count, steps), deadline)
+            fut = self.pool.submit(self._draw, (seed, count, steps, colours), deadline)
             result = await asyncio.wrap_future(fut)
         except Deadline:
             self.timed_out += 1
@@ -118,10 +123,11 @@ def create_app(model: Sprites, limits: Limits = Limits()):
     Seed = Query(0, ge=0, le=SEED_LIMIT - 1, description="random seed")
     Count = Query(4, ge=1, le=limits.max_count, description="sprites")
     Steps = Query(limits.default_steps, ge=1, le=limits.max_steps, description="network evaluations per sprite")
+    Colours = Query(0, ge=0, le=MAX_COLOURS, description="flat colours per sprite (a filter); 0 = the model's own")
 
-    async def run(seed: int, count: int, steps: int):
+    async def run(seed: int, count: int, steps: int, colours: int):
         try:
-            return await drawer.draw(seed, count, steps), None
+            return await drawer.draw(seed, count, steps, colours), None
         except Busy:
             body = {"detail": f"busy: {limits.queue} requests are already waiting; retry in a few seconds"}
             return None, JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
@@ -135,6 +141,7 @@ def create_app(model: Sprites, limits: Limits = Limits()):
             PAGE.replace("{{MAX_COUNT}}", str(limits.max_count))
             .replace("{{MAX_STEPS}}", str(limits.max_steps))
             .replace("{{STEPS}}", str(limits.default_steps))
+            .replace("{{MAX_COLOURS}}", str(MAX_COLOURS))
         )
 
     @app.get("/api/health")
@@ -151,8 +158,8 @@ def create_app(model: Sprites, limits: Limits = Limits()):
         }
 
     @app.get("/api/sprites")
-    async def sprites_json(seed: int = Seed, count: int = Count, steps: int = Steps):
-        result, error = await run(seed, count, steps)
+    async def sprites_json(seed: int = Seed, count: int = Count, steps: int = Steps, colours: int = Colours):
+        result, error = await run(seed, count, steps, colours)
         if error is not None:
             return error
         sprites, seconds = result
@@ -161,14 +168,15 @@ def create_app(model: Sprites, limits: Limits = Limits()):
             "seed": seed,
             "count": count,
             "steps": steps,
+            "colours": colours,
             "sampler": limits.sampler,
             "seconds": round(seconds, 3),
             "sprites": urls,
         }
 
     @app.get("/api/sprites.png", response_class=Response)
-    async def sprites_png(seed: int = Seed, count: int = Count, steps: int = Steps):
-        result, error = await run(seed, count, steps)
+    async def sprites_png(seed: int = Seed, count: int = Count, steps: int = Steps, colours: int = Colours):
+        result, error = await run(seed, count, steps, colours)
         if error is not None:
             return error
         sprites, _ = result
@@ -243,6 +251,10 @@ PAGE = """<!doctype html>
   <label>Count <input id="count" name="count" type="number" min="1" max="{{MAX_COUNT}}" value="4" required></label>
   <label>Steps <input id="steps" name="steps" type="number" min="1" max="{{MAX_STEPS}}" value="{{STEPS}}" required>
   </label>
+  <label title="a filter after sampling: each sprite repainted in at most this many flat colours">
+    Flat colours (0: the model's own)
+    <input id="colours" name="colours" type="number" min="0" max="{{MAX_COLOURS}}" value="0" required>
+  </label>
   <button id="go" type="submit">Generate</button>
   <button id="random" type="button">Random seed</button>
 </form>
@@ -251,7 +263,9 @@ PAGE = """<!doctype html>
 <script>
 const $ = (id) => document.getElementById(id);
 async function generate() {
-  const q = new URLSearchParams({ seed: $("seed").value, count: $("count").value, steps: $("steps").value });
+  const q = new URLSearchParams({
+    seed: $("seed").value, count: $("count").value, steps: $("steps").value, colours: $("colours").value,
+  });
   history.replaceState(null, "", "?" + q);
   $("go").disabled = true;
   $("status").className = "";
@@ -270,7 +284,7 @@ async function generate() {
       return img;
     }));
     $("status").textContent = body.count + " sprites, seed " + body.seed + ", " + body.steps + " steps, "
-      + body.seconds.toFixed(1) + " s";
+      + (body.colours ? "filtered to " + body.colours + " colours, " : "") + body.seconds.toFixed(1) + " s";
   } catch (e) {
     $("status").className = "error";
     $("status").textContent = "error: " + e.message;
@@ -281,7 +295,7 @@ async function generate() {
 $("form").addEventListener("submit", (e) => { e.preventDefault(); generate(); });
 $("random").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 1e9); generate(); });
 const q = new URLSearchParams(location.search);
-for (const k of ["seed", "count", "steps"]) if (q.has(k)) $(k).value = q.get(k);
+for (const k of ["seed", "count", "steps", "colours"]) if (q.has(k)) $(k).value = q.get(k);
 if (q.has("seed")) generate();
 </script>
 </body>
