@@ -13,12 +13,14 @@ and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and wri
 --json.
 
 Rows:
-    default             params.yaml's model, batch 32: what `dvc repro` trains
+    default             params.yaml's model and batch: what `dvc repro` trains
     naive               the same model and math, written the obvious way: the reconstruction
                         term over the full (B, 3, 96, 96, 256) level tensor, attention as
                         explicit softmax(QK^T)V, NCHW memory layout, per-parameter AdamW
     naive-recon, naive-attention, naive-layout, naive-adamw
                         one naive choice at a time (the gain of each choice)
+    compiled            the default's training step with the UNet under torch.compile (inductor;
+                        on a CPU it needs a C++ compiler): warmup_s includes the compiling
     gpu                 presets/gpu.yaml's full-scale model (no stem, 128 channels at
                         96/48/24/12, attention at 24 and 12); on CUDA: batch 128, bf16
                         autocast, torch.compile, TF32; on a CPU: batch 4, fp32, no sampler
@@ -46,6 +48,7 @@ ROWS = {
     "default": (),
     "naive": NAIVE,
     **{f"naive-{n}": (n,) for n in NAIVE},
+    "compiled": (),
     "gpu": (),
 }
 
@@ -103,6 +106,9 @@ def row_params(row: str, device):
     from vdm.core.params import load_params, parse_params
 
     params = load_params(ROOT / "params.yaml")
+    if row == "compiled":
+        params = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
+        return params, params.train.batch_size, False
     if row != "gpu":
         return params, params.train.batch_size, True
     import yaml
@@ -148,14 +154,16 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
         model.loss(x[:2].permute(0, 3, 1, 2).to(device), gen).objective.mean().backward()
     flops = fc.get_total_flops() / 2
     opt.zero_grad(set_to_none=True)
-    if params.train.compile and device.type == "cuda":
+    if params.train.compile:
         model.net.forward = torch.compile(model.net.forward)
 
     def step():
         train_step(model, model, ema, opt, sched, x, gen, device, params.train.grad_clip)
 
-    for _ in range(3 if params.train.compile and device.type == "cuda" else 1):  # warm-up (and compile)
+    t0 = time.perf_counter()
+    for _ in range(3 if params.train.compile else 1):  # warm-up (and compile)
         step()
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         sync(device)
@@ -174,6 +182,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
         gflop_per_img=round(flops / 1e9, 2),
         achieved_gflops=round(flops * batch / step_s / 1e9, 1),
         matmul_peak_gflops=round(peak, 1),
+        warmup_s=round(warmup_s, 1),
     )
     out["fraction_of_peak"] = round(out["achieved_gflops"] / peak, 3)
     if device.type == "cuda":
