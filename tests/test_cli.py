@@ -65,6 +65,8 @@ def test_api_defaults_are_the_sample_stage_defaults():
         (lambda m: m.generate(2, sampler="euler"), "unknown sampler"),
         (lambda m: m.generate(2, steps=0), "steps"),
         (lambda m: m.generate(2, temperature=0), "temperature"),
+        (lambda m: m.generate(2, colours=65), "colours = 65"),
+        (lambda m: m.stream(2, colours=True), "colours = True"),
         (lambda m: m.generate(2, temperature=1.5), "temperature"),
         (lambda m: m.generate(2, seed=2**64), "seed"),
         (lambda m: m.generate(2, seed=-1), "seed"),

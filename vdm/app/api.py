@@ -99,18 +99,17 @@ class Sprites:
         means the sample stage's value. `colours` > 0 repaints each sprite in at most that many
         flat colours (vdm.core.images.reduce_colours: a filter after sampling, not the model).
         The arguments are checked at once, before the first batch is asked for."""
-        settings = self._settings(n, seed, steps, sampler, spacing, batch_size, temperature)
-        if isinstance(colours, bool) or not isinstance(colours, int) or not 0 <= colours <= MAX_COLOURS:
-            raise UserError(f"colours = {colours!r}: give a whole number from 0 (the model's own) to {MAX_COLOURS}")
-        settings["colours"] = colours
+        settings = self._settings(n, seed, steps, sampler, spacing, batch_size, temperature, colours)
         return self._batches(n, seed, batch_size, settings, on_step)
 
-    def _settings(self, n, seed, steps, sampler, spacing, batch_size, temperature) -> dict:
+    def _settings(self, n, seed, steps, sampler, spacing, batch_size, temperature, colours) -> dict:
         """The sampling options of a generate/stream call, defaults filled in, every one checked."""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPRITES:
             raise UserError(f"n = {n!r}: ask for at least 1 sprite and at most {MAX_SPRITES}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
             raise UserError(f"batch_size = {batch_size!r}: give a whole number from 1 to {MAX_BATCH}")
+        if isinstance(colours, bool) or not isinstance(colours, int) or not 0 <= colours <= MAX_COLOURS:
+            raise UserError(f"colours = {colours!r}: give a whole number from 0 (the model's own) to {MAX_COLOURS}")
         settings = {
             "sampler": sampler or SAMPLE_DEFAULTS["sampler"],
             "steps": SAMPLE_DEFAULTS["steps"] if steps is None else steps,
@@ -120,6 +119,7 @@ class Sprites:
         check_sampling(**settings)
         check_seed(seed)
         settings["temperature"] = float(settings["temperature"])
+        settings["colours"] = colours
         return settings
 
     def _batches(self, n: int, seed: int, batch_size: int, settings: dict, on_step) -> Iterator[np.ndarray]:
