@@ -7,13 +7,15 @@
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
 (the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
 of timed steps after warm-up), model FLOPs per image (torch.utils.flop_counter, forward +
-backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process
-(fp32 on a CPU, bf16 on CUDA), sampler img/s at T=256 and T=64 (real ancestral sampling),
+backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process in the
+row's network dtype (a 2048^2 matmul), sampler img/s at T=256 and T=64 (real ancestral sampling),
 and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and written to
 --json.
 
 Rows:
-    default             params.yaml's model and batch: what `dvc repro` trains
+    default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
+    fp32, bf16          the default with train.precision and sample.precision set to fp32 / bf16: the
+                        network under bf16 autocast against float32, in one run
     naive               the same model and math, written the obvious way: the reconstruction
                         term over the full (B, 3, 96, 96, 256) level tensor, attention as
                         explicit softmax(QK^T)V, NCHW memory layout, per-parameter AdamW
@@ -23,7 +25,7 @@ Rows:
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
     gpu                 presets/gpu.yaml's full-scale model (no stem, 128 channels at
                         96/48/24/12, attention at 24 and 12); on CUDA: batch 128, bf16
-                        autocast, torch.compile, TF32; on a CPU: batch 4, fp32, no sampler
+                        autocast, torch.compile, TF32; on a CPU: batch 4, the precision of params.yaml, no sampler
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 NAIVE = ("recon", "attention", "layout", "adamw")
 ROWS = {
     "default": (),
+    "fp32": (),
+    "bf16": (),
     "naive": NAIVE,
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
@@ -106,6 +110,9 @@ def row_params(row: str, device):
     from vdm.core.params import load_params, parse_params
 
     params = load_params(ROOT / "params.yaml")
+    if row in ("fp32", "bf16"):
+        update = {s: getattr(params, s).model_copy(update={"precision": row}) for s in ("train", "sample")}
+        return params.model_copy(update=update), params.train.batch_size, True
     if row == "compiled":
         params = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
         return params, params.train.batch_size, False
@@ -127,7 +134,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vdm.core.runtime import autocast_for
+    from vdm.core.runtime import resolve_precision
     from vdm.sampling.samplers import sample as draw
     from vdm.training.step import build_training, train_step
 
@@ -139,9 +146,8 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     params, batch, sample = row_params(row, device)
     size = params.data.image_size
-    peak = matmul_peak_gflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-
     model, ema, opt, sched = build_training(params, device)
+    peak = matmul_peak_gflops(device, model.net_dtype)
     if "layout" in choices:
         model = model.to(memory_format=torch.contiguous_format)
     if "adamw" in choices:
@@ -150,7 +156,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
-    with FlopCounterMode(display=False) as fc, autocast_for(device):  # 2 images: FLOPs are linear in batch
+    with FlopCounterMode(display=False) as fc:  # 2 images: FLOPs are linear in batch
         model.loss(x[:2].permute(0, 3, 1, 2).to(device), gen).objective.mean().backward()
     flops = fc.get_total_flops() / 2
     opt.zero_grad(set_to_none=True)
@@ -175,6 +181,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     out = dict(
         row=row,
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        precision=str(model.net_dtype).removeprefix("torch."),
         params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         batch=batch,
         step_s=round(step_s, 3),
@@ -194,18 +201,18 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
         if "layout" in choices:
             net = net.to(memory_format=torch.contiguous_format)
         net.eval()
+        net.net_dtype = resolve_precision(params.sample.precision, device)
         runs = [(64, min(sample_n, params.sample.batch_size))]
         if row != "naive":  # the T=256 target is the default's; naive is compared at T=64
             runs.insert(0, (256, sample_n))
         for t_steps, n in runs:
-            with autocast_for(device):
-                draw(net, 1, 2, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)  # warm-up
-                sync(device)
-                t0 = time.perf_counter()
-                gen, chunk = torch.Generator(device=device).manual_seed(0), params.sample.batch_size
-                for start in range(0, n, chunk):
-                    draw(net, min(chunk, n - start), t_steps, "ancestral", "t", gen, device)
-                sync(device)
+            draw(net, 1, 2, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            gen, chunk = torch.Generator(device=device).manual_seed(0), params.sample.batch_size
+            for start in range(0, n, chunk):
+                draw(net, min(chunk, n - start), t_steps, "ancestral", "t", gen, device)
+            sync(device)
             dt = time.perf_counter() - t0
             out[f"sample_t{t_steps}_n"] = n
             out[f"sample_t{t_steps}_s"] = round(dt, 1)
@@ -216,6 +223,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
 
 COLUMNS = [
     ("row", "row"),
+    ("precision", "net dtype"),
     ("params_m", "params (M)"),
     ("batch", "batch"),
     ("train_img_s", "train img/s"),
@@ -264,7 +272,7 @@ def main() -> None:
     for name in args.rows.split(","):
         if name not in ROWS:
             sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
-        sample_n = args.sample_n if name in ("default", "naive", "gpu") else 0
+        sample_n = args.sample_n if name in ("default", "fp32", "bf16", "naive", "gpu") else 0
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--sample-n", str(sample_n)]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

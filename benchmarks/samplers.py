@@ -117,7 +117,8 @@ def main() -> None:
         rows.append(row)
         strips.append(samples[:8])
         print(
-            f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g}: SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
+            f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g}: classifier {q['c2st']:.3f} "
+            f"(floor {q['c2st_floor']:.3f}), SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
             f"(96: {q['swd_96']:6.1f} +- {q['swd_96_se']:4.1f}; floor {q['swd_floor']:.1f}), "
             f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), parts {q['parts']:.2f}, "
             f"palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, {secs:6.1f} s; "
@@ -126,13 +127,15 @@ def main() -> None:
         )
     (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        "| weights | sampler | steps | spacing | temperature | SWD x1e3 (mean of levels) | paired difference to the "
+        "| weights | sampler | steps | spacing | temperature | classifier | SWD x1e3 (mean of levels) "
+        "| paired difference to the "
         f"first row | SWD at 96 px | graininess | parts | palette | flatness | seconds for {count} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['weights']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['temperature']:g} "
+            f"| {r['c2st']:.3f} +- {r['c2st_se']:.3f} "
             f"| {r['swd']:.1f} +- {r['swd_se']:.1f} | {r['swd_diff']:+.1f} +- {r['swd_diff_se']:.1f} "
             f"| {r['swd_96']:.1f} +- {r['swd_96_se']:.1f} | {r['graininess']:.1f} "
             f"| {r['parts']:.2f} +- {r['parts_se']:.2f} | {r['palette']:.0f} +- {r['palette_se']:.0f} "
@@ -140,7 +143,8 @@ def main() -> None:
         )
     r0 = rows[0]
     lines.append(
-        f"| real floor (train vs test) | | | | | {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
+        f"| real floor (train vs test) | | | | | {r0['c2st_floor']:.3f} +- {r0['c2st_floor_se']:.3f} "
+        f"| {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
         f"{r0['swd_floor_96']:.1f} +- {r0['swd_floor_96_se']:.1f} | {r0['graininess_test']:.1f} (test) "
         f"| {r0['parts_test']:.2f} (test) | {r0['palette_test']:.1f} (test) | {r0['flatness_test']:.3f} (test) | |"
     )

@@ -11,8 +11,9 @@ One run of params.yaml (with --set's changes) trains at a constant learning rate
 (train.cosine_decay = false), so its schedule does not end at any budget, for as many steps as the
 largest budget needs; the weights are saved at every budget (vdm.training.loop: snapshot_steps).
 Each snapshot is then scored as the sample and evaluate stages score a model: sample.count
-sprites from the EMA weights with params.yaml's sampler and seed, their parts, palette,
-flatness, SWD and graininess beside the test split's, and the test bound (one time sample per
+sprites from the EMA weights with params.yaml's sampler and seed, the classifier two-sample test
+beside its floor, their parts, palette, flatness, SWD and graininess beside the test split's,
+and the test bound (one time sample per
 image). The snapshots carry no post-training fits (gamma_0 stays the learned one).
 
 The run is resumable (train.checkpoint_every) and every scored budget is cached in
@@ -48,11 +49,14 @@ from sweep import apply, parse_row, score  # noqa: E402
 from vdm.core.errors import UserError  # noqa: E402
 from vdm.core.images import image_grid, png_bytes  # noqa: E402
 from vdm.core.params import parse_params  # noqa: E402
+from vdm.evaluation.c2st import c2st_metric  # noqa: E402
+from vdm.evaluation.metrics import SampleSets  # noqa: E402
 from vdm.training.loop import Outputs, train  # noqa: E402
 
 BUDGETS = (2_400, 4_800, 9_600, 19_200, 38_400, 76_800, 115_200, 153_600, 230_400, 307_200)  # images seen (2.1 decades)
 # (figure, its test-split reference, y label, log y)
 FIGURES = (
+    ("c2st", "c2st_floor", "classifier accuracy (floor: train vs test)", False),
     ("parts", "parts_test", "parts per sprite", False),
     ("palette", "palette_test", "colours covering 90% of the sprite", True),
     ("flatness", "flatness_test", "flat share of the sprite", False),
@@ -61,7 +65,7 @@ FIGURES = (
     ("test_bpd", None, "test bound (bits/dim)", False),
 )
 COLUMNS = ("images", "step", *(c for f in FIGURES for c in (f[0], f"{f[0]}_se")), "parts_test", "palette_test")
-COLUMNS = (*COLUMNS, "flatness_test", "swd_floor", "graininess_test", "sample_s")
+COLUMNS = (*COLUMNS, "flatness_test", "swd_floor", "c2st_floor", "graininess_test", "sample_s")
 
 
 def run_params(sets: dict, budgets: tuple[int, ...]) -> tuple[dict, int]:
@@ -97,7 +101,12 @@ def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, te
     if cache.is_file() and samples_path.is_file():
         row = json.loads(cache.read_text())
         if isinstance(cached := row.pop("scored_with", None), dict) and _scoring(cached) == _scoring(scored_with):
-            return row, np.load(samples_path)
+            samples = np.load(samples_path)
+            if "c2st" not in row:  # scored before the classifier test: add it from the cached samples
+                ep = p.evaluate
+                row.update(c2st_metric(SampleSets(samples, train_x, test_x, ep.swd_repeats, ep.seed)))
+                cache.write_text(json.dumps({**row, "scored_with": cached}, indent=1) + "\n")
+            return row, samples
     q, samples = score(snap, "ema", p, train_x, test_x, guide, weight)
     row = {"images": images, "step": step, **{k: v for k, v in q.items() if not isinstance(v, list)}}
     row["scored_with"] = scored_with
@@ -114,14 +123,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    axes.flat[-1].axis("off")
     x = [r["images"] for r in rows]
-    for ax, (key, ref, label, logy) in zip(axes.flat, FIGURES, strict=True):
+    for ax, (key, ref, label, logy) in zip(axes.flat, FIGURES, strict=False):
         y = [r[key] for r in rows]
         err = [r.get(f"{key}_se", 0.0) for r in rows]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="samples")
         if ref:
-            ax.axhline(rows[-1][ref], color="k", ls="--", lw=1, label="test sprites" if ref != "swd_floor" else "floor")
+            floor = ref in ("swd_floor", "c2st_floor")
+            ax.axhline(rows[-1][ref], color="k", ls="--", lw=1, label="floor" if floor else "test sprites")
             ax.legend(fontsize=8)
         ax.set_xscale("log")
         if logy:
@@ -201,7 +212,8 @@ def main() -> None:
         rows.append(row)
         strips.append(samples[:8])
         print(
-            f"scaling: {images:>7} images: parts {row['parts']:.2f} (test {row['parts_test']:.2f}), palette "
+            f"scaling: {images:>7} images: classifier {row['c2st']:.3f} (floor {row['c2st_floor']:.3f}), "
+            f"parts {row['parts']:.2f} (test {row['parts_test']:.2f}), palette "
             f"{row['palette']:.0f} ({row['palette_test']:.1f}), flatness {row['flatness']:.3f} "
             f"({row['flatness_test']:.3f}), SWD {row['swd']:.1f} +- {row['swd_se']:.1f} "
             f"(floor {row['swd_floor']:.1f}), "

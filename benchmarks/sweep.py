@@ -157,16 +157,18 @@ def main() -> None:
                 row[which]["swd_diff"], row[which]["swd_diff_se"] = float(diff.mean()), float(diff.std(ddof=1))
         q = row["ema"]
         print(
-            f"{name}: SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
+            f"{name}: classifier {q['c2st']:.3f} (floor {q['c2st_floor']:.3f}), "
+            f"SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
             f"{q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}, graininess {q['graininess']:.1f}, "
             f"parts {q['parts']:.2f}, palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, "
             f"test {q['test_bpd']:.2f} bpd, {row['img_per_s']:.1f} img/s",
             flush=True,
         )
     lines = [
-        "| row | changed | parts | palette | flatness | SWD (mean of levels) | paired vs first row | SWD 96 px "
+        "| row | changed | classifier | parts | palette | flatness | SWD (mean of levels) | paired vs first row "
+        "| SWD 96 px "
         "| graininess | test bits/dim | raw weights: SWD (paired) | img/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         q = r["ema"]
@@ -174,7 +176,8 @@ def main() -> None:
         rawq = r.get("model")
         rawcol = f"{rawq['swd']:.1f} ({rawq['swd_diff']:+.1f} +- {rawq['swd_diff_se']:.1f})" if rawq else ""
         lines.append(
-            f"| {r['name']} | {changed} | {q['parts']:.2f} +- {q['parts_se']:.2f} | {q['palette']:.0f} +- "
+            f"| {r['name']} | {changed} | {q['c2st']:.3f} +- {q['c2st_se']:.3f} "
+            f"| {q['parts']:.2f} +- {q['parts_se']:.2f} | {q['palette']:.0f} +- "
             f"{q['palette_se']:.0f} | {q['flatness']:.3f} +- {q['flatness_se']:.3f} | {q['swd']:.1f} +- "
             f"{q['swd_se']:.1f} | {q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f} | {q['swd_96']:.1f} +- "
             f"{q['swd_96_se']:.1f} | {q['graininess']:.1f} | "
@@ -182,7 +185,8 @@ def main() -> None:
         )
     q0 = rows[0]["ema"]
     lines.append(
-        f"| test sprites / real floor | train vs test | {q0['parts_test']:.2f} | {q0['palette_test']:.1f} | "
+        f"| test sprites / real floor | train vs test | {q0['c2st_floor']:.3f} | {q0['parts_test']:.2f} "
+        f"| {q0['palette_test']:.1f} | "
         f"{q0['flatness_test']:.3f} | {q0['swd_floor']:.1f} +- {q0['swd_floor_se']:.1f} | | "
         f"{q0['swd_floor_96']:.1f} | {q0['graininess_test']:.1f} | | | |"
     )

@@ -10,7 +10,7 @@ from vdm.sampling.sprites import generate, write_samples
 def main() -> None:
     sp = load_params().sample
     device = resolve_device(sp.device, "sample.device")
-    model, config = load_model("models", "ema", device)
+    model, config = load_model("models", "ema", device, sp.precision)
     samples, strip, seconds = generate(
         model,
         sp.count,
@@ -38,11 +38,12 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
         "device": str(device),
+        "precision": str(model.net_dtype).removeprefix("torch."),
     }
     write_samples("samples", samples, strip, info)
     print(
         f"sample: {sp.count} sprites, {sp.sampler} with {sp.steps} steps (spacing {sp.spacing}), in {seconds:.0f} s "
-        f"({info['img_per_s']:.3f} img/s on {device}) -> samples/"
+        f"({info['img_per_s']:.3f} img/s on {device}, {info['precision']}) -> samples/"
     )
 
 

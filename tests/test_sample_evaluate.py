@@ -160,7 +160,7 @@ def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reporte
 def test_the_sample_stage_draws_the_sprites_vdm_generate_draws_for_a_seed(trained):
     from vdm.app.api import SAMPLE_DEFAULTS, load
 
-    model, _ = load_model(trained / "models", "ema")
+    model, _ = load_model(trained / "models", "ema", "cpu", "auto")  # as the stage loads it (sample.precision)
     d = SAMPLE_DEFAULTS
     stage, _, _ = generate(
         model, 5, 3, 2, 11, 0, 2, torch.device("cpu"), d["clip_denoised"], d["sampler"], d["spacing"],

@@ -231,14 +231,17 @@ def check_seed(seed) -> int:
     return seed
 
 
-def load(path: str | os.PathLike = "models", device: str = "cpu", weights: str = "ema") -> Sprites:
+def load(
+    path: str | os.PathLike = "models", device: str = "cpu", weights: str = "ema", precision: str = "auto"
+) -> Sprites:
     """The trained model in `path` (the train stage's models/: config.json and ema.pt/model.pt),
     on `device` (auto | cpu | cuda | cuda:N | mps). `weights`: ema (what the sample stage uses),
-    model, or the name of another weights file of the folder (<name>.pt). Every file is checked
+    model, or the name of another weights file of the folder (<name>.pt). `precision`: the
+    network's dtype when sampling (auto | fp32 | bf16, as sample.precision). Every file is checked
     first (vdm.model.checkpoint.load_model): a problem is a UserError naming the file and the fix."""
     from vdm.model.checkpoint import load_model, model_folder
 
     p = model_folder(path)
     dev = resolve_device(device, "device")
-    model, config = load_model(p, weights, dev)
+    model, config = load_model(p, weights, dev, precision)
     return Sprites(model, config, dev, p)

@@ -33,6 +33,7 @@ from vdm.app.api import (
     SEED_LIMIT,
 )
 from vdm.core.errors import UserError
+from vdm.core.params import PRECISIONS
 from vdm.sampling.samplers import SPACINGS
 from vdm.sampling.steps import SAMPLERS, deterministic_samplers
 
@@ -111,6 +112,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models", help="trained model directory (the train stage's models/)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the network's dtype: auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, else fp32) | fp32 | bf16",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -312,7 +319,7 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     _check_out_dir(out)
-    model = load(args.model, args.device, args.weights)
+    model = load(args.model, args.device, args.weights, args.precision)
     size = model.image_size
     check_disk(out, args.n, size)
     bar = Progress(total=args.steps * math.ceil(args.n / args.batch_size), desc="generate", unit="step")
@@ -398,7 +405,7 @@ def cmd_interpolate(args) -> None:
     from vdm.core.atomic import write_bytes
     from vdm.core.images import image_grid, png_bytes
 
-    model = load(args.model, args.device, args.weights)
+    model = load(args.model, args.device, args.weights, args.precision)
     a = read_sprite(args.a, args.processed, model.image_size)
     b = read_sprite(args.b, args.processed, model.image_size)
     t0 = time.perf_counter()

@@ -209,7 +209,7 @@ def serve(args) -> None:
 
     host = args.host
     _check_port(host, args.port)  # before the model loads: a taken port is one line, not a late uvicorn error
-    model = load(args.model, args.device, args.weights)
+    model = load(args.model, args.device, args.weights, args.precision)
     limits = Limits(
         max_count=args.max_count,
         max_steps=args.max_steps,

@@ -26,6 +26,8 @@ SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/data/s
 SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
 # Spelled exactly, ASCII digits only (str.isdigit() also accepts "²").
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
+# the network's compute dtype (vdm/core/runtime.py: resolve_precision); the bound is always fp32
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def invalid(value: object, allowed: str, key: str = "") -> PydanticCustomError:
@@ -257,6 +259,7 @@ class TrainParams(Section):
     processes: Annotated[  # auto (one per CUDA device, else 1) | N: the train stage launches them itself
         Annotated[int, Field(ge=1, le=64)] | Literal["auto"], Field(description="auto or an integer from 1 to 64")
     ]
+    precision: Literal[PRECISIONS]  # the network's dtype: auto (bf16 where fast) | fp32 | bf16
     compile: bool  # torch.compile the UNet (CUDA)
     num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
     wandb: Literal["offline", "online", "disabled"]
@@ -289,6 +292,7 @@ class SampleParams(Section):
     clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
     denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
     temperature: Num("a number above 0 and at most 1", gt=0, le=1)  # scales the ancestral steps' fresh noise
+    precision: Literal[PRECISIONS]  # the network's dtype: auto (bf16 where fast) | fp32 | bf16
     device: Device
 
     @model_validator(mode="after")

@@ -1,21 +1,30 @@
-"""Where a stage runs: the device a setting names, the process group under torchrun, autocast.
+"""Where a stage runs: the device a setting names, the precision the network computes in, the
+process group under torchrun.
 
 A device setting is auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps, spelled exactly
 (ASCII digits only). Asking for a device the machine lacks is a UserError naming the setting.
 Training, sampling, evaluation and profiling all take their device from here.
+
+A precision setting is auto | fp32 | bf16: the dtype the network's matmuls and convolutions run in
+under autocast (vdm.model.diffusion.VDM.net_dtype); the schedule, the loss, the decoder and the
+bound stay fp32 whatever it says. auto is bf16 on CUDA and on a CPU whose flags report bf16
+dot-product instructions (avx512_bf16 or AMX), fp32 elsewhere: a CPU without them emulates bf16
+more slowly than it runs fp32.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from vdm.core.errors import UserError
-from vdm.core.params import DEVICE_PATTERN
+from vdm.core.params import DEVICE_PATTERN, PRECISIONS
+
+CPUINFO = "/proc/cpuinfo"
 
 
 def resolve_device(name: str, key: str = "device", local_rank: int = 0) -> torch.device:
@@ -55,9 +64,26 @@ def allow_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (this CPU has no fast bf16)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def cpu_has_bf16() -> bool:
+    """Whether this CPU reports bf16 dot-product instructions (the flags avx512_bf16 or amx_bf16 in
+    /proc/cpuinfo, CPUINFO); False where the file cannot be read (not Linux)."""
+    try:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+
+
+def resolve_precision(setting: str, device: torch.device, key: str = "precision") -> torch.dtype:
+    """The dtype the network computes in for precision setting `key` = `setting` on `device`."""
+    if setting not in PRECISIONS:
+        raise UserError(f"{key} = {setting!r} is not one of {', '.join(PRECISIONS)}")
+    if setting == "fp32" or (setting == "auto" and device.type not in ("cpu", "cuda")):
+        return torch.float32
+    if setting == "auto" and device.type == "cpu" and not cpu_has_bf16():
+        return torch.float32
+    return torch.bfloat16
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,5 +1,6 @@
 """The evaluate stage: held-out bits/dim of the model, the registered sample metrics beside
-their real-vs-real floors (vdm/evaluation/metrics.py), FID/KID/IS where Inception weights are
+their real-vs-real floors (vdm/evaluation/metrics.py; the classifier two-sample test,
+vdm/evaluation/c2st.py, the figure that decides), FID/KID/IS where Inception weights are
 at hand, memorisation distances; eval/ and metrics/eval.json written together.
 """
 
@@ -16,6 +17,7 @@ from vdm.core.images import image_grid, png_bytes, reduce_colours
 from vdm.core.params import EvaluateParams
 from vdm.core.runtime import resolve_device
 from vdm.data.splits import load_images, load_split, to_nchw
+from vdm.evaluation import c2st  # noqa: F401 (registers the classifier two-sample test as a sample metric)
 from vdm.evaluation.metrics import SAMPLE_METRICS, SampleSets, fidelity, inception_weights, memorisation
 from vdm.model.bound import estimate_bpd
 from vdm.model.checkpoint import check_keys, load_model, read_json
@@ -36,7 +38,19 @@ def sample_quality(
 
 
 # the figures of the filtered samples (evaluate.filter_colours) metrics/eval.json reports, as filtered_*
-FILTERED_KEYS = ("parts", "parts_se", "palette", "palette_se", "flatness", "flatness_se", "graininess", "swd", "swd_se")
+FILTERED_KEYS = (
+    "c2st",
+    "c2st_se",
+    "parts",
+    "parts_se",
+    "palette",
+    "palette_se",
+    "flatness",
+    "flatness_se",
+    "graininess",
+    "swd",
+    "swd_se",
+)
 SAMPLES_FIX = "Restore it with `dvc checkout samples`, or redraw it with `dvc repro sample`"
 # what evaluate reads of samples/info.json (the sample stage writes these and more)
 INFO_KEYS = {"count": int, "sampler": str, "steps": int, "img_per_s": (int, float), "device": str}

@@ -36,6 +36,7 @@ from pydantic import ConfigDict
 from vdm.core.atomic import atomic_dir, atomic_path, write_bytes, write_json
 from vdm.core.errors import ParamError, ParamErrors, UserError, short_repr
 from vdm.core.params import DataParams, ModelParams, Params, Section, as_dict, parse_section
+from vdm.core.runtime import resolve_precision
 
 # train keys that do not change what a run computes, so not part of the config hash: a checkpoint
 # resumes across them (processes: the global batch and its draws are the same whatever the count,
@@ -428,9 +429,20 @@ def weights_path(models_dir: str | os.PathLike, which: str) -> Path:
     return Path(models_dir) / f"{which}.pt"
 
 
-def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu"):
+def load_model(
+    models_dir: str | os.PathLike, which: str = "ema", device: str | torch.device = "cpu", precision: str = "fp32"
+):
     """The trained VDM (EMA weights by default, or the weights file <which>.pt of the folder) and
-    its config, as saved by the train stage. Every file read is checked first (read_config,
+    its config, as saved by the train stage, its network computing in `precision` (auto | fp32 |
+    bf16: vdm.core.runtime.resolve_precision; the bound is float32 whatever it says)."""
+    model, raw = _load_model(models_dir, which)
+    device = torch.device(device)
+    model.net_dtype = resolve_precision(precision, device)
+    return model.to(device).eval(), raw
+
+
+def _load_model(models_dir: str | os.PathLike, which: str):
+    """The trained VDM and its config, as saved by the train stage. Every file read is checked first (read_config,
     check_state): a problem is one UserError naming the file and the fix, and nothing is built
     larger than the weights on disk."""
     from vdm.model.diffusion import build_vdm
@@ -450,4 +462,4 @@ def load_model(models_dir: str | os.PathLike, which: str = "ema", device: str | 
     state = {**{k: fresh[k] for k in STATE_KEYS_ADDED if k not in state}, **state}
     check_state(path, state, {k: (tuple(v.shape), v.dtype) for k, v in fresh.items()}, cfg.path)
     model.load_state_dict(state)
-    return model.to(device).eval(), cfg.raw
+    return model, cfg.raw

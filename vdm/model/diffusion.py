@@ -23,6 +23,11 @@ The network predicts one of three things (`prediction`); the bound is the same f
 `VDM.x_hat` gives the estimate of x straight from the net's output (what the samplers use),
 `VDM.eps_hat` the estimate of eps (what the bound's integrand measures).
 
+The network computes in `net_dtype`: float32, or bfloat16 under autocast (train.precision and
+sample.precision; vdm/core/runtime.py) with its output layer in float32. Everything around it (the
+schedule, the loss, the decoder) is float32, and the bound (vdm/model/bound.py) runs the network in
+float32 too (`VDM.fp32`), so every reported bits/dim is a float32 figure.
+
 In eval mode the bound's eps estimate carries a per-noise-level scale c(gamma), a table over
 `EPS_SCALE_GRID` (all ones until vdm/model/bound.py's `fit_eps_scale` fits it).
 
@@ -45,6 +50,7 @@ denoiser is still a function of z_t alone, so the bound stays a bound.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -116,13 +122,27 @@ class VDM(nn.Module):
         # every random draw is made for the global batch, then sliced, so the global batch trains
         # the same whatever the process count (vdm/training/loop.py sets it under several processes)
         self.shard = (0, 1)
+        # the network's compute dtype (see the module docstring); not saved with the weights
+        self.net_dtype = torch.float32
+
+    @contextlib.contextmanager
+    def fp32(self):
+        """The network in float32 inside the block (the bound and the fits), whatever net_dtype says."""
+        kept, self.net_dtype = self.net_dtype, torch.float32
+        try:
+            yield self
+        finally:
+            self.net_dtype = kept
 
     @property
     def self_condition(self) -> bool:
         return bool(getattr(self.net, "self_condition", False))
 
     def _net(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
-        return (self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)).float()
+        low = self.net_dtype != torch.float32
+        with torch.autocast(z.device.type, dtype=self.net_dtype, enabled=low):
+            out = self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)
+        return out.float()
 
     def _x_with_skip(self, z: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """prediction x: the net's F blended with z_t / alpha_t by the skip (see the module docstring)."""

@@ -11,7 +11,7 @@ import torch
 
 from vdm.core.errors import UserError
 from vdm.core.params import Params
-from vdm.core.runtime import autocast_for
+from vdm.core.runtime import resolve_precision
 from vdm.data.splits import to_nchw
 from vdm.model.diffusion import build_vdm
 from vdm.training.ema import make_ema
@@ -42,6 +42,7 @@ def build_training(params: Params, device: torch.device):
     """(model, EMA, AdamW, lr scheduler) for params, on device, freshly initialised."""
     tp = params.train
     model = build_vdm(params.model, params.data.image_size).to(device)
+    model.net_dtype = resolve_precision(tp.precision, device, "train.precision")  # the EMA copy keeps it
     if device.type in ("cpu", "cuda"):
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, tp.ema_decay)
@@ -63,7 +64,7 @@ def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_cli
     """
     with torch.profiler.record_function("data_to_device"):
         x = to_nchw(batch).to(device, non_blocking=True)
-    with torch.profiler.record_function("forward"), autocast_for(device):
+    with torch.profiler.record_function("forward"):  # the net under autocast when model.net_dtype is bf16
         loss = train_model(x, gen)
         objective = loss.objective.mean()  # the bound, or the weighted objective (see vdm.model.diffusion)
     with torch.profiler.record_function("backward"):

@@ -1,0 +1,72 @@
+"""The classifier two-sample test: chance between sets drawn alike, certainty between sprites and
+noise, the same figure twice, and its place among the sample metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vdm.data.synthetic import draw_sprite
+from vdm.evaluation import c2st
+from vdm.evaluation.c2st import held_out_accuracy
+from vdm.evaluation.metrics import SAMPLE_METRICS, SampleSets
+
+
+def _sprites(start: int, n: int, side: int = 32) -> np.ndarray:
+    """n synthetic sprites (RGBA composited on white), side x side uint8 RGB."""
+    out = []
+    for i in range(start, start + n):
+        im = draw_sprite(0, i).convert("RGBA").resize((side, side))
+        rgb = np.asarray(im, dtype=np.float64)
+        alpha = rgb[..., 3:] / 255.0
+        out.append(np.round(rgb[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def sprites():
+    return _sprites(0, 96)
+
+
+def test_sets_drawn_alike_score_near_chance(sprites):
+    acc, se = held_out_accuracy(sprites[0::2], sprites[1::2], seed=0)
+    assert 0.3 <= acc <= 0.7, (acc, se)
+    assert 0.04 < se < 0.08  # binomial s.e. of 96 predictions near 0.5
+
+
+def test_noise_against_sprites_scores_near_one(sprites):
+    noise = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    acc, _ = held_out_accuracy(noise, sprites[:48], seed=0)
+    assert acc >= 0.95
+
+
+def test_speckle_on_the_same_shapes_is_told_apart(sprites):
+    """The colour the SWD barely sees: the same sprites with +-12 levels of speckle on every pixel."""
+    rng = np.random.default_rng(1)
+    speckled = np.clip(sprites[:48].astype(int) + rng.integers(-12, 13, sprites[:48].shape), 0, 255).astype(np.uint8)
+    acc, _ = held_out_accuracy(speckled, sprites[48:], seed=0)
+    assert acc >= 0.9
+
+
+def test_same_images_same_figure_and_bad_sizes_refused(sprites):
+    a, b = sprites[:24], sprites[24:48]
+    assert held_out_accuracy(a, b, seed=3) == held_out_accuracy(a, b, seed=3)
+    with pytest.raises(ValueError, match="equal size"):
+        held_out_accuracy(a, b[:20], seed=0)
+
+
+def test_registered_with_its_floor(sprites, monkeypatch):
+    """c2st is a sample metric: samples against test sprites beside training sprites against them;
+    the floor is computed once per (train, test, n, seed)."""
+    assert "c2st" in SAMPLE_METRICS
+    calls = []
+    real = c2st.held_out_accuracy
+    monkeypatch.setattr(c2st, "held_out_accuracy", lambda a, b, seed: calls.append(len(a)) or real(a, b, seed))
+    monkeypatch.setattr(c2st, "_FLOORS", {})
+    noise = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    sets = SampleSets(noise, sprites[:48], sprites[48:72], repeats=2, seed=0)
+    out = SAMPLE_METRICS["c2st"](sets)
+    assert out["c2st"] >= 0.95 and out["c2st_floor"] < 0.8 and out["c2st_images"] == 24
+    assert set(out) == {"c2st", "c2st_se", "c2st_floor", "c2st_floor_se", "c2st_images"}
+    SAMPLE_METRICS["c2st"](sets)
+    assert calls == [24, 24, 24]  # samples, floor, samples again: the floor came from the cache

@@ -1,0 +1,102 @@
+"""The network's precision: bf16 autocast where the CPU has bf16 instructions, fp32 elsewhere, and
+every bound in fp32 whatever the network trains or samples in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import model_params
+from vdm.core import runtime
+from vdm.core.errors import UserError
+from vdm.core.runtime import cpu_has_bf16, resolve_precision
+from vdm.model.bound import estimate_bpd, fit_eps_scale
+from vdm.model.diffusion import build_vdm
+
+CPU = torch.device("cpu")
+FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n"
+
+
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    """Point the CPU check at a file the test writes: cpuinfo(extra flags) -> None."""
+    path = tmp_path / "cpuinfo"
+    monkeypatch.setattr(runtime, "CPUINFO", str(path))
+
+    def write(extra: str) -> None:
+        path.write_text(FLAGS.format(extra=extra))
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("flags", "fast"),
+    [("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_bf16x", False), ("avx_vnni", False)],
+)
+def test_auto_is_bf16_only_where_the_cpu_reports_bf16_instructions(cpuinfo, flags, fast):
+    cpuinfo(flags)
+    assert cpu_has_bf16() is fast
+    assert resolve_precision("auto", CPU) == (torch.bfloat16 if fast else torch.float32)
+
+
+def test_explicit_settings_and_other_devices(cpuinfo, monkeypatch):
+    cpuinfo("")  # a CPU without bf16: fp32 stays exact under auto, bf16 still runs when asked for
+    assert resolve_precision("fp32", CPU) == torch.float32
+    assert resolve_precision("bf16", CPU) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("mps")) == torch.float32
+    monkeypatch.setattr(runtime, "CPUINFO", "/nonexistent/cpuinfo")
+    assert cpu_has_bf16() is False and resolve_precision("auto", CPU) == torch.float32
+    with pytest.raises(UserError, match=r"sample.precision = 'fp16' is not one of auto, fp32, bf16"):
+        resolve_precision("fp16", CPU, "sample.precision")
+
+
+def _model():
+    model = build_vdm(model_params(channels=16, channel_mult=[1, 2], attention_resolutions=[12]), 24)
+    torch.nn.init.normal_(model.net.out.weight, std=0.05)  # leave the zero start: the output shows the net
+    return model.eval()
+
+
+def _images(n=6):
+    return torch.randint(0, 256, (n, 3, 24, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def test_bf16_runs_the_net_in_bf16_and_hands_back_fp32():
+    model, seen = _model(), []
+    model.net.stem.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    z, g = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1)), torch.tensor([-4.0, 1.0])
+    with torch.no_grad():
+        exact = model.x_hat(z, g)
+        model.net_dtype = torch.bfloat16
+        low = model.x_hat(z, g)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)
+    assert torch.allclose(low, exact, atol=0.02), float((low - exact).abs().max())
+
+
+def test_bf16_training_loss_is_close_to_fp32_and_deterministic():
+    model, x = _model().train(), _images()
+    fp32 = model.loss(x, torch.Generator().manual_seed(0)).objective.mean().detach()
+    model.net_dtype = torch.bfloat16
+    bf16 = [model.loss(x, torch.Generator().manual_seed(0)).objective.mean() for _ in range(2)]
+    assert torch.equal(bf16[0], bf16[1])  # a rerun at one setting is bit-identical
+    assert torch.isfinite(bf16[0]) and abs(float(bf16[0].detach() - fp32)) <= 0.02 * abs(float(fp32))
+    bf16[0].backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_bound_and_the_fits_are_fp32_under_bf16():
+    """estimate_bpd and fit_eps_scale of a bf16 model equal the fp32 model's to the bit, and leave
+    its precision as it was."""
+    model, x = _model(), _images()
+
+    def bound():
+        return estimate_bpd(model, x, time_samples=2, batch_size=4, generator=torch.Generator().manual_seed(3))
+
+    def scale():
+        return fit_eps_scale(model, x, seed=3, batch_size=4)["scale"]
+
+    exact, exact_scale = bound(), scale()
+    model.eps_scale.fill_(1.0)
+    model.net_dtype = torch.bfloat16
+    assert bound() == exact and scale() == exact_scale
+    assert model.net_dtype == torch.bfloat16
