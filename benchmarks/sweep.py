@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdm.core.images import image_grid, png_bytes  # noqa: E402
 from vdm.core.params import parse_params  # noqa: E402
+from vdm.core.runtime import resolve_device  # noqa: E402
 from vdm.evaluation.evaluate import sample_quality  # noqa: E402
 from vdm.evaluation.metrics import structure_summary  # noqa: E402
 from vdm.model.bound import estimate_bpd  # noqa: E402
@@ -79,11 +80,12 @@ def _same(cached: dict, raw: dict) -> bool:
 def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = None, guidance: float = 1.0):
     """(figures, samples) of the `which` weights in `models`, sampled as the sample stage does
     (autoguided by the EMA weights in `guide` with weight `guidance`, if given)."""
-    model = load_model(models, which, torch.device("cpu"))[0].to(memory_format=torch.channels_last)
+    sp, ep = p.sample, p.evaluate
+    device = resolve_device(sp.device, "sample.device")
+    model = load_model(models, which, device, sp.precision)[0].to(memory_format=torch.channels_last)
     weak = None
     if guide is not None:
-        weak = load_model(guide, "ema", torch.device("cpu"))[0].to(memory_format=torch.channels_last)
-    sp, ep = p.sample, p.evaluate
+        weak = load_model(guide, "ema", device, sp.precision)[0].to(memory_format=torch.channels_last)
     samples, _, secs = generate(
         model,
         sp.count,
@@ -92,7 +94,7 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
         sp.seed,
         0,
         2,
-        torch.device("cpu"),
+        device,
         sp.clip_denoised,
         sp.sampler,
         sp.spacing,
@@ -102,8 +104,8 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
         guidance=guidance,
     )
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, per_repeat=True)
-    gen = torch.Generator().manual_seed(ep.seed)
-    bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen)
+    gen = torch.Generator(device).manual_seed(ep.seed)
+    bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen, device)
     return {**q, "sample_s": round(secs, 1), "test_bpd": bpd["total"], "test_bpd_se": bpd["total_se"]}, samples
 
 

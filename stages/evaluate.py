@@ -11,15 +11,21 @@ def main() -> None:
     scaled = r["test_bpd_eps_scaled"]
     scaled = f", {scaled:.3f} with the eps scale" if scaled is not None else ""
     filtered = (
-        f"; filtered to {r['filtered_colours']} colours (not the model's own): classifier "
-        f"{r['filtered_c2st']:.3f}, parts {r['filtered_parts']:.2f}, "
+        f"; filtered to {r['filtered_colours']} colours (not the model's own): "
+        + (f"classifier {r['filtered_c2st']:.3f}, " if r.get("filtered_c2st") is not None else "")
+        + f"parts {r['filtered_parts']:.2f}, "
         f"palette {r['filtered_palette']:.1f}, flatness {r['filtered_flatness']:.3f}"
         if "filtered_colours" in r
         else ""
     )
+    c2st = (
+        f"classifier two-sample test {r['c2st']:.3f} +- {r['c2st_se']:.3f} (real against real "
+        f"{r['c2st_floor']:.3f} +- {r['c2st_floor_se']:.3f}; 0.5 = indistinguishable)"
+        if r["c2st"] is not None
+        else f"classifier two-sample test skipped ({r['c2st_images']} samples: it needs at least 4)"
+    )
     print(
-        f"evaluate: classifier two-sample test {r['c2st']:.3f} +- {r['c2st_se']:.3f} (real against real "
-        f"{r['c2st_floor']:.3f} +- {r['c2st_floor_se']:.3f}; 0.5 = indistinguishable); "
+        f"evaluate: {c2st}; "
         f"test {r['test_bpd']:.3f} +- {r['test_bpd_se']:.3f} bits/dim (EMA{scaled}); SWD {r['swd']:.1f} +- "
         f"{r['swd_se']:.1f} x1e3 against the test split (real floor {r['swd_floor']:.1f} +- {r['swd_floor_se']:.1f}, "
         f"{r['swd_ratio']:.2f}x); graininess {r['graininess']:.1f} levels (test {r['graininess_test']:.1f}); parts "

@@ -18,7 +18,11 @@ def _alpha_sigma(g):
     return torch.sqrt(torch.sigmoid(-g)), torch.sqrt(torch.sigmoid(g))
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+# the samplers that use the network's estimates as they are (the sprite sampler repaints them)
+AS_IS = tuple(name for name, s in SAMPLERS.items() if not s.repaints)
+
+
+@pytest.mark.parametrize("sampler", AS_IS)
 def test_exact_denoiser_lands_on_the_data_point(sampler):
     x0 = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     f = encode(x0)
@@ -137,7 +141,7 @@ class _OnePoint(torch.nn.Module):
         return (z - a * self.f) / s
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", AS_IS)
 def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
     from vdm.model.diffusion import VDM
     from vdm.model.schedules import make_schedule
@@ -220,3 +224,54 @@ def test_a_new_sampler_is_one_registered_step_function(monkeypatch):
     z1 = torch.full((1, 3, 2, 2), 4.0)
     z, _ = solve(lambda z, g: torch.zeros_like(z), z1, torch.linspace(1.0, -1.0, 4), "halfway")
     assert torch.equal(z, z1 / 8) and "halfway" in steps.deterministic_samplers()
+
+
+def _flat_sprite(size=24):
+    """A (1, 3, size, size) uint8 sprite: a red disc with a dark outline and a yellow patch, on white."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()
+    img = torch.full((3, size, size), 255, dtype=torch.uint8)
+    img[:, r < size * 0.4] = torch.tensor([20, 20, 30], dtype=torch.uint8)[:, None]
+    img[:, r < size * 0.33] = torch.tensor([200, 40, 40], dtype=torch.uint8)[:, None]
+    img[:, (r < size * 0.33) & (yy < size / 2)] = torch.tensor([240, 200, 40], dtype=torch.uint8)[:, None]
+    return img[None]
+
+
+def _colours(images: torch.Tensor) -> list[int]:
+    return [len(torch.unique(im.flatten(1), dim=1).T) for im in images]
+
+
+def test_palette_pull_is_off_above_its_start_and_whole_below_its_end():
+    from vdm.sampling import steps
+
+    f = encode(_flat_sprite().expand(3, -1, -1, -1))
+    speckled = (f + 0.03 * torch.randn(f.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert torch.equal(steps.palette_pull(speckled, torch.tensor(steps.PALETTE_START + 1.0)), speckled)
+    full = steps.palette_pull(speckled, torch.tensor(steps.PALETTE_FULL - 1.0))
+    assert max(_colours(full)) <= steps.PALETTE_COLOURS + 1  # the palette and white
+    assert bool((full[:, :, 0, 0] == f[:, :, 0, 0]).all())  # the background snapped to white
+    assert (full - f).abs().mean() < 0.2 * (speckled - f).abs().mean()  # the speckle gone, the sprite kept
+    half = steps.palette_pull(speckled, torch.tensor((steps.PALETTE_START + steps.PALETTE_FULL) / 2))
+    assert torch.allclose(half, torch.lerp(speckled, full, 0.5), atol=1e-6)
+
+
+def test_the_sprite_sampler_draws_flat_colours_where_ancestral_keeps_noise():
+    """A denoiser that knows the sprite but leaves 3 levels of speckle in its estimate (as a small
+    net does at low noise): the ancestral walk keeps it, the sprite sampler paints flat colours."""
+    from vdm.model.diffusion import VDM
+    from vdm.model.schedules import make_schedule
+
+    f = encode(_flat_sprite())
+
+    class Speckled(torch.nn.Module):  # x-prediction: x_hat = f + speckle
+        image_size = f.shape[-1]
+
+        def forward(self, z, gamma):
+            return f + 0.025 * torch.randn(z.shape, generator=torch.Generator().manual_seed(int(gamma[0] * 100) % 997))
+
+    model = VDM(Speckled(), make_schedule("fixed_linear", -10.0, 5.0), prediction="x")
+    drawn = {}
+    for name in ("ancestral", "sprite"):
+        drawn[name], _ = sample(model, 2, 24, name, generator=torch.Generator().manual_seed(1), denoise_last=True)
+    assert min(_colours(drawn["ancestral"])) > 100
+    assert max(_colours(drawn["sprite"])) <= 5  # white, outline, red, yellow (and at most one more)

@@ -103,3 +103,36 @@ def test_checkpointing_gives_the_same_gradients():
     net.checkpointing = True
     for a, b in zip(plain, grads(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_qk_norm_attention_is_softmax_of_sqrt_d_cosines():
+    """model.qk_norm: logits sqrt(d) cos(q, k), the same at any scale of the queries and keys."""
+    import math
+
+    import torch.nn.functional as F
+
+    from vdm.model.unet import Attention
+
+    torch.manual_seed(0)
+    att = Attention(64, qk_norm=True)
+    torch.nn.init.normal_(att.proj.weight, std=0.1)
+    torch.nn.init.zeros_(att.qkv.bias)
+    x = torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        got = att(x)
+        qkv = att.qkv(att.norm(x)).reshape(2, 3, 64, 16).transpose(-1, -2)  # one head of 64
+        q, k, v = F.normalize(qkv[:, 0], dim=-1), F.normalize(qkv[:, 1], dim=-1), qkv[:, 2]
+        w = torch.softmax(math.sqrt(64) * q @ k.transpose(-1, -2), dim=-1)
+        assert torch.allclose(got, x + att.proj((w @ v).transpose(-1, -2).reshape(2, 64, 4, 4)), atol=1e-5)
+        att.qkv.weight.mul_(100.0)  # queries, keys and values 100x larger: the same attention weights
+        big = att(x)
+    assert torch.allclose(big - x, 100 * (got - x), rtol=1e-3, atol=1e-3)
+
+
+def test_weight_floor_raises_the_weighting_to_at_least_the_floor():
+    model = build_vdm(model_params(channels=16, channel_mult=[1], attention_resolutions=[], weight_floor=0.01), 16)
+    gamma = torch.linspace(-13, 5, 50)
+    w = model.weight(gamma)
+    assert torch.equal(w, torch.clamp(torch.sigmoid(gamma - 2.0), min=0.01)) and float(w.min()) == pytest.approx(0.01)
+    plain = build_vdm(model_params(channels=16, channel_mult=[1], attention_resolutions=[]), 16)
+    assert torch.equal(plain.weight(gamma), torch.sigmoid(gamma - 2.0))

@@ -147,13 +147,17 @@ def png_bytes(pixels: np.ndarray | Image.Image, compress_level: int = 6) -> byte
 FOREGROUND_BELOW = 240
 
 
-def reduce_colours(images: np.ndarray, colours: int, iterations: int = 10) -> np.ndarray:
-    """A filter after sampling: each (N, H, W, 3) uint8 sprite repainted in at most `colours`
-    flat colours. Per sprite, k-means over its foreground pixels' RGB (started from the means of
-    `colours` equal bands of brightness, so the result is deterministic), then one 3x3 majority
-    vote over the colour labels (a foreground pixel takes the colour most of its neighbourhood
-    carries; ties keep its own), and the background becomes pure white. The sprites change:
-    figures of filtered samples are not the model's own."""
+def reduce_colours(
+    images: np.ndarray, colours: int, iterations: int = 10, vote: bool = True, merge: float = 0.0
+) -> np.ndarray:
+    """Each (N, H, W, 3) uint8 sprite repainted in at most `colours` flat colours. Per sprite,
+    k-means over its foreground pixels' RGB (started from the means of `colours` equal bands of
+    brightness, so the result is deterministic); with `merge` > 0, colours closer than `merge`
+    levels (RGB distance) are then joined, nearest first, so a sprite keeps as many colours as
+    it has; with `vote`, one 3x3 majority vote over the colour labels (a foreground pixel takes
+    the colour most of its neighbourhood carries; ties keep its own: it removes specks and also
+    one-pixel lines); the background becomes pure white. As a filter after sampling the sprites
+    change: figures of filtered samples are not the model's own."""
     if colours < 1:
         raise ValueError(f"colours = {colours}: give at least 1")
     out = np.full_like(images, 255)
@@ -164,19 +168,46 @@ def reduce_colours(images: np.ndarray, colours: int, iterations: int = 10) -> np
         px = im[fg].astype(np.float64)
         order = np.argsort(px @ np.array([0.299, 0.587, 0.114]), kind="stable")
         centres = np.stack([px[band].mean(axis=0) for band in np.array_split(order, min(colours, len(px)))])
-        for _ in range(iterations):
-            label = ((px[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
-            sums = np.zeros_like(centres)
-            np.add.at(sums, label, px)
-            counts = np.bincount(label, minlength=len(centres))[:, None]
-            centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
-        labels = np.full(fg.shape, len(centres))  # the background's label is the last
-        labels[fg] = label
-        votes = _neighbourhood_votes(labels, len(centres) + 1)
-        votes[labels, *np.indices(fg.shape)] += 0.5  # a tie keeps the pixel's own colour
-        voted = votes[: len(centres)].argmax(axis=0)  # foreground pixels stay foreground
-        out[i][fg] = np.clip(np.rint(centres[voted[fg]]), 0, 255).astype(np.uint8)
+        label, centres = _kmeans(px, centres, iterations)
+        if merge > 0:
+            label, centres = _merge_close(px, label, centres, merge)
+        if vote:
+            labels = np.full(fg.shape, len(centres))  # the background's label is the last
+            labels[fg] = label
+            votes = _neighbourhood_votes(labels, len(centres) + 1)
+            votes[labels, *np.indices(fg.shape)] += 0.5  # a tie keeps the pixel's own colour
+            label = votes[: len(centres)].argmax(axis=0)[fg]  # foreground pixels stay foreground
+        out[i][fg] = np.clip(np.rint(centres[label]), 0, 255).astype(np.uint8)
     return out
+
+
+def _kmeans(px: np.ndarray, centres: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """(label of each pixel, centres) after `iterations` Lloyd steps from `centres`."""
+    for _ in range(iterations):
+        label = ((px[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, label, px)
+        counts = np.bincount(label, minlength=len(centres))[:, None]
+        centres = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+    return ((px[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1), centres
+
+
+def _merge_close(px: np.ndarray, label: np.ndarray, centres: np.ndarray, merge: float):
+    """Join the two nearest used colours (their pixels' mean) while they are closer than `merge`."""
+    used = np.unique(label)
+    centres = np.stack([px[label == k].mean(axis=0) for k in used])
+    label = np.searchsorted(used, label)
+    while len(centres) > 1:
+        d = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(axis=2)) + np.diag(np.full(len(centres), np.inf))
+        a, b = np.unravel_index(np.argmin(d), d.shape)
+        if d[a, b] >= merge:
+            break
+        a, b = min(a, b), max(a, b)
+        label = np.where(label == b, a, label)
+        label = np.where(label > b, label - 1, label)
+        centres = np.delete(centres, b, axis=0)
+        centres[a] = px[label == a].mean(axis=0)
+    return label, centres
 
 
 def _neighbourhood_votes(labels: np.ndarray, n: int) -> np.ndarray:

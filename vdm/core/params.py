@@ -156,6 +156,7 @@ class ModelParams(Section):
     ]
     num_res_blocks: Int("an integer from 1 to 16", ge=1, le=16)  # per level
     attention_resolutions: IntList  # feature-map sizes with self-attention
+    qk_norm: bool  # attention logits sqrt(d) cos(q, k): unit-length queries and keys, bounded logits
     dropout: Num("a number in [0, 1)", ge=0, lt=1)
     patch_size: Annotated[int, _one_of(1, 2, 4), Field(description="1, 2 or 4")]  # space-to-depth stem
     fourier_min: Int("an integer from 0 to 12", ge=0, le=12)  # Fourier features 2^n * 2pi, n in [min, max]
@@ -169,6 +170,7 @@ class ModelParams(Section):
         tuple(WEIGHTINGS)
     ]  # weighting of the diffusion term the net trains on (vdm/model/weightings.py)
     sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
+    weight_floor: Num("a number in [0, 1]", ge=0, le=1)  # w(gamma) at least this (0: none): trains low noise
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/model/diffusion.py)
     seed: Seed  # weight initialisation
 
@@ -241,6 +243,7 @@ class TrainParams(Section):
     cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
     final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
     weight_decay: Num("a number >= 0", ge=0)
+    adam_beta2: Num("a number in (0, 1)", gt=0, lt=1)  # AdamW's second-moment decay
     grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
     ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)

@@ -128,8 +128,11 @@ def _digest(*arrays: np.ndarray) -> str:
 @sample_metric("c2st")
 def c2st_metric(s: SampleSets) -> dict[str, float]:
     """Held-out accuracy of a CNN telling the samples from test sprites (`c2st`, +- `c2st_se`), and
-    the floor: training sprites against the same test sprites (`c2st_floor`, +- s.e.)."""
+    the floor: training sprites against the same test sprites (`c2st_floor`, +- s.e.); None for
+    fewer than FOLDS samples."""
     n = min(len(s.samples), len(s.test), MAX_PER_SIDE)
+    if n < FOLDS:  # too few images for k folds: no figure (None in eval.json)
+        return dict.fromkeys(("c2st", "c2st_se", "c2st_floor", "c2st_floor_se"), None) | {"c2st_images": n}
     test = _subset(s.test, n, s.seed)
     samples = _subset(s.samples, n, s.seed + 1)
     acc, se = held_out_accuracy(samples, test, s.seed)

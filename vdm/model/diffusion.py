@@ -103,6 +103,7 @@ class VDM(nn.Module):
         x_skip_noise: float = 0.0,
         loss_weighting: str = "elbo",
         sigmoid_bias: float = 0.0,
+        weight_floor: float = 0.0,
     ):
         """`net(z_t, gamma_t)` predicts eps or v; timesteps = 0 for continuous time, else T."""
         super().__init__()
@@ -111,6 +112,7 @@ class VDM(nn.Module):
         self.net, self.schedule = net, schedule
         self.antithetic, self.timesteps = antithetic, timesteps
         self.prediction, self.loss_weighting, self.sigmoid_bias = prediction, loss_weighting, sigmoid_bias
+        self.weight_floor = weight_floor
         # x-prediction's skip: x_hat = c_skip z_t / alpha_t + c_out F, switching from F (the net's
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
         self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
@@ -211,8 +213,9 @@ class VDM(nn.Module):
 
     def weight(self, gamma: torch.Tensor) -> torch.Tensor:
         """w(gamma_t) for the training objective's diffusion term (1 for the bound): the registered
-        weighting `loss_weighting` (vdm/model/weightings.py)."""
-        return WEIGHTINGS[self.loss_weighting](gamma, sigmoid_bias=self.sigmoid_bias)
+        weighting `loss_weighting` (vdm/model/weightings.py), at least `weight_floor`."""
+        w = WEIGHTINGS[self.loss_weighting](gamma, sigmoid_bias=self.sigmoid_bias)
+        return w.clamp(min=self.weight_floor) if self.weight_floor > 0 else w
 
     def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
         """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim."""
@@ -296,4 +299,5 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
         x_skip_noise=model.x_skip_noise,
         loss_weighting=model.loss_weighting,
         sigmoid_bias=model.sigmoid_bias,
+        weight_floor=model.weight_floor,
     )

@@ -16,6 +16,7 @@ against it before any stage runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,6 +40,13 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.float()).to(x.dtype)
+
+
+def _without_autocast(device_type: str):
+    """A block where autocast (if on for this device type) is off."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -89,8 +97,9 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, channels: int, head_dim: int = 64):
+    def __init__(self, channels: int, head_dim: int = 64, qk_norm: bool = False):
         super().__init__()
+        self.qk_norm = qk_norm
         # about head_dim channels a head, the channels split evenly over the heads
         self.heads = max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
         self.norm = GroupNorm(_groups(channels), channels)
@@ -101,7 +110,11 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.qk_norm:  # logits sqrt(d) cos(q, k): bounded, however large the activations grow
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, scale=math.sqrt(q.shape[-1]))
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
@@ -135,14 +148,16 @@ class UNet(nn.Module):
                 blocks = nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout)])
                 c = channels * mult
                 if res in attention_resolutions:
-                    blocks.append(Attention(c))
+                    blocks.append(Attention(c, qk_norm=model.qk_norm))
                 self.down.append(blocks)
                 chans.append(c)
             if level != len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), Attention(c), ResBlock(c, c, emb_dim, dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, emb_dim, dropout), Attention(c, qk_norm=model.qk_norm), ResBlock(c, c, emb_dim, dropout)]
+        )
         if res not in attention_resolutions:
             self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout)])  # no attention at this size
         self.up = nn.ModuleList()
@@ -151,7 +166,7 @@ class UNet(nn.Module):
                 blocks = nn.ModuleList([ResBlock(c + chans.pop(), channels * mult, emb_dim, dropout)])
                 c = channels * mult
                 if res in attention_resolutions:
-                    blocks.append(Attention(c))
+                    blocks.append(Attention(c, qk_norm=model.qk_norm))
                 if level != 0 and i == model.num_res_blocks:
                     blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
                     blocks.append(nn.Conv2d(c, c, 3, padding=1))
@@ -190,7 +205,7 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for m in blocks:
                 h = self._block(m, h, emb)
-        with torch.autocast(h.device.type, enabled=False):  # the prediction in float32 under bf16 autocast
+        with _without_autocast(h.device.type):  # the prediction in float32 under bf16 autocast
             h = self.out(F.silu(self.out_norm(h.float())))
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)

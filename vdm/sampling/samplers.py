@@ -100,12 +100,12 @@ def solve(
         raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
     n = z.shape[0]
     kept = {}
-    step, memory = SAMPLERS[sampler].step, {}
+    step, refine, memory = SAMPLERS[sampler].step, SAMPLERS[sampler].refine, {}
     for i in range(len(gammas) - 1):
         if i in snapshots:
             kept[i] = z.clone()
         gt, gs = gammas[i], gammas[i + 1]
-        x_hat = denoise(z, gt.expand(n))
+        x_hat = refine(denoise(z, gt.expand(n)), gt)
         z = step(Step(z, x_hat, gt, gs, generator, temperature, memory))
         if on_step is not None:
             on_step(i + 1)
@@ -158,7 +158,8 @@ def sample(
     z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step, temperature)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
     if denoise_last:
-        return decode_nearest(denoise(z, gammas[-1].expand(n))).cpu(), traj
+        x_hat = SAMPLERS[sampler].refine(denoise(z, gammas[-1].expand(n)), gammas[-1])
+        return decode_nearest(x_hat).cpu(), traj
     alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
     return decode_nearest(z / alpha_0).cpu(), traj
 

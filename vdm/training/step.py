@@ -48,7 +48,12 @@ def build_training(params: Params, device: torch.device):
     ema = make_ema(model, tp.ema_decay)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(
-        model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, foreach=not fused, fused=fused or None
+        model.parameters(),
+        lr=tp.lr,
+        betas=(0.9, tp.adam_beta2),
+        weight_decay=tp.weight_decay,
+        foreach=not fused,
+        fused=fused or None,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
