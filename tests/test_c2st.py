@@ -48,6 +48,15 @@ def test_speckle_on_the_same_shapes_is_told_apart(sprites):
     assert acc >= 0.9
 
 
+def test_repeats_average_the_seeds_and_widen_the_error_by_their_spread(sprites):
+    a, b = sprites[:24], sprites[24:48]
+    runs = [held_out_accuracy(a, b, seed=s) for s in (5, 6)]
+    acc, se = held_out_accuracy(a, b, seed=5, repeats=2)
+    assert acc == pytest.approx((runs[0][0] + runs[1][0]) / 2)
+    spread = (runs[0][0] - runs[1][0]) ** 2 / 4  # the variance of two values over 2 repeats
+    assert se == pytest.approx((acc * (1 - acc) / 48 + spread) ** 0.5)
+
+
 def test_same_images_same_figure_and_bad_sizes_refused(sprites):
     a, b = sprites[:24], sprites[24:48]
     assert held_out_accuracy(a, b, seed=3) == held_out_accuracy(a, b, seed=3)
@@ -61,7 +70,8 @@ def test_registered_with_its_floor(sprites, monkeypatch):
     assert "c2st" in SAMPLE_METRICS
     calls = []
     real = c2st.held_out_accuracy
-    monkeypatch.setattr(c2st, "held_out_accuracy", lambda a, b, seed: calls.append(len(a)) or real(a, b, seed))
+    monkeypatch.setattr(c2st, "REPEATS", 1)
+    monkeypatch.setattr(c2st, "held_out_accuracy", lambda a, b, seed, r: calls.append(len(a)) or real(a, b, seed, r))
     monkeypatch.setattr(c2st, "_FLOORS", {})
     noise = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     sets = SampleSets(noise, sprites[:48], sprites[48:72], repeats=2, seed=0)
