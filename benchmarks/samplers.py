@@ -98,7 +98,7 @@ def main() -> None:
             temperature=temperature,
         )
         t0 = time.perf_counter()
-        q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, per_repeat=True)
+        q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
         metric_s = time.perf_counter() - t0
         # paired with the first row (same seeds, same bootstrap draws): the difference and its s.e.
         diff = np.asarray(q["swd_per_repeat"]) - np.asarray((rows[0] if rows else q)["swd_per_repeat"])

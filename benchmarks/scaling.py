@@ -104,7 +104,8 @@ def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, te
             samples = np.load(samples_path)
             if "c2st" not in row:  # scored before the classifier test: add it from the cached samples
                 ep = p.evaluate
-                row.update(c2st_metric(SampleSets(samples, train_x, test_x, ep.swd_repeats, ep.seed)))
+                sets = SampleSets(samples, train_x, test_x, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats)
+                row.update(c2st_metric(sets))
                 cache.write_text(json.dumps({**row, "scored_with": cached}, indent=1) + "\n")
             return row, samples
     q, samples = score(snap, "ema", p, train_x, test_x, guide, weight)

@@ -103,7 +103,7 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
         guide=weak,
         guidance=guidance,
     )
-    q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, per_repeat=True)
+    q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
     gen = torch.Generator(device).manual_seed(ep.seed)
     bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen, device)
     return {**q, "sample_s": round(secs, 1), "test_bpd": bpd["total"], "test_bpd_se": bpd["total_se"]}, samples

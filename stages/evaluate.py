@@ -6,7 +6,8 @@ from vdm.evaluation.evaluate import evaluate
 
 
 def main() -> None:
-    r = evaluate(load_params().evaluate)
+    ep = load_params().evaluate
+    r = evaluate(ep)
     fid = f"FID {r['fid']:.1f}" if r["fid"] is not None else "FID/KID/IS skipped (no Inception weights)"
     scaled = r["test_bpd_eps_scaled"]
     scaled = f", {scaled:.3f} with the eps scale" if scaled is not None else ""
@@ -22,6 +23,8 @@ def main() -> None:
         f"classifier two-sample test {r['c2st']:.3f} +- {r['c2st_se']:.3f} (real against real "
         f"{r['c2st_floor']:.3f} +- {r['c2st_floor_se']:.3f}; 0.5 = indistinguishable)"
         if r["c2st"] is not None
+        else "classifier two-sample test off (evaluate.c2st_repeats = 0)"
+        if ep.c2st_repeats == 0
         else f"classifier two-sample test skipped ({r['c2st_images']} samples: it needs at least 4)"
     )
     print(

@@ -66,7 +66,14 @@ TEST_OVERRIDES = {
         "denoise_last": False,
         "device": "cpu",
     },
-    "evaluate": {"time_samples": 2, "batch_size": 8, "closest_pairs": 2, "swd_repeats": 2, "device": "cpu"},
+    "evaluate": {
+        "time_samples": 2,
+        "batch_size": 8,
+        "closest_pairs": 2,
+        "swd_repeats": 2,
+        "c2st_repeats": 1,
+        "device": "cpu",
+    },
 }
 
 

@@ -70,11 +70,10 @@ def test_registered_with_its_floor(sprites, monkeypatch):
     assert "c2st" in SAMPLE_METRICS
     calls = []
     real = c2st.held_out_accuracy
-    monkeypatch.setattr(c2st, "REPEATS", 1)
     monkeypatch.setattr(c2st, "held_out_accuracy", lambda a, b, seed, r: calls.append(len(a)) or real(a, b, seed, r))
     monkeypatch.setattr(c2st, "_FLOORS", {})
     noise = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
-    sets = SampleSets(noise, sprites[:48], sprites[48:72], repeats=2, seed=0)
+    sets = SampleSets(noise, sprites[:48], sprites[48:72], repeats=2, seed=0, c2st_repeats=1)
     out = SAMPLE_METRICS["c2st"](sets)
     assert out["c2st"] >= 0.95 and out["c2st_floor"] < 0.8 and out["c2st_images"] == 24
     assert set(out) == {"c2st", "c2st_se", "c2st_floor", "c2st_floor_se", "c2st_images"}

@@ -312,6 +312,7 @@ class EvaluateParams(Section):
     inception_weights: str  # path to torch-fidelity's Inception weights; "" = torch hub cache only
     closest_pairs: Int("0 to 256", ge=0, le=256)  # sample/nearest-training-image pairs in eval/closest_pairs.png
     swd_repeats: Int("an integer from 2 to 1000", ge=2, le=1000)  # bootstrap repeats of the SWD (its s.e.)
+    c2st_repeats: Int("0 (off) to 10", ge=0, le=10)  # seeds the classifier two-sample test averages
     filter_colours: Int("0 to 64", ge=0, le=64)  # figures of the samples reduced to this many colours; 0 = none
     device: Device
 

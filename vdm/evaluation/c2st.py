@@ -6,11 +6,11 @@ samples, half sprites); for each fold a fresh CNN trains on the other folds and 
 share of the 2n held-out predictions that are right is one repeat. A CNN trained on a few
 hundred images lands differently from one seed to the next (three seeds on one set of filtered
 samples: 0.977, 0.875, 0.945, where the binomial s.e. is 0.01-0.02), so the figure is the mean of
-`REPEATS` repeats with other seeds (folds, weights, batches), and its standard error joins the
-binomial one of the images with the spread of the repeats. The floor is the same test with n training sprites in place of the samples: two sets of
-real sprites of different Pokémon (the split is by Pokémon), which a small CNN tells apart a
-little better than chance. Everything is seeded (weights, shuffles, folds): the same images give
-the same figure on the same CPU type.
+`evaluate.c2st_repeats` repeats with other seeds (folds, weights, batches), and its standard error joins the
+binomial one of the images with the spread of the repeats. The floor is the same test with n
+training sprites in place of the samples: two sets of real sprites of different Pokémon (the
+split is by Pokémon), which a small CNN tells apart a little better than chance. Everything is
+seeded (weights, shuffles, folds): the same images give the same figure on the same CPU type.
 
 Why a CNN and not the SWD: the SWD compares 7x7 patch statistics, which samples reach long before
 they look like sprites; a classifier sees any difference that helps it, colour washes, speckle
@@ -29,7 +29,6 @@ from torch import nn
 from vdm.evaluation.metrics import SampleSets, sample_metric
 
 FOLDS = 4
-REPEATS = 3  # seeds averaged (see the module docstring)
 STEPS = 300  # Adam steps per fold, whatever the set size: a few hundred images need this many
 BATCH = 32
 LR = 2e-3
@@ -139,17 +138,17 @@ def _digest(*arrays: np.ndarray) -> str:
 @sample_metric("c2st")
 def c2st_metric(s: SampleSets) -> dict[str, float]:
     """Held-out accuracy of a CNN telling the samples from test sprites (`c2st`, +- `c2st_se`), and
-    the floor: training sprites against the same test sprites (`c2st_floor`, +- s.e.); None for
-    fewer than FOLDS samples."""
+    the floor: training sprites against the same test sprites (`c2st_floor`, +- s.e.), each the
+    mean of `c2st_repeats` seeds; None when that is 0 or there are fewer than FOLDS samples."""
     n = min(len(s.samples), len(s.test), MAX_PER_SIDE)
-    if n < FOLDS:  # too few images for k folds: no figure (None in eval.json)
+    if n < FOLDS or s.c2st_repeats == 0:  # off, or too few images for k folds: None in eval.json
         return dict.fromkeys(("c2st", "c2st_se", "c2st_floor", "c2st_floor_se"), None) | {"c2st_images": n}
     test = _subset(s.test, n, s.seed)
     samples = _subset(s.samples, n, s.seed + 1)
-    acc, se = held_out_accuracy(samples, test, s.seed, REPEATS)
+    acc, se = held_out_accuracy(samples, test, s.seed, s.c2st_repeats)
     reals = _subset(s.train, n, s.seed + 2)
-    key = _digest(reals, test) + f"/{s.seed}"
+    key = _digest(reals, test) + f"/{s.seed}/{s.c2st_repeats}"
     if key not in _FLOORS:
-        _FLOORS[key] = held_out_accuracy(reals, test, s.seed, REPEATS)
+        _FLOORS[key] = held_out_accuracy(reals, test, s.seed, s.c2st_repeats)
     floor, floor_se = _FLOORS[key]
     return {"c2st": acc, "c2st_se": se, "c2st_floor": floor, "c2st_floor_se": floor_se, "c2st_images": n}

@@ -24,13 +24,20 @@ from vdm.model.checkpoint import check_keys, load_model, read_json
 
 
 def sample_quality(
-    samples: np.ndarray, train: np.ndarray, test: np.ndarray, repeats: int, seed: int, per_repeat: bool = False
+    samples: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    repeats: int,
+    seed: int,
+    per_repeat: bool = False,
+    c2st_repeats: int = 3,
 ) -> dict:
     """Every registered sample metric (vdm.evaluation.metrics.SAMPLE_METRICS: SWD beside its floor,
     graininess, parts, palette, flatness, ...) of the samples, with the training and test splits as
     references.
-    per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons."""
-    sets = SampleSets(samples, train, test, repeats, seed, per_repeat)
+    per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons;
+    c2st_repeats: the seeds the classifier test averages (evaluate.c2st_repeats; 0 = off)."""
+    sets = SampleSets(samples, train, test, repeats, seed, per_repeat, c2st_repeats)
     out = {}
     for metric in SAMPLE_METRICS.values():
         out.update(metric(sets))
@@ -137,10 +144,10 @@ def evaluate(
     bpd, bpd_scaled = test_bounds(model, test, ep, device)
     fid, skipped = _fidelity_or_none(ep, samples, test, device)
     mem = memorisation(samples, train, test)
-    quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed)
+    quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats)
     filtered = reduce_colours(samples, ep.filter_colours) if ep.filter_colours else None
     if filtered is not None:
-        scores = sample_quality(filtered, train, test, ep.swd_repeats, ep.seed)
+        scores = sample_quality(filtered, train, test, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats)
         quality |= {"filtered_colours": ep.filter_colours} | {f"filtered_{k}": scores[k] for k in FILTERED_KEYS}
 
     result = {

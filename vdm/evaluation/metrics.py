@@ -235,6 +235,7 @@ class SampleSets:
     repeats: int
     seed: int
     per_repeat: bool = False
+    c2st_repeats: int = 3  # seeds the classifier two-sample test averages (evaluate.c2st_repeats; 0 = off)
 
 
 SampleMetric = Callable[[SampleSets], dict]
