@@ -66,7 +66,7 @@ MAX_OUT_FILES = 8
 INTERIM = "interim.json"  # in the run folder: models/ holds a checkpoint's weights, not a finished run's
 MARGIN_S = 10  # of --minutes, kept for writing the report and exiting
 # Seconds at most per phase; train takes what the others leave. Full scale: one H100/H200.
-PLAN = {"setup": 30, "tests": 75, "benchmark": 130, "train": 0, "interim": 20, "sample": 35, "evaluate": 45}
+PLAN = {"setup": 30, "tests": 75, "benchmark": 130, "train": 0, "interim": 20, "sample": 35, "evaluate": 90}
 TINY_PLAN = {
     "setup": 20,
     "tests": 60,
@@ -75,7 +75,7 @@ TINY_PLAN = {
     "train": 0,
     "interim": 20,
     "sample": 60,
-    "evaluate": 60,
+    "evaluate": 120,
 }
 # of the train budget: kept for what follows the stop request (the checkpoint, or the
 # post-training fits and evaluations of a run that finished its steps)
@@ -371,6 +371,8 @@ def run_params(tiny: bool, image_size: int | None = None) -> dict:
         processes=1,
         wandb="disabled",
     )
+    # the classifier test at one seed: its CNNs train on the CPU, three seeds would outrun the phase
+    raw["evaluate"]["c2st_repeats"] = 1
     if not tiny:
         t["eval_images"] = 256  # the post-training fits and bounds: seconds, not a minute
         raw["sample"].update(count=128, batch_size=128)
