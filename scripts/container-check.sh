@@ -22,24 +22,25 @@
 #      default rlimits or cgroups it retries with runc and modest --ulimit values;
 #   prints the wall time and the image sizes.
 #
+# Package index: the host's own pip configuration (`pip config get global.index-url`, or
+# PIP_INDEX_URL) is handed to the build; without one, pip inside the build uses its default.
 # Local wheels: each folder of $LOCAL_WHEELS that exists is lent to the build read-only
-# (--volume) and handed to pip: folders holding a simple/ index as indexes besides PyPI
-# (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL), other folders as --find-links. Set
-# LOCAL_WHEELS="" to build from PyPI alone, as `docker build` does by default.
+# (--volume) and handed to pip: folders holding a simple/ index as extra indexes
+# (PIP_EXTRA_INDEX_URL), other folders as --find-links. LOCAL_WHEELS="" (the default): none.
 #
 # CA bundle: the host's ($CA_BUNDLE) is lent to the build and given to pip (PIP_CERT), so that
 # a proxy that intercepts TLS with a CA only the host trusts still works. CA_BUNDLE="": off.
 #
 # Environment: BASE_IMAGE (localhost/bookworm-min), IMAGE (localhost/vdm-pokemon),
-# DEBIAN_MIRROR (first Debian URI in /etc/apt/sources.list*, else http://deb.debian.org/debian),
-# LOCAL_WHEELS ("/opt/wheels /opt/pypi /opt/pypi-more"),
+# DEBIAN_MIRROR (the first Debian URI in the host's /etc/apt/sources.list*),
+# LOCAL_WHEELS (folders of wheels or simple/ indexes, space-separated; none by default),
 # CA_BUNDLE (/etc/ssl/certs/ca-certificates.crt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_IMAGE=${BASE_IMAGE:-localhost/bookworm-min}
 IMAGE=${IMAGE:-localhost/vdm-pokemon}
-LOCAL_WHEELS=${LOCAL_WHEELS-/opt/wheels /opt/pypi /opt/pypi-more}
+LOCAL_WHEELS=${LOCAL_WHEELS-}
 CA_BUNDLE=${CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}
 
 say() { printf '\n== container-check: %s\n' "$*"; }
@@ -83,11 +84,10 @@ for dir in $LOCAL_WHEELS; do
     build_args+=(--volume "$dir:$dir:ro")
     if [ -d "$dir/simple" ]; then indexes+=("file://$dir/simple"); else links+=("$dir"); fi
 done
-if [ ${#indexes[@]} -gt 0 ]; then
-    # Local indexes as well as PyPI: whatever PyPI lacks (or cannot be reached) comes from disk.
-    extra=("${indexes[@]:1}" https://pypi.org/simple)
-    build_args+=(--build-arg "PIP_INDEX_URL=${indexes[0]}" --build-arg "PIP_EXTRA_INDEX_URL=${extra[*]}")
-fi
+# The host's index (its pip configuration), and local indexes beside it.
+index=${PIP_INDEX_URL:-$(python3 -m pip config get global.index-url 2>/dev/null || true)}
+[ -z "$index" ] || build_args+=(--build-arg "PIP_INDEX_URL=$index")
+[ ${#indexes[@]} -eq 0 ] || build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=${indexes[*]}")
 [ ${#links[@]} -eq 0 ] || build_args+=(--build-arg "PIP_FIND_LINKS=${links[*]}")
 # The host's CA bundle, for a proxy that intercepts TLS to the package index.
 if [ -n "$CA_BUNDLE" ] && [ -f "$CA_BUNDLE" ]; then

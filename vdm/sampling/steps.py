@@ -151,8 +151,9 @@ def dpmpp_2m_step(s: Step) -> torch.Tensor:
 
 
 def palette_pull(x_hat: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """x_hat (B, 3, H, W) in [-1, 1] moved a share w(gamma) of the way to its sprites repainted in
-    at most PALETTE_COLOURS flat colours each (w: 0 above PALETTE_START, 1 from PALETTE_FULL down)."""
+    """x_hat (B, 3, H, W) in [-1, 1] at gamma (a 0-d tensor) moved a share w(gamma) of the way to
+    its sprites repainted in at most PALETTE_COLOURS flat colours each (w: 0 above PALETTE_START,
+    1 from PALETTE_FULL down)."""
     w = min(1.0, max(0.0, (PALETTE_START - float(gamma)) / (PALETTE_START - PALETTE_FULL)))
     if w == 0.0:
         return x_hat
@@ -162,7 +163,7 @@ def palette_pull(x_hat: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return torch.lerp(x_hat, target, w)
 
 
-@sampler("sprite", deterministic=False, refine=lambda x_hat, gamma: palette_pull(x_hat, gamma.flatten()[0]))
+@sampler("sprite", deterministic=False, refine=palette_pull)
 def sprite_step(s: Step) -> torch.Tensor:
     """The ancestral step from the palette-pulled estimate (the walk has applied palette_pull)."""
     return ancestral_step(s)
