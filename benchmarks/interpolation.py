@@ -46,7 +46,7 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         t0 = time.perf_counter()
-        back = model.decode(model.encode(x, steps), steps)
+        back = model.decode(model.encode(x, steps=steps), steps=steps)
         d = np.abs(back.astype(int) - x)
         rows.append(
             dict(

@@ -8,7 +8,7 @@ Every row runs in its own process (so its peak memory is its own) and reports: t
 (the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
 of timed steps after warm-up), model FLOPs per image (torch.utils.flop_counter, forward +
 backward), achieved FLOP/s and its fraction of the matmul peak measured in the same process in the
-row's network dtype (a 2048^2 matmul), sampler img/s at T=256 and T=64 (real ancestral sampling),
+row's network dtype (a 2048^2 matmul), sampler img/s at T=256 and T=64 (the sample stage's walk at T steps),
 and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and written to
 --json.
 
@@ -23,6 +23,9 @@ Rows:
                         one naive choice at a time (the gain of each choice)
     compiled            the default's training step with the UNet under torch.compile (inductor;
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
+    c32, c64, c32-b2, c48-b2, c64-b2
+                        the default at another width (model.channels) and res blocks per level
+                        (-b2: model.num_res_blocks 2): each shape's step cost, for the isoFLOP comparison
     gpu                 presets/gpu.yaml's full-scale model (no stem, 128 channels at
                         96/48/24/12, attention at 24 and 12); on CUDA: batch 128, bf16
                         autocast, torch.compile, TF32; on a CPU: batch 4, the precision of params.yaml, no sampler
@@ -54,7 +57,10 @@ ROWS = {
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
     "gpu": (),
+    **{shape: () for shape in ("c32", "c64", "c32-b2", "c48-b2", "c64-b2")},
 }
+# shape rows: (model.channels, model.num_res_blocks), the rest as params.yaml (the isoFLOP comparison)
+SHAPES = {"c32": (32, 1), "c64": (64, 1), "c32-b2": (32, 2), "c48-b2": (48, 2), "c64-b2": (64, 2)}
 
 
 def sync(device) -> None:
@@ -113,6 +119,10 @@ def row_params(row: str, device):
     if row in ("fp32", "bf16"):
         update = {s: getattr(params, s).model_copy(update={"precision": row}) for s in ("train", "sample")}
         return params.model_copy(update=update), params.train.batch_size, True
+    if row in SHAPES:
+        channels, blocks = SHAPES[row]
+        model = params.model.model_copy(update={"channels": channels, "num_res_blocks": blocks})
+        return params.model_copy(update={"model": model}), params.train.batch_size, True
     if row == "compiled":
         params = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
         return params, params.train.batch_size, False
@@ -206,12 +216,13 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
         if row != "naive":  # the T=256 target is the default's; naive is compared at T=64
             runs.insert(0, (256, sample_n))
         for t_steps, n in runs:
-            draw(net, 1, 2, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)  # warm-up
+            options = params.sample.options.replace(steps=t_steps)  # the sample stage's walk at t_steps
+            draw(net, 1, options.replace(steps=2), torch.Generator(device=device).manual_seed(0), device)  # warm-up
             sync(device)
             t0 = time.perf_counter()
             gen, chunk = torch.Generator(device=device).manual_seed(0), params.sample.batch_size
             for start in range(0, n, chunk):
-                draw(net, min(chunk, n - start), t_steps, "ancestral", "t", gen, device)
+                draw(net, min(chunk, n - start), options, gen, device)
             sync(device)
             dt = time.perf_counter() - t0
             out[f"sample_t{t_steps}_n"] = n

@@ -82,21 +82,8 @@ def main() -> None:
                 memory_format=torch.channels_last
             )
         model = models[weights]
-        samples, _, secs = generate(
-            model,
-            count,
-            int(steps),
-            sp.batch_size,
-            sp.seed,
-            0,
-            2,
-            torch.device("cpu"),
-            sp.clip_denoised,
-            sampler,
-            spacing,
-            denoise_last=sp.denoise_last,
-            temperature=temperature,
-        )
+        options = sp.options.replace(sampler=sampler, steps=int(steps), spacing=spacing, temperature=temperature)
+        samples, _, secs = generate(model, count, options, sp.seed, torch.device("cpu"))
         t0 = time.perf_counter()
         q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
         metric_s = time.perf_counter() - t0

@@ -86,23 +86,7 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
     weak = None
     if guide is not None:
         weak = load_model(guide, "ema", device, sp.precision)[0].to(memory_format=torch.channels_last)
-    samples, _, secs = generate(
-        model,
-        sp.count,
-        sp.steps,
-        sp.batch_size,
-        sp.seed,
-        0,
-        2,
-        device,
-        sp.clip_denoised,
-        sp.sampler,
-        sp.spacing,
-        denoise_last=sp.denoise_last,
-        temperature=sp.temperature,
-        guide=weak,
-        guidance=guidance,
-    )
+    samples, _, secs = generate(model, sp.count, sp.options, sp.seed, device, guide=weak, guidance=guidance)
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
     gen = torch.Generator(device).manual_seed(ep.seed)
     bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen, device)

@@ -8,9 +8,11 @@ every row's logged losses come back, a checkpoint's rows for one still training.
         --row "base 1200" --row "floor 1200 model.weight_floor=0.01" \\
         --row "lr2e3 5000 train.lr=0.002 train.cosine_decay=false"
 
-A row is "NAME STEPS key=value ..." (sweep.py's row with its own train.steps). Writes
-OUT/summary.json (each row's exit code, its sweep row with the scores, its train.csv or the
-checkpoint's logged rows) and OUT/samples-NAME.npy (the first 32 sprites of each scored row).
+A row is "NAME STEPS key=value ..." (sweep.py's row with its own train.steps). A --probe row
+(the same form) runs benchmarks/stability.py instead: the training steps with its probes every 10
+steps (where a run diverges). Writes OUT/summary.json (each row's exit code, its sweep row with
+the scores, its train.csv or the checkpoint's logged rows; each probe's CSV) and
+OUT/samples-NAME.npy (the first 32 sprites of each scored row).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import gpu_check  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--row", action="append", required=True, help='"NAME STEPS key=value ..." (repeatable)')
+    ap.add_argument("--row", action="append", default=[], help='"NAME STEPS key=value ..." (repeatable)')
+    ap.add_argument("--probe", action="append", default=[], help='"NAME STEPS key=value ...": a stability probe')
     ap.add_argument("--pack", default="gpu-pack")
     ap.add_argument("--out", default="reports/gpu-sweep")
     ap.add_argument("--seconds", type=float, default=400, help="stop every row still running after this long")
@@ -51,6 +54,13 @@ def main() -> None:
         cmd = [sys.executable, "benchmarks/sweep.py", "--steps", steps, "--row", row, "--out", str(work / name)]
         log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed below, after the process ends)
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    for spec in args.probe:
+        name, steps, *sets = spec.split()
+        sets = [*sets, "train.device=cuda"]
+        cmd = [sys.executable, "benchmarks/stability.py", "--steps", steps, "--out", str(work / name)]
+        cmd += [arg for s in sets for arg in ("--set", s)]
+        log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed below, after the process ends)
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     while time.time() - t0 < args.seconds and any(p.poll() is None for p, _ in procs.values()):
         time.sleep(5)
     for p, _ in procs.values():
@@ -68,6 +78,8 @@ def main() -> None:
         logged = out / f"{name}.log"
         r = {"rc": p.returncode, "log_tail": logged.read_text()[-1500:]}
         logged.unlink()
+        if (work / name / "probe.csv").is_file():
+            r["probe_csv"] = (work / name / "probe.csv").read_text()
         if (d / "row.json").is_file():
             row = json.loads((d / "row.json").read_text())
             row["ema"] = {k: v for k, v in row["ema"].items() if not isinstance(v, list)}

@@ -2,39 +2,25 @@
 
 from stages._cli import run
 from vdm.core.params import load_params
+from vdm.core.registry import check_params
 from vdm.core.runtime import resolve_device
 from vdm.model.checkpoint import load_model
 from vdm.sampling.sprites import generate, write_samples
+from vdm.sampling.steps import SAMPLERS
 
 
 def main() -> None:
-    sp = load_params().sample
+    params = load_params()
+    check_params(params, SAMPLERS)
+    sp = params.sample
     device = resolve_device(sp.device, "sample.device")
     model, config = load_model("models", "ema", device, sp.precision)
     samples, strip, seconds = generate(
-        model,
-        sp.count,
-        sp.steps,
-        sp.batch_size,
-        sp.seed,
-        sp.strip_rows,
-        sp.strip_points,
-        device,
-        sp.clip_denoised,
-        sp.sampler,
-        sp.spacing,
-        progress=True,
-        denoise_last=sp.denoise_last,
-        temperature=sp.temperature,
+        model, sp.count, sp.options, sp.seed, device, sp.strip_rows, sp.strip_points, progress=True
     )
     info = {
         "count": sp.count,
-        "sampler": sp.sampler,
-        "steps": sp.steps,
-        "spacing": sp.spacing,
-        "clip_denoised": sp.clip_denoised,
-        "denoise_last": sp.denoise_last,
-        "temperature": sp.temperature,
+        **sp.options.model_dump(exclude={"batch_size"}),
         "seconds": round(seconds, 1),
         "img_per_s": round(sp.count / seconds, 4),
         "device": str(device),

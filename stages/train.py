@@ -10,12 +10,15 @@ import os
 
 from stages._cli import run
 from vdm.core.params import load_params
+from vdm.core.registry import check_params
 from vdm.core.runtime import launch, process_count
+from vdm.model.weightings import WEIGHTINGS
 from vdm.training.loop import train
 
 
 def main() -> None:
     params = load_params()
+    check_params(params, WEIGHTINGS)
     n = process_count(params.train.processes, params.train.device)
     if n > 1 and "WORLD_SIZE" not in os.environ:
         launch(n, "stages.train")

@@ -3,7 +3,8 @@
 DVC deletes a stage's outputs just before it runs the stage's command, so a bad value found by
 the train stage itself would come after models/ and the metrics were gone. Every stage depends
 on params.ok, so DVC runs this check first whenever params.yaml changed: it parses the whole
-file (every section, every key, the network's shape rules: the same checks each stage makes) and
+file (every section, every key, the network's shape rules, the names it chooses from the
+registries of samplers and loss weightings: the same checks each stage makes) and
 checks what only this machine can tell: that the devices asked for exist here, that the training
 processes fit its GPUs and split the batch evenly, and wandb's environment (WANDB_MODE; the
 service, in online mode). On a bad value it prints one line and stops the pipeline; nothing else
@@ -23,6 +24,11 @@ TEXT = "params.yaml passed `python -m stages.validate` (this file never changes;
 
 def main() -> None:
     p = load_params()
+    from vdm.core.registry import check_params
+    from vdm.model.weightings import WEIGHTINGS
+    from vdm.sampling.steps import SAMPLERS
+
+    check_params(p, WEIGHTINGS, SAMPLERS)  # the names params.yaml chooses from the registries
     from vdm.core.runtime import process_count, resolve_device
 
     resolve_device(p.train.device, "train.device")

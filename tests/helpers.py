@@ -271,3 +271,22 @@ def copy_project(dest, model=None, train=None, **data):
     params["evaluate"].update(time_samples=1, device="cpu")
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
+
+
+def bare_vdm(net, schedule, **model_overrides):
+    """A VDM around a test net and schedule: the plain bound (eps prediction, the ELBO, no skip, no
+    weighting) unless model_overrides say otherwise."""
+    from vdm.model.diffusion import VDM
+
+    bare = dict(prediction="eps", loss_weighting="elbo", x_skip_noise=0.0, sigmoid_bias=0.0, weight_floor=0.0)
+    bare |= dict(antithetic=True, timesteps=0, self_condition=False)
+    return VDM(model_params(**{**bare, **model_overrides}), net, schedule)
+
+
+def walk(steps: int, sampler: str = "ancestral", spacing: str = "t", **fields):
+    """Sampling options for a test: the model's own walk (temperature 1, no final denoising step)
+    at `steps`, unless `fields` say otherwise."""
+    from vdm.core.params import SamplingOptions
+
+    base = SamplingOptions(steps=steps, sampler=sampler, spacing=spacing, denoise_last=False, temperature=1.0)
+    return base.replace(**fields)

@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, subprocess_env
+from tests.helpers import ROOT, subprocess_env, walk
 from vdm.app import api
 from vdm.core.errors import UserError
+from vdm.core.params import SamplingOptions, load_params
 from vdm.model.conversions import decode_nearest, encode
 from vdm.sampling.samplers import sample, solve
 
@@ -52,10 +53,13 @@ def test_generate_is_seeded_per_sprite_whatever_the_batch(model_dir):
     assert imgs[0].size == (32, 32) and np.array_equal(np.asarray(imgs[0]), a[0])
 
 
-def test_api_defaults_are_the_sample_stage_defaults():
+def test_api_defaults_are_the_sample_stage_defaults(model_dir):
     sample_params = yaml.safe_load((ROOT / "params.yaml").read_text())["sample"]
-    for key, value in api.SAMPLE_DEFAULTS.items():
+    defaults = SamplingOptions()
+    for key, value in defaults.model_dump().items():
         assert sample_params[key] == value, key
+    assert load_params(ROOT / "params.yaml").sample.options == defaults
+    assert api.load(model_dir).options == defaults  # what every API call starts from
 
 
 @pytest.mark.parametrize(
@@ -63,11 +67,11 @@ def test_api_defaults_are_the_sample_stage_defaults():
     [
         (lambda m: m.generate(0), "at least 1 sprite"),
         (lambda m: m.generate(2, sampler="euler"), "unknown sampler"),
-        (lambda m: m.generate(2, steps=0), "steps"),
-        (lambda m: m.generate(2, temperature=0), "temperature"),
+        (lambda m: m.generate(2, steps=0), "steps = 0 is invalid: an integer from 1 to 100000"),
+        (lambda m: m.generate(2, temperature=0), "temperature = 0 is invalid: a number above 0 and at most 1"),
         (lambda m: m.generate(2, colours=65), "colours = 65"),
         (lambda m: m.stream(2, colours=True), "colours = True"),
-        (lambda m: m.generate(2, temperature=1.5), "temperature"),
+        (lambda m: m.generate(2, temperature=1.5), "temperature = 1.5 is invalid: a number above 0 and at most 1"),
         (lambda m: m.generate(2, seed=2**64), "seed"),
         (lambda m: m.generate(2, seed=-1), "seed"),
         (lambda m: m.encode(np.zeros((2, 8, 8, 3), np.uint8)), "shape (32, 32, 3)"),
@@ -119,8 +123,8 @@ def test_encode_then_decode_returns_every_level_with_an_exact_denoiser():
 
     def round_trip(sampler, steps):
         gammas = torch.linspace(5.0, -8.0, steps + 1, dtype=torch.float64)
-        z1, _ = solve(denoise, z0, gammas.flip(0), sampler)
-        back, _ = solve(denoise, z1, gammas, sampler)
+        z1, _ = solve(denoise, z0, gammas.flip(0), walk(steps, sampler))
+        back, _ = solve(denoise, z1, gammas, walk(steps, sampler))
         return (decode_nearest(back / alpha_0).int() - x0.int()).abs().max().item()
 
     assert round_trip("dpmpp_2m", 32) == 0
@@ -135,7 +139,7 @@ def test_model_encode_and_decode_run_the_same_ode_both_ways(model_dir):
     assert z.shape == (2, 3, 32, 32) and torch.isfinite(z).all()
     assert torch.equal(z, m.encode(sprites, steps=6))  # deterministic
     # decoding is sampling from the given latents with the same deterministic sampler
-    x, _ = sample(m.model, 2, 6, "dpmpp_2m", "t", None, "cpu", denoise_last=True, z=z)
+    x, _ = sample(m.model, 2, walk(6, "dpmpp_2m", denoise_last=True), None, "cpu", z=z)
     assert np.array_equal(m.decode(z, steps=6), x.permute(0, 2, 3, 1).numpy())
     frames = m.interpolate(sprites[0], sprites[1], frames=4, steps=6)
     assert frames.shape == (4, 32, 32, 3)
@@ -287,8 +291,11 @@ def run_main(argv, capsys) -> tuple[int, str]:
     ("args", "words"),
     [
         (["generate", "--n", "1000000000"], "--n: 1000000000 is more than 1000000 (the most one run draws"),
-        (["generate", "--steps", "100001"], "--steps: 100001 is more than 100000"),
-        (["generate", "--batch-size", "5000"], "--batch-size: 5000 is more than 4096"),
+        (["generate", "--steps", "100001"], "generate: error: steps = 100001 is invalid: an integer from 1 to 100000"),
+        (["generate", "--batch-size", "5000"], "error: batch_size = 5000 is invalid: an integer from 1 to 4096"),
+        (["generate", "--temperature", "2"], "generate: error: temperature = 2.0 is invalid: a number above 0 and at"),
+        (["interpolate", "test:0", "test:1", "--steps", "0"], "interpolate: error: steps = 0 is invalid: an integer"),
+        (["serve", "--steps", "100001"], "serve: error: steps = 100001 is invalid: an integer from 1 to 100000"),
         (["interpolate", "test:0", "test:1", "--frames", "65"], "--frames: 65 is more than 64 (one strip"),
         (["interpolate", "test:0", "test:1", "--frames", "1"], "--frames: 1 is not at least 2"),
         (["serve", "--max-count", "100000"], "--max-count: 100000 is more than 256"),
@@ -310,8 +317,8 @@ def test_the_api_bounds_the_same_sizes(model_dir):
     a = np.zeros((32, 32, 3), np.uint8)
     for call, words in [
         (lambda: m.generate(api.MAX_SPRITES + 1), "at most 1000000"),
-        (lambda: m.stream(2, batch_size=api.MAX_BATCH + 1), "from 1 to 4096"),
-        (lambda: m.stream(2, steps=api.MAX_STEPS + 1), "from 1 to 100000"),
+        (lambda: m.stream(2, batch_size=4097), "batch_size = 4097 is invalid: an integer from 1 to 4096"),
+        (lambda: m.stream(2, steps=100_001), "steps = 100001 is invalid: an integer from 1 to 100000"),
         (lambda: m.interpolate(a, a, frames=api.MAX_FRAMES + 1), "give 2 (the two ends) to 64"),
     ]:
         with pytest.raises(UserError, match=re.escape(words)):

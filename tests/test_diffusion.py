@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import model_params
+from tests.helpers import bare_vdm, model_params, walk
 from vdm.model.bound import estimate_bpd
 from vdm.model.conversions import encode
 from vdm.model.decoder import log_prob_levels, log_prob_levels_full, recon_stride, window_half_width
-from vdm.model.diffusion import VDM, build_vdm
+from vdm.model.diffusion import build_vdm
 from vdm.model.schedules import make_schedule
 from vdm.sampling.samplers import sample, solve, vdm_denoiser
 
@@ -75,7 +75,7 @@ def test_window_is_small_at_gamma_min_and_widens_to_the_full_sum():
 
 
 def test_latent_term_equals_the_closed_form_kl():
-    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 2.0))
+    model = bare_vdm(Zero(), make_schedule("fixed_linear", -13.3, 2.0))
     x = images()
     loss = model.loss(x, torch.Generator().manual_seed(0))
     g1 = torch.tensor(2.0)
@@ -88,7 +88,7 @@ def test_latent_term_equals_the_closed_form_kl():
 def test_diffusion_estimator_matches_a_numerical_integral(schedule):
     torch.manual_seed(0)
     c = 0.6
-    model = VDM(Linear(c), make_schedule(schedule, -10.0, 6.0), antithetic=True)
+    model = bare_vdm(Linear(c), make_schedule(schedule, -10.0, 6.0), antithetic=True)
     x = images(n=64, size=4)
     f = encode(x)
     d = x[0].numel()
@@ -108,7 +108,7 @@ def test_diffusion_estimator_matches_a_numerical_integral(schedule):
 
 def test_discrete_time_loss_with_a_zero_denoiser_matches_its_formula():
     t_steps, g0, g1 = 10, -10.0, 6.0
-    model = VDM(Zero(), make_schedule("fixed_linear", g0, g1), timesteps=t_steps)
+    model = bare_vdm(Zero(), make_schedule("fixed_linear", g0, g1), timesteps=t_steps)
     x = images(n=4096, size=4)
     with torch.no_grad():
         est = model.loss(x, torch.Generator().manual_seed(0)).diffusion.mean().item()  # +-0.3% (1 s.e.)
@@ -128,7 +128,7 @@ def test_oracle_denoiser_drives_the_diffusion_term_to_zero():
             g = gamma.view(-1, 1, 1, 1)
             return (z - torch.sqrt(torch.sigmoid(-g)) * f) / torch.sqrt(torch.sigmoid(g))
 
-    loss = VDM(Oracle(), make_schedule("learned_nn", -13.3, 5.0)).loss(x, torch.Generator().manual_seed(0))
+    loss = bare_vdm(Oracle(), make_schedule("learned_nn", -13.3, 5.0)).loss(x, torch.Generator().manual_seed(0))
     assert loss.diffusion.abs().max().item() < 1e-3
     assert loss.total.min().item() > 0
 
@@ -148,7 +148,7 @@ def test_same_seed_same_loss_and_samples():
         model = build_vdm(model_params(), image_size=16)
         x = images(size=16)
         loss = model.loss(x, torch.Generator().manual_seed(5)).total
-        samples, traj = sample(model, 3, 8, generator=torch.Generator().manual_seed(7), trajectory_points=4)
+        samples, traj = sample(model, 3, walk(8), generator=torch.Generator().manual_seed(7), trajectory_points=4)
         return loss, samples, traj
 
     (l1, s1, t1), (l2, s2, t2) = run(), run()
@@ -156,13 +156,13 @@ def test_same_seed_same_loss_and_samples():
     assert s1.dtype == torch.uint8 and s1.shape == (3, 3, 16, 16)
     assert len(t1) == 4 and all(a.shape == (3, 3, 16, 16) and a.dtype == torch.uint8 for a in t1)
     assert all(torch.equal(a, b) for a, b in zip(t1, t2, strict=True))
-    other, _ = sample(build_vdm(model_params(), 16), 3, 8, generator=torch.Generator().manual_seed(8))
+    other, _ = sample(build_vdm(model_params(), 16), 3, walk(8), generator=torch.Generator().manual_seed(8))
     assert not torch.equal(s1, other)
 
 
 def test_sampler_batches_give_the_same_images_per_seed_stream():
     model = build_vdm(model_params(), image_size=16)
-    a, _ = sample(model, 4, 4, generator=torch.Generator().manual_seed(0))
+    a, _ = sample(model, 4, walk(4), generator=torch.Generator().manual_seed(0))
     assert a.shape == (4, 3, 16, 16) and int(a.max()) <= 255
 
 
@@ -176,14 +176,14 @@ def test_sampler_of_an_exact_denoiser_reproduces_the_data_point():
             g = gamma.view(-1, 1, 1, 1)
             return (z - torch.sqrt(torch.sigmoid(-g)) * f) / torch.sqrt(torch.sigmoid(g))
 
-    model = VDM(PointOracle(), make_schedule("fixed_linear", -13.3, 5.0))
+    model = bare_vdm(PointOracle(), make_schedule("fixed_linear", -13.3, 5.0))
     model.net.image_size = 4
-    out, _ = sample(model, 2, 50, generator=torch.Generator().manual_seed(0))
+    out, _ = sample(model, 2, walk(50), generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, x.expand(2, -1, -1, -1))
 
 
 def test_estimate_bpd_mean_and_standard_error():
-    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0))
+    model = bare_vdm(Zero(), make_schedule("fixed_linear", -13.3, 5.0))
     x = images(n=10, size=4)
     r1 = estimate_bpd(model, x, time_samples=1, batch_size=4, generator=torch.Generator().manual_seed(0))
     r8 = estimate_bpd(model, x, time_samples=8, batch_size=4, generator=torch.Generator().manual_seed(0))
@@ -213,13 +213,13 @@ def test_v_and_x_prediction_recover_eps():
     z = a * f + s * eps
     net = Oracle()
     net.out = a * eps - s * f
-    model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
+    model = bare_vdm(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
     assert torch.allclose(model.eps_hat(z, gamma), eps, atol=1e-5)
     net.out = f
-    x_model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x")
+    x_model = bare_vdm(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x")
     assert torch.allclose(x_model.eps_hat(z, gamma), eps, atol=1e-4)
     # x with a skip below noise-to-signal 0.02: the net's F is blended with z_t / alpha_t
-    skip = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x", x_skip_noise=0.02)
+    skip = bare_vdm(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="x", x_skip_noise=0.02)
     c_skip = torch.sigmoid(2 * math.log(0.02) - gamma).view(-1, 1, 1, 1)
     net.out = (f - c_skip * z / a) / torch.sqrt(1 - c_skip)
     assert torch.allclose(skip.eps_hat(z, gamma), eps, atol=1e-3)
@@ -231,7 +231,7 @@ def test_v_and_x_prediction_recover_eps():
     net.out = torch.zeros_like(z)  # an untrained v-net: eps_hat = sigma z, i.e. x_hat = alpha z (bounded)
     assert torch.allclose(model.eps_hat(z, gamma), s * z)
     # the same net read as an eps-predictor predicts eps = 0
-    assert torch.equal(VDM(net, make_schedule("fixed_linear", -13.3, 5.0)).eps_hat(z, gamma), net.out)
+    assert torch.equal(bare_vdm(net, make_schedule("fixed_linear", -13.3, 5.0)).eps_hat(z, gamma), net.out)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x"])
@@ -240,7 +240,14 @@ def test_sigmoid_weighting_changes_the_objective_never_the_reported_bound(predic
     losses = {}
     for name, weighting, bias in [("elbo", "elbo", 0.0), ("w~1", "sigmoid", 25.0), ("w~0", "sigmoid", -25.0)]:
         torch.manual_seed(0)
-        model = VDM(Linear(0.5), make_schedule("learned_nn", -13.3, 5.0), False, 0, prediction, 0.0, weighting, bias)
+        model = bare_vdm(
+            Linear(0.5),
+            make_schedule("learned_nn", -13.3, 5.0),
+            antithetic=False,
+            prediction=prediction,
+            loss_weighting=weighting,
+        )
+        model.sigmoid_bias = bias  # +-25: beyond params.yaml's range, so w ~ 1 or ~ 0 over the whole schedule
         losses[name] = model.loss(x, torch.Generator().manual_seed(3))
     elbo = losses["elbo"]
     assert torch.equal(elbo.objective, elbo.total)
@@ -256,11 +263,11 @@ def test_clipping_keeps_a_wild_model_inside_the_data_range():
     net = Oracle()
     z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     net.out = torch.full_like(z, 50.0)  # v = 50: x_hat = alpha z - 50 sigma
-    model = VDM(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
+    model = bare_vdm(net, make_schedule("fixed_linear", -13.3, 5.0), prediction="v")
     gammas = torch.tensor([-4.0, -4.5])
 
     def step(clip: bool) -> torch.Tensor:  # one ancestral step from gamma -4 to -4.5, the same noise each time
-        return solve(vdm_denoiser(model, clip), z, gammas, "ancestral", torch.Generator().manual_seed(3))[0]
+        return solve(vdm_denoiser(model, clip), z, gammas, walk(1), torch.Generator().manual_seed(3))[0]
 
     wild, tame = step(clip=False), step(clip=True)
     assert wild.mean() < -2  # pulled towards x_hat = z - 6.7
@@ -270,7 +277,7 @@ def test_clipping_keeps_a_wild_model_inside_the_data_range():
     assert torch.allclose(tame, step(clip=False), atol=1e-4)
     net.out = torch.full_like(z, 50.0)
     net.image_size = 8
-    x, _ = sample(model, 4, 8, generator=torch.Generator().manual_seed(1), clip_denoised=True)
+    x, _ = sample(model, 4, walk(8, clip_denoised=True), generator=torch.Generator().manual_seed(1))
     assert (x == 0).all()  # every step's x_hat was clipped to -1: black
 
 
@@ -322,7 +329,7 @@ def test_fit_gamma_0_moves_the_endpoint_to_where_denoising_stops_paying(below, e
 
     x = images(n=64).clone()
     x[:] = x[:1]  # one image: the exact denoiser is known in closed form
-    model = VDM(BadBelow(encode(x[:1]), below), make_schedule("learned_linear", -13.0, 5.0))
+    model = bare_vdm(BadBelow(encode(x[:1]), below), make_schedule("learned_linear", -13.0, 5.0))
     fit = fit_gamma_0(model, x, seed=0, batch_size=64)  # antithetic times: 64 strata of t per batch
     # exact above `below`: the bound is the decoder term alone, which only grows with gamma_0; below it
     # an eps error of 3 costs 0.5 * 9 / ln 2 = 6.5 bits per dim per unit of gamma, more than the decoder saves
@@ -357,7 +364,7 @@ def test_fit_eps_scale_undoes_a_known_error_and_leaves_the_samplers_estimate_alo
 
     x = images(n=64).clone()
     x[:] = x[:1]
-    model = VDM(TimesBelow(encode(x[:1]), -6.0, 4.0), make_schedule("learned_linear", -13.0, 5.0)).eval()
+    model = bare_vdm(TimesBelow(encode(x[:1]), -6.0, 4.0), make_schedule("learned_linear", -13.0, 5.0)).eval()
     before = estimate_bpd(model, x, 1, 64, torch.Generator().manual_seed(0))["total"]
     z, gamma = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([-9.0, -2.0])
     x_hat_before = model.x_hat(z, gamma)
@@ -403,7 +410,7 @@ def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
             err = torch.randn(z.shape, generator=torch.Generator().manual_seed(int(z.abs().sum() * 1e3) % 2**31))
             return eps_from_x(z, f + math.sqrt(v) * err, alpha, sigma)
 
-    model = VDM(NoisyX(), make_schedule("learned_linear", -9.0, 5.0)).eval()
+    model = bare_vdm(NoisyX(), make_schedule("learned_linear", -9.0, 5.0)).eval()
     fit = fit_eps_scale(model, x, seed=0)
     for g, c in zip(fit["gamma"], fit["scale"], strict=True):
         s2 = math.exp(g)
@@ -414,7 +421,7 @@ def test_fit_eps_scale_finds_the_mean_square_mix_of_x_hat_and_z():
 def test_edm_weighting_is_its_log_normal_density_times_its_loss_weight():
     from vdm.model.weightings import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA
 
-    model = VDM(Zero(), make_schedule("fixed_linear", -13.3, 5.0), loss_weighting="edm")
+    model = bare_vdm(Zero(), make_schedule("fixed_linear", -13.3, 5.0), loss_weighting="edm")
     gamma = torch.linspace(-12.0, 6.0, 37, dtype=torch.float64)
     w = model.weight(gamma)
     sigma = torch.exp(gamma / 2)  # noise-to-signal ratio
@@ -479,12 +486,27 @@ def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch
 
 
 def test_loss_weightings_are_a_registry_params_allow_exactly():
-    from typing import get_args
-
-    from vdm.core.params import ModelParams
+    from tests.helpers import raw_params
+    from vdm.core.errors import ParamError
+    from vdm.core.params import parse_params
+    from vdm.core.registry import check_params
     from vdm.model.weightings import WEIGHTINGS
 
-    assert get_args(ModelParams.model_fields["loss_weighting"].annotation) == tuple(WEIGHTINGS)
+    def params(weighting):
+        raw = raw_params()
+        raw["model"]["loss_weighting"] = weighting
+        return parse_params(raw)
+
+    assert len(WEIGHTINGS) > 0
+    for name in WEIGHTINGS:  # params.yaml's model.loss_weighting takes every registered weighting
+        check_params(params(name), WEIGHTINGS)
+    with pytest.raises(ParamError) as refused:  # and no other, naming the key and the choices
+        check_params(params("cosine"), WEIGHTINGS)
+    assert refused.value.key == "model.loss_weighting" and refused.value.value == "cosine"
+    assert refused.value.allowed == f"one of {', '.join(WEIGHTINGS)}"
+    with pytest.raises(ParamError, match="model.loss_weighting") as not_a_name:  # not even a name: refused on reading
+        params("Bad Name")
+    assert not_a_name.value.key == "model.loss_weighting"
     gamma = torch.linspace(-12.0, 6.0, 7)
     for name, fn in WEIGHTINGS.items():
         w = fn(gamma, sigmoid_bias=-2.0)

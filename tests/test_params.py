@@ -151,6 +151,28 @@ def test_sections_are_frozen_and_strict():
     assert p.model.channel_mult == (1, 2) and p.model.attention_resolutions == ()
 
 
+def test_sampling_options_default_to_params_yamls_sample_section_and_are_checked_when_changed():
+    from vdm.core.params import SamplingOptions
+
+    defaults = SamplingOptions()
+    assert load_params(ROOT / "params.yaml").sample.options == defaults  # the code's defaults are params.yaml's
+    changed = defaults.replace(steps=8, sampler="ddim", temperature=None)  # None keeps a value
+    assert (changed.steps, changed.sampler, changed.temperature) == (8, "ddim", defaults.temperature)
+    assert defaults.steps == 64 and defaults.replace() == defaults  # a frozen copy, not a change
+    for change, words in [
+        ({"steps": 0}, "steps = 0 is invalid: an integer from 1 to 100000"),
+        ({"batch_size": 4097}, "batch_size = 4097 is invalid: an integer from 1 to 4096"),
+        ({"temperature": 2}, "temperature = 2 is invalid: a number above 0 and at most 1"),
+        ({"sampler": "Bad Name"}, "sampler = 'Bad Name' is invalid"),
+    ]:
+        with pytest.raises(UserError) as e:
+            defaults.replace(**change)
+        assert words in str(e.value) and "params.yaml" not in str(e.value), str(e.value)
+    raw = raw_params()
+    del raw["sample"]["temperature"]  # the sample section states every option: no default from code
+    assert _err(raw).key == "sample.temperature"
+
+
 # --- what the train stage would refuse, refused up front ---------------------------------------
 # The UNet's shape rules (vdm.core.params.unet_sizes, which vdm/model/unet.py builds from) and how the
 # training processes split the batch: checked with the rest of params.yaml, so `python -m

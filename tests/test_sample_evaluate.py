@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import BASE_PARAMS, outs, tiny
-from vdm.core.params import parse_params
+from tests.helpers import BASE_PARAMS, outs, tiny, walk
+from vdm.core.params import SamplingOptions, parse_params
 from vdm.data.preprocess import preprocess
 from vdm.data.sources import fetch
 from vdm.evaluation.evaluate import evaluate
@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 
 def sample_into(root, count=12, seed=0):
     model, _ = load_model(root / "models", "ema")
-    samples, strip, secs = generate(model, count, 3, 5, seed, 2, 3, torch.device("cpu"))
+    samples, strip, secs = generate(model, count, walk(3, batch_size=5), seed, torch.device("cpu"), 2, 3)
     write_samples(
         root / "samples",
         samples,
@@ -158,19 +158,13 @@ def test_the_test_bound_is_the_sampling_models_and_the_eps_scaled_one_is_reporte
 
 
 def test_the_sample_stage_draws_the_sprites_vdm_generate_draws_for_a_seed(trained):
-    from vdm.app.api import SAMPLE_DEFAULTS, load
+    from vdm.app.api import load
 
     model, _ = load_model(trained / "models", "ema", "cpu", "auto")  # as the stage loads it (sample.precision)
-    d = SAMPLE_DEFAULTS
-    stage, _, _ = generate(
-        model, 5, 3, 2, 11, 0, 2, torch.device("cpu"), d["clip_denoised"], d["sampler"], d["spacing"],
-        denoise_last=d["denoise_last"], temperature=d["temperature"],
-    )  # fmt: skip
+    options = SamplingOptions().replace(steps=3, batch_size=2)  # the defaults: params.yaml's sample section
+    stage, _, _ = generate(model, 5, options, 11, torch.device("cpu"), 0, 2)
     api = load(trained / "models").generate(5, seed=11, steps=3, batch_size=2)  # same batches: same rounding
     assert np.array_equal(stage, api)
     # sprite k of a seed does not depend on how many are drawn
-    fewer, _, _ = generate(
-        model, 2, 3, 2, 11, 0, 2, torch.device("cpu"), d["clip_denoised"], d["sampler"], d["spacing"],
-        denoise_last=d["denoise_last"], temperature=d["temperature"],
-    )  # fmt: skip
+    fewer, _, _ = generate(model, 2, options, 11, torch.device("cpu"), 0, 2)
     assert np.array_equal(fewer, stage[:2])

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tests.helpers import model_params
+from tests.helpers import bare_vdm, model_params, walk
+from vdm.core.errors import UserError
 from vdm.model.conversions import decode_nearest, encode
 from vdm.model.diffusion import build_vdm
 from vdm.sampling.samplers import gamma_grid, sample, solve, vdm_denoiser
@@ -32,7 +33,7 @@ def test_exact_denoiser_lands_on_the_data_point(sampler):
         return f
 
     z1 = torch.randn(f.shape, generator=torch.Generator().manual_seed(1))
-    z, _ = solve(exact, z1, gammas, sampler, torch.Generator().manual_seed(2))
+    z, _ = solve(exact, z1, gammas, walk(len(gammas) - 1, sampler), torch.Generator().manual_seed(2))
     alpha_end = math.sqrt(float(torch.sigmoid(-gammas[-1])))
     assert torch.equal(decode_nearest(z / alpha_end), x0)
 
@@ -64,7 +65,7 @@ def test_deterministic_samplers_converge_to_the_ode_at_their_order(sampler, orde
     errors = []
     for steps in (10, 20, 40, 80):
         gammas = torch.linspace(g1, g0, steps + 1, dtype=torch.float64)
-        z, _ = solve(denoise, z1, gammas, sampler)
+        z, _ = solve(denoise, z1, gammas, walk(steps, sampler))
         errors.append(float((z - exact).abs().max()))
     ratios = [a / b for a, b in zip(errors, errors[1:], strict=False)]
     # halving the step size divides the error by 2^order (within 25% at these step counts)
@@ -76,7 +77,7 @@ def test_ancestral_sampling_at_many_steps_matches_the_data_distribution():
     denoise, _ = _gaussian_case(mu=0.3, s=0.5)
     z1 = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     gammas = torch.linspace(5.0, -10.0, 201, dtype=torch.float64)
-    z, _ = solve(denoise, z1, gammas, "ancestral", torch.Generator().manual_seed(1))
+    z, _ = solve(denoise, z1, gammas, walk(200), torch.Generator().manual_seed(1))
     x = z / math.sqrt(float(torch.sigmoid(torch.tensor(10.0))))
     assert float(x.mean()) == pytest.approx(0.3, abs=0.02) and float(x.std()) == pytest.approx(0.5, abs=0.02)
 
@@ -92,9 +93,7 @@ def test_ancestral_is_the_papers_p_zs_given_zt():
     model = _tiny_model()
     z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     gt, gs = torch.tensor(-1.0), torch.tensor(-2.5)
-    a, _ = solve(
-        vdm_denoiser(model, clip=False), z, torch.stack([gt, gs]), "ancestral", torch.Generator().manual_seed(5)
-    )
+    a, _ = solve(vdm_denoiser(model, clip=False), z, torch.stack([gt, gs]), walk(1), torch.Generator().manual_seed(5))
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         eps_hat = model.eps_hat(z, gt.expand(3))
@@ -113,19 +112,17 @@ def test_grids_and_trajectory():
     x, traj = sample(
         model,
         2,
-        4,
-        "dpmpp_2m",
-        "logsnr",
+        walk(4, "dpmpp_2m", "logsnr"),
         torch.Generator().manual_seed(0),
         trajectory_points=3,
         on_step=steps_seen.append,
     )
     assert x.dtype == torch.uint8 and x.shape == (2, 3, 8, 8)
     assert len(traj) == 3 and all(t.shape == (2, 3, 8, 8) for t in traj) and steps_seen == [1, 2, 3, 4]
-    again, _ = sample(model, 2, 4, "dpmpp_2m", "logsnr", torch.Generator().manual_seed(0))
+    again, _ = sample(model, 2, walk(4, "dpmpp_2m", "logsnr"), torch.Generator().manual_seed(0))
     assert torch.equal(x, again)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        sample(model, 1, 2, "euler")
+    with pytest.raises(UserError, match="unknown sampler"):
+        sample(model, 1, walk(2, "euler"))
 
 
 class _OnePoint(torch.nn.Module):
@@ -143,15 +140,16 @@ class _OnePoint(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler", AS_IS)
 def test_denoise_last_removes_the_noise_a_high_gamma_0_leaves(sampler):
-    from vdm.model.diffusion import VDM
     from vdm.model.schedules import make_schedule
 
     x0 = torch.randint(0, 256, (1, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    model = VDM(_OnePoint(encode(x0)), make_schedule("fixed_linear", -5.0, 5.0))  # sigma_0 / alpha_0 = 0.08: 10 levels
-    kwargs = dict(generator=torch.Generator().manual_seed(1), clip_denoised=False)
-    noisy, _ = sample(model, 4, 16, sampler, **kwargs)
-    kwargs["generator"] = torch.Generator().manual_seed(1)
-    clean, _ = sample(model, 4, 16, sampler, denoise_last=True, **kwargs)
+    model = bare_vdm(
+        _OnePoint(encode(x0)), make_schedule("fixed_linear", -5.0, 5.0)
+    )  # sigma_0 / alpha_0 = 0.08: 10 levels
+    noisy, _ = sample(model, 4, walk(16, sampler, clip_denoised=False), generator=torch.Generator().manual_seed(1))
+    clean, _ = sample(
+        model, 4, walk(16, sampler, clip_denoised=False, denoise_last=True), generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(clean, x0.expand_as(clean))
     if sampler == "ancestral":  # its last step leaves sigma_0 of fresh noise in z_0: the decoder keeps it
         assert (noisy.float() - x0.float()).abs().mean() > 3
@@ -165,7 +163,8 @@ def test_temperature_scales_only_the_ancestral_steps_fresh_noise():
     zero = torch.zeros(2, 3, 4, 4)
 
     def run(sampler, temperature, z=zero, denoise=lambda z, g: torch.zeros_like(z)):
-        return solve(denoise, z, gammas, sampler, torch.Generator().manual_seed(0), temperature=temperature)[0]
+        options = walk(len(gammas) - 1, sampler, temperature=temperature)
+        return solve(denoise, z, gammas, options, torch.Generator().manual_seed(0))[0]
 
     hot, cold = run("ancestral", 1.0), run("ancestral", 0.5)
     assert hot.abs().max() > 0.1 and torch.allclose(cold, 0.5 * hot, atol=1e-6)
@@ -196,22 +195,37 @@ def test_autoguidance_extrapolates_away_from_the_guide():
         assert torch.equal(guided_denoiser(model, guide, 1.0, clip=False)(z, gamma), main)
         assert torch.allclose(guided_denoiser(model, model, 3.0, clip=False)(z, gamma), main, atol=1e-6)
     draws = [
-        sample(model, 2, 4, "ancestral", "t", torch.Generator().manual_seed(1), guide=g, guidance=w)[0]
+        sample(model, 2, walk(4, "ancestral", "t"), torch.Generator().manual_seed(1), guide=g, guidance=w)[0]
         for g, w in ((None, 1.0), (guide, 1.0), (guide, 2.0))
     ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
 def test_every_choice_of_sampler_comes_from_the_registry():
-    from typing import get_args
-
-    from vdm.core.params import SampleParams
+    from tests.helpers import raw_params
+    from vdm.core.errors import ParamError
+    from vdm.core.params import parse_params
+    from vdm.core.registry import check_params
     from vdm.sampling.steps import deterministic_samplers
 
-    assert get_args(SampleParams.model_fields["sampler"].annotation) == tuple(SAMPLERS)
+    def params(sampler):
+        raw = raw_params()
+        raw["sample"]["sampler"] = sampler
+        return parse_params(raw)
+
+    assert len(SAMPLERS) > 0
+    for name in SAMPLERS:  # params.yaml's sample.sampler takes every registered sampler
+        check_params(params(name), SAMPLERS)
+    with pytest.raises(ParamError) as refused:  # and no other, naming the key and the choices
+        check_params(params("euler"), SAMPLERS)
+    assert refused.value.key == "sample.sampler" and refused.value.value == "euler"
+    assert refused.value.allowed == f"one of {', '.join(SAMPLERS)}"
+    with pytest.raises(ParamError, match="sample.sampler") as not_a_name:  # not even a name: refused on reading
+        params("Bad Name")
+    assert not_a_name.value.key == "sample.sampler"
     assert deterministic_samplers() == ("ddim", "dpmpp_2m")  # what encoding and interpolation accept
-    with pytest.raises(ValueError, match="ancestral"):
-        solve(lambda z, g: z, torch.zeros(1, 3, 2, 2), torch.linspace(1.0, -1.0, 3), "euler")
+    with pytest.raises(UserError, match="unknown sampler 'euler': use one of ancestral"):
+        solve(lambda z, g: z, torch.zeros(1, 3, 2, 2), torch.linspace(1.0, -1.0, 3), walk(2, "euler"))
 
 
 def test_a_new_sampler_is_one_registered_step_function(monkeypatch):
@@ -222,7 +236,7 @@ def test_a_new_sampler_is_one_registered_step_function(monkeypatch):
 
     monkeypatch.setitem(steps.SAMPLERS, "halfway", steps.Sampler(halfway, deterministic=True))
     z1 = torch.full((1, 3, 2, 2), 4.0)
-    z, _ = solve(lambda z, g: torch.zeros_like(z), z1, torch.linspace(1.0, -1.0, 4), "halfway")
+    z, _ = solve(lambda z, g: torch.zeros_like(z), z1, torch.linspace(1.0, -1.0, 4), walk(3, "halfway"))
     assert torch.equal(z, z1 / 8) and "halfway" in steps.deterministic_samplers()
 
 
@@ -258,7 +272,6 @@ def test_palette_pull_is_off_above_its_start_and_whole_below_its_end():
 def test_the_sprite_sampler_draws_flat_colours_where_ancestral_keeps_noise():
     """A denoiser that knows the sprite but leaves 3 levels of speckle in its estimate (as a small
     net does at low noise): the ancestral walk keeps it, the sprite sampler paints flat colours."""
-    from vdm.model.diffusion import VDM
     from vdm.model.schedules import make_schedule
 
     f = encode(_flat_sprite())
@@ -269,9 +282,9 @@ def test_the_sprite_sampler_draws_flat_colours_where_ancestral_keeps_noise():
         def forward(self, z, gamma):
             return f + 0.025 * torch.randn(z.shape, generator=torch.Generator().manual_seed(int(gamma[0] * 100) % 997))
 
-    model = VDM(Speckled(), make_schedule("fixed_linear", -10.0, 5.0), prediction="x")
+    model = bare_vdm(Speckled(), make_schedule("fixed_linear", -10.0, 5.0), prediction="x")
     drawn = {}
     for name in ("ancestral", "sprite"):
-        drawn[name], _ = sample(model, 2, 24, name, generator=torch.Generator().manual_seed(1), denoise_last=True)
+        drawn[name], _ = sample(model, 2, walk(24, name, denoise_last=True), generator=torch.Generator().manual_seed(1))
     assert min(_colours(drawn["ancestral"])) > 100
     assert max(_colours(drawn["sprite"])) <= 5  # white, outline, red, yellow (and at most one more)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vdm.model.diffusion import VDM
+from tests.helpers import bare_vdm
 from vdm.model.schedules import SCHEDULES, make_schedule
 
 
@@ -64,7 +64,7 @@ def test_training_the_schedule_shape_lowers_the_loss_variance():
     variance of the per-example diffusion loss falls while its mean (the bound) stays."""
     torch.manual_seed(0)
     a = 255 / 256
-    model = VDM(BinaryOracle(a), make_schedule("learned_nn", -13.3, 5.0), antithetic=False)
+    model = bare_vdm(BinaryOracle(a), make_schedule("learned_nn", -13.3, 5.0), antithetic=False)
     model.schedule.endpoints.requires_grad_(False)  # endpoints: trained by the bound, not here
     x = (torch.rand(256, 3, 4, 4) < 0.5).to(torch.uint8) * 255
 

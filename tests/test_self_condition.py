@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.helpers import model_params
+from tests.helpers import model_params, walk
 from vdm.model.diffusion import build_vdm
 from vdm.model.unet import UNet
 from vdm.sampling.samplers import sample, vdm_denoiser
@@ -79,11 +79,11 @@ def test_sampling_feeds_each_step_the_previous_estimate():
     assert model.net.seen[0] is None and torch.equal(model.net.seen[1], x1)
     assert not torch.equal(x1, x2)
     model.net.seen.clear()
-    out, _ = sample(model, 2, 3, "ancestral", "t", torch.Generator().manual_seed(0), denoise_last=True)
+    out, _ = sample(model, 2, walk(3, "ancestral", "t", denoise_last=True), torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 8, 8) and len(model.net.seen) == 4  # 3 steps + the final denoising call
     assert model.net.seen[0] is None and all(s is not None for s in model.net.seen[1:])
     model.net.seen.clear()
-    again, _ = sample(model, 2, 3, "ancestral", "t", torch.Generator().manual_seed(0), denoise_last=True)
+    again, _ = sample(model, 2, walk(3, "ancestral", "t", denoise_last=True), torch.Generator().manual_seed(0))
     assert model.net.seen[0] is None and torch.equal(out, again)  # a new walk starts from no estimate
 
 

@@ -188,7 +188,7 @@ def test_the_result_cache_holds_a_bounded_count_of_sprites():
     class Model:
         calls = 0
 
-        def generate(self, count, seed, steps, sampler, on_step=None, colours=0):
+        def generate(self, count, seed, steps, on_step=None, colours=0):
             Model.calls += 1
             return np.full((count, 4, 4, 3), seed, np.uint8)
 

@@ -19,6 +19,7 @@ from tests.helpers import (
     start,
     tiny,
     wait_for_checkpoint,
+    walk,
     weights,
 )
 from vdm.core.errors import UserError
@@ -68,7 +69,7 @@ def test_trained_model_loads_with_weights_only(tmp_path, processed):
 
     train(parse_params(tiny(steps=2, eval_every=0, sample_every=0)), processed, outs(tmp_path))
     model, cfg = load_model(tmp_path / "models")
-    x, _ = sample(model, 2, 2, generator=torch.Generator().manual_seed(0))
+    x, _ = sample(model, 2, walk(2), generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32) and cfg["steps"] == 2
 
 
@@ -203,8 +204,7 @@ def test_a_sharded_batch_has_the_losses_and_gradient_of_the_whole():
 
     def run(rows: slice, shard: tuple[int, int]):
         model.zero_grad()
-        model.shard = shard
-        loss = model.loss(x[rows], torch.Generator().manual_seed(3))
+        loss = model.loss(x[rows], torch.Generator().manual_seed(3), shard)
         loss.objective.mean().backward()
         return loss.total.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -338,11 +338,11 @@ def test_long_preset_is_the_default_net_with_more_steps_at_a_stable_rate(monkeyp
     assert float(sets["train.lr"]) <= 5e-4  # the default's 2e-3, held for thousands of steps, diverges
 
 
-def test_adam_beta2_and_precision_reach_the_optimiser_and_the_model():
+def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
     from vdm.core.params import parse_params
     from vdm.training.step import build_training
 
-    params = parse_params(tiny(adam_beta2=0.95, precision="bf16"))
+    params = parse_params(tiny(adam_beta2=0.95, adam_eps="1e-12", precision="bf16"))
     model, ema, opt, _ = build_training(params, torch.device("cpu"))
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
     assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained

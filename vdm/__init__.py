@@ -1,10 +1,12 @@
 """vdm: a Variational Diffusion Model pipeline for Pokémon sprites.
 
 Importing this package has no side effects. A subpackage per part of the pipeline (dvc.yaml's
-stages), one job per module:
+stages), one job per module. Imports point only down: core, then data and model, then sampling,
+then training and evaluation, then app (tests/test_layout.py checks it):
 
     core        what every part uses
-        params      params.yaml loading and validation
+        params      params.yaml loading and validation; SamplingOptions, the walk's settings
+        registry    name -> function registries (samplers, loss weightings, sample metrics)
         errors      UserError: a problem the user can fix, reported without a traceback
         atomic      atomic file and directory writes, outputs committed together
         runtime     devices, determinism, processes
@@ -21,7 +23,7 @@ stages), one job per module:
         conversions levels <-> [-1, 1], alpha/sigma from gamma, eps <-> x
         schedules   gamma(t): fixed, learned linear, learned monotone network
         unet        the score network
-        diffusion   the VDM: its denoiser and its loss in bits/dim; build_vdm
+        diffusion   the VDM, built from the model section: its denoiser and its loss in bits/dim
         weightings  the loss weightings' registry
         decoder     the 256-level decoder term and its window of levels
         bound       bits/dim over a dataset; the post-training gamma_0 and eps-scale fits
@@ -33,11 +35,12 @@ stages), one job per module:
         tracking    W&B and the CSV curves
         profiling   torch.profiler traces of the step and the sampler
     sampling    drawing sprites
-        steps       the samplers' registry (ancestral, ddim, dpmpp_2m)
+        steps       the samplers' registry (ancestral, ddim, dpmpp_2m, sprite)
         samplers    the walk, autoguidance, probability-flow encoding
         sprites     the sample stage's outputs
     evaluation  the evaluate stage
         metrics     the sample metrics' registry; FID/KID/IS, memorisation
+        c2st        the classifier two-sample test
         evaluate    the stage: bits/dim, the metrics, eval.json
     app         using a trained model
         api         load, generate, interpolate from Python

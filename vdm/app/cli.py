@@ -22,18 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vdm.app.api import (
-    INTERPOLATE_DEFAULTS,
-    MAX_BATCH,
-    MAX_COLOURS,
-    MAX_FRAMES,
-    MAX_SPRITES,
-    MAX_STEPS,
-    SAMPLE_DEFAULTS,
-    SEED_LIMIT,
-)
+from vdm.app.api import MAX_COLOURS, MAX_FRAMES, MAX_SPRITES, ODE_SAMPLER, SEED_LIMIT
 from vdm.core.errors import UserError
-from vdm.core.params import PRECISIONS
+from vdm.core.params import PRECISIONS, SamplingOptions
 from vdm.sampling.samplers import SPACINGS
 from vdm.sampling.steps import SAMPLERS, deterministic_samplers
 
@@ -65,9 +56,6 @@ def _whole(low: int, high: int, why: str = ""):
     return parse
 
 
-_positive = _whole(1, 2**31 - 1)
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -76,19 +64,6 @@ def _seconds(text: str) -> float:
     if not 0 < value <= MAX_TIMEOUT:
         raise argparse.ArgumentTypeError(f"{value} is not above 0 and at most {MAX_TIMEOUT:g} seconds")
     return value
-
-
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0 and at most 1")
-    return value
-
-
-_steps = _whole(1, MAX_STEPS, "params.yaml's limit on sample.steps")
 
 
 def _seed(text: str) -> int:
@@ -120,15 +95,39 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="vdm",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Draw new Pokémon sprites with a trained Variational Diffusion Model.",
-        epilog="Every command reads a model directory written by the train stage (`dvc repro train`).",
-    )
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+# the sampling options a command line may change, each with its argparse type and help
+_OPTION_FLAGS = {
+    "steps": (int, "network evaluations per sprite"),
+    "sampler": (str, "sampler"),
+    "spacing": (str, "step spacing"),
+    "temperature": (float, "ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)"),
+    "batch_size": (int, "sprites per network call"),
+}
 
+
+def _sampling_options(
+    p: argparse.ArgumentParser, base: SamplingOptions, fields: tuple[str, ...], samplers=None, helps=None
+):
+    """--steps, --sampler, ... for `fields` of the sampling options, their defaults from `base`
+    (`helps`: a command's own help for some); `options_from` turns the parsed values into the
+    options (checked there, once)."""
+    for name in fields:
+        kind, text = _OPTION_FLAGS[name]
+        text = (helps or {}).get(name, text)
+        choices = {"sampler": samplers or SAMPLERS.names(), "spacing": SPACINGS}.get(name)
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, choices=choices, default=getattr(base, name), help=text
+        )
+    p.set_defaults(option_fields=fields, option_base=base)
+
+
+def options_from(args) -> SamplingOptions:
+    """The sampling options of a parsed command line: the base with the flags' values (UserError if
+    one is out of range, e.g. "steps = 0 is invalid: an integer from 1 to 100000")."""
+    return args.option_base.replace(**{name: getattr(args, name) for name in args.option_fields})
+
+
+def _generate_parser(sub) -> None:
     g = sub.add_parser(
         "generate",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -144,15 +143,7 @@ def parser() -> argparse.ArgumentParser:
         help=f"how many sprites (at most {MAX_SPRITES}; the free disk space is checked first)",
     )
     g.add_argument("--seed", type=_seed, default=0, help="random seed")
-    g.add_argument("--steps", type=_steps, default=SAMPLE_DEFAULTS["steps"], help="network evaluations per sprite")
-    g.add_argument("--sampler", choices=tuple(SAMPLERS), default=SAMPLE_DEFAULTS["sampler"], help="sampler")
-    g.add_argument("--spacing", choices=SPACINGS, default=SAMPLE_DEFAULTS["spacing"], help="step spacing")
-    g.add_argument(
-        "--temperature",
-        type=_temperature,
-        default=SAMPLE_DEFAULTS["temperature"],
-        help="ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)",
-    )
+    _sampling_options(g, SamplingOptions(), ("steps", "sampler", "spacing", "temperature", "batch_size"))
     g.add_argument(
         "--colours",
         type=_whole(0, MAX_COLOURS, "a sprite needs about 7"),
@@ -160,11 +151,10 @@ def parser() -> argparse.ArgumentParser:
         help="a filter after sampling: repaint each sprite in at most this many flat colours (0 = the model's own "
         "sprites; 8 suits a sprite)",
     )
-    g.add_argument(
-        "--batch-size", type=_whole(1, MAX_BATCH, "params.yaml's limit"), default=32, help="sprites per network call"
-    )
     g.add_argument("--out", default="generated", help="output folder (a folder holding other files is refused)")
 
+
+def _interpolate_parser(sub) -> None:
     i = sub.add_parser(
         "interpolate",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -182,13 +172,14 @@ def parser() -> argparse.ArgumentParser:
         default=8,
         help=f"decoded frames from A to B, ends included (2 to {MAX_FRAMES})",
     )
-    i.add_argument("--steps", type=_steps, default=INTERPOLATE_DEFAULTS["steps"], help="ODE steps each way")
-    i.add_argument(
-        "--sampler", choices=deterministic_samplers(), default=INTERPOLATE_DEFAULTS["sampler"], help="ODE solver"
-    )
+    ode = SamplingOptions().replace(sampler=ODE_SAMPLER)
+    helps = {"steps": "ODE steps each way", "sampler": "ODE solver"}
+    _sampling_options(i, ode, ("steps", "sampler"), samplers=deterministic_samplers(), helps=helps)
     i.add_argument("--processed", default="data/processed", help="where SPLIT:INDEX sprites are read")
     i.add_argument("--out", default="interpolation.png", help="the strip (PNG)")
 
+
+def _serve_parser(sub) -> None:
     s = sub.add_parser(
         "serve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -211,18 +202,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-steps",
         type=_whole(1, MAX_SERVE_STEPS, serve_limit),
-        default=SAMPLE_DEFAULTS["steps"],
+        default=SamplingOptions().steps,
         help=f"most network evaluations per sprite (at most {MAX_SERVE_STEPS})",
     )
-    s.add_argument(
-        "--steps",
-        type=_whole(1, MAX_SERVE_STEPS, serve_limit),
-        default=SAMPLE_DEFAULTS["steps"],
-        help="default steps of a request",
-    )
-    s.add_argument(
-        "--sampler", choices=tuple(SAMPLERS), default=SAMPLE_DEFAULTS["sampler"], help="sampler of every request"
-    )
+    helps = {"steps": "steps of a request that names none (at most --max-steps)", "sampler": "sampler of every request"}
+    _sampling_options(s, SamplingOptions(), ("steps", "sampler", "temperature"), helps=helps)
     s.add_argument(
         "--timeout", type=_seconds, default=60.0, help=f"seconds a request may wait and run (at most {MAX_TIMEOUT:g})"
     )
@@ -232,6 +216,18 @@ def parser() -> argparse.ArgumentParser:
         default=8,
         help=f"requests that may wait for the model (at most {MAX_QUEUE})",
     )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="vdm",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Draw new Pokémon sprites with a trained Variational Diffusion Model.",
+        epilog="Every command reads a model directory written by the train stage (`dvc repro train`).",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for build in (_generate_parser, _interpolate_parser, _serve_parser):
+        build(sub)
     return ap
 
 
@@ -319,21 +315,13 @@ def cmd_generate(args) -> None:
 
     out = Path(args.out)
     _check_out_dir(out)
+    options = options_from(args)
     model = load(args.model, args.device, args.weights, args.precision)
+    model.options = options
     size = model.image_size
     check_disk(out, args.n, size)
-    bar = Progress(total=args.steps * math.ceil(args.n / args.batch_size), desc="generate", unit="step")
-    batches = model.stream(
-        args.n,
-        args.seed,
-        args.steps,
-        args.sampler,
-        args.spacing,
-        args.batch_size,
-        on_step=lambda _: bar.update(1),
-        temperature=args.temperature,
-        colours=args.colours,
-    )
+    bar = Progress(total=options.steps * math.ceil(args.n / options.batch_size), desc="generate", unit="step")
+    batches = model.stream(args.n, args.seed, on_step=lambda _: bar.update(1), colours=args.colours)
     width = max(4, len(str(args.n - 1)))
     header = {"descr": "|u1", "fortran_order": False, "shape": (args.n, size, size, 3)}
     t0 = time.perf_counter()
@@ -357,10 +345,7 @@ def cmd_generate(args) -> None:
             weights=args.weights,
             n=args.n,
             seed=args.seed,
-            steps=args.steps,
-            sampler=args.sampler,
-            spacing=args.spacing,
-            temperature=args.temperature,
+            **options.model_dump(include={"steps", "sampler", "spacing", "temperature"}),
             colours=args.colours or None,
             device=str(model.device),
             seconds=round(seconds, 2),
@@ -405,11 +390,12 @@ def cmd_interpolate(args) -> None:
     from vdm.core.atomic import write_bytes
     from vdm.core.images import image_grid, png_bytes
 
+    options = options_from(args)
     model = load(args.model, args.device, args.weights, args.precision)
     a = read_sprite(args.a, args.processed, model.image_size)
     b = read_sprite(args.b, args.processed, model.image_size)
     t0 = time.perf_counter()
-    frames = model.interpolate(a, b, args.frames, args.steps, args.sampler)
+    frames = model.interpolate(a, b, args.frames, **options.model_dump())
     strip = image_grid(np.concatenate([a[None], frames, b[None]]), ncol=args.frames + 2)
     write_bytes(args.out, png_bytes(strip))
     print(f"{args.frames} frames in {time.perf_counter() - t0:.1f} s -> {args.out} (A | frames | B)")
@@ -418,6 +404,7 @@ def cmd_interpolate(args) -> None:
 def cmd_serve(args) -> None:
     from vdm.app.serve import serve
 
+    args.options = options_from(args)
     serve(args)
 
 

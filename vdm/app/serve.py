@@ -33,16 +33,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vdm.app.api import MAX_COLOURS, SAMPLE_DEFAULTS, SEED_LIMIT, Sprites
+from vdm.app.api import MAX_COLOURS, SEED_LIMIT, Sprites
 from vdm.core.images import image_grid, png_bytes
+from vdm.core.params import SamplingOptions
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask for. How sprites are drawn is the model's `options` (Sprites.options:
+    the sample stage's unless `vdm serve` changes them); a request changes only the steps."""
+
     max_count: int = 16
-    max_steps: int = SAMPLE_DEFAULTS["steps"]
-    default_steps: int = SAMPLE_DEFAULTS["steps"]  # the sample stage's sampler: the same sprites per seed
-    sampler: str = SAMPLE_DEFAULTS["sampler"]
+    max_steps: int = SamplingOptions().steps
     timeout: float = 60.0
     queue: int = 8
     cache: int = 1024  # sprites kept for repeated requests, in all (27 MB at 96x96)
@@ -82,9 +84,7 @@ class Drawer:
 
         seed, count, steps, colours = key
         t0 = time.perf_counter()
-        sprites = self.model.generate(
-            count, seed, steps=steps, sampler=self.limits.sampler, on_step=check, colours=colours
-        )
+        sprites = self.model.generate(count, seed, steps=steps, on_step=check, colours=colours)
         result = (sprites, time.perf_counter() - t0)
         self.cache[key] = result
         self.cached += len(sprites)
@@ -112,37 +112,47 @@ class Drawer:
         return result
 
 
+def page_html(limits: Limits, steps: int) -> str:
+    """The demo page with the server's limits and default steps filled in."""
+    return (
+        PAGE.replace("{{MAX_COUNT}}", str(limits.max_count))
+        .replace("{{MAX_STEPS}}", str(limits.max_steps))
+        .replace("{{STEPS}}", str(steps))
+        .replace("{{MAX_COLOURS}}", str(MAX_COLOURS))
+    )
+
+
+async def _drawn(drawer: Drawer, seed: int, count: int, steps: int, colours: int):
+    """((sprites, seconds), None), or (None, the 503 response) when the queue is full or time ran out."""
+    from fastapi.responses import JSONResponse
+
+    limits = drawer.limits
+    try:
+        return await drawer.draw(seed, count, steps, colours), None
+    except Busy:
+        detail = f"busy: {limits.queue} requests are already waiting; retry in a few seconds"
+    except Deadline:
+        detail = f"timed out after {limits.timeout:g} s; ask for fewer sprites or steps"
+    return None, JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
+
+
 def create_app(model: Sprites, limits: Limits = Limits()):
+    """The FastAPI app: the page, /api/health, /api/sprites and /api/sprites.png over one Drawer."""
     from fastapi import FastAPI, Query
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, Response
 
     drawer = Drawer(model, limits)
+    sampler, steps = model.options.sampler, min(model.options.steps, limits.max_steps)  # of every request
     app = FastAPI(title="vdm-pokemon", description="New Pokémon sprites from a Variational Diffusion Model")
     app.state.drawer = drawer
-
     Seed = Query(0, ge=0, le=SEED_LIMIT - 1, description="random seed")
     Count = Query(4, ge=1, le=limits.max_count, description="sprites")
-    Steps = Query(limits.default_steps, ge=1, le=limits.max_steps, description="network evaluations per sprite")
+    Steps = Query(steps, ge=1, le=limits.max_steps, description="network evaluations per sprite")
     Colours = Query(0, ge=0, le=MAX_COLOURS, description="flat colours per sprite (a filter); 0 = the model's own")
-
-    async def run(seed: int, count: int, steps: int, colours: int):
-        try:
-            return await drawer.draw(seed, count, steps, colours), None
-        except Busy:
-            body = {"detail": f"busy: {limits.queue} requests are already waiting; retry in a few seconds"}
-            return None, JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
-        except Deadline:
-            body = {"detail": f"timed out after {limits.timeout:g} s; ask for fewer sprites or steps"}
-            return None, JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return (
-            PAGE.replace("{{MAX_COUNT}}", str(limits.max_count))
-            .replace("{{MAX_STEPS}}", str(limits.max_steps))
-            .replace("{{STEPS}}", str(limits.default_steps))
-            .replace("{{MAX_COLOURS}}", str(MAX_COLOURS))
-        )
+        return page_html(limits, steps)
 
     @app.get("/api/health")
     async def health():
@@ -150,7 +160,7 @@ def create_app(model: Sprites, limits: Limits = Limits()):
             "status": "ok",
             "model": {"trained_steps": model.config.get("steps"), "image_size": model.image_size},
             "device": str(model.device),
-            "sampler": limits.sampler,
+            "sampler": sampler,
             "limits": {"max_count": limits.max_count, "max_steps": limits.max_steps, "timeout_s": limits.timeout},
             "waiting": drawer.pending,
             "served": drawer.served,
@@ -159,28 +169,19 @@ def create_app(model: Sprites, limits: Limits = Limits()):
 
     @app.get("/api/sprites")
     async def sprites_json(seed: int = Seed, count: int = Count, steps: int = Steps, colours: int = Colours):
-        result, error = await run(seed, count, steps, colours)
+        result, error = await _drawn(drawer, seed, count, steps, colours)
         if error is not None:
             return error
-        sprites, seconds = result
-        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(s)).decode("ascii") for s in sprites]
-        return {
-            "seed": seed,
-            "count": count,
-            "steps": steps,
-            "colours": colours,
-            "sampler": limits.sampler,
-            "seconds": round(seconds, 3),
-            "sprites": urls,
-        }
+        urls = ["data:image/png;base64," + base64.b64encode(png_bytes(s)).decode("ascii") for s in result[0]]
+        figures = {"seed": seed, "count": count, "steps": steps, "colours": colours, "sampler": sampler}
+        return {**figures, "seconds": round(result[1], 3), "sprites": urls}
 
     @app.get("/api/sprites.png", response_class=Response)
     async def sprites_png(seed: int = Seed, count: int = Count, steps: int = Steps, colours: int = Colours):
-        result, error = await run(seed, count, steps, colours)
+        result, error = await _drawn(drawer, seed, count, steps, colours)
         if error is not None:
             return error
-        sprites, _ = result
-        grid = image_grid(sprites, ncol=math.ceil(math.sqrt(len(sprites))))
+        grid = image_grid(result[0], ncol=math.ceil(math.sqrt(len(result[0]))))
         return Response(png_bytes(grid), media_type="image/png")
 
     return app
@@ -210,14 +211,8 @@ def serve(args) -> None:
     host = args.host
     _check_port(host, args.port)  # before the model loads: a taken port is one line, not a late uvicorn error
     model = load(args.model, args.device, args.weights, args.precision)
-    limits = Limits(
-        max_count=args.max_count,
-        max_steps=args.max_steps,
-        default_steps=min(args.steps, args.max_steps),
-        sampler=args.sampler,
-        timeout=args.timeout,
-        queue=args.queue,
-    )
+    model.options = args.options.replace(steps=min(args.options.steps, args.max_steps))
+    limits = Limits(max_count=args.max_count, max_steps=args.max_steps, timeout=args.timeout, queue=args.queue)
     app = create_app(model, limits)
     print(f"serving {model} on http://{host}:{args.port} (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=args.port, log_level="warning", access_log=False)

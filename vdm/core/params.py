@@ -4,7 +4,11 @@ Each section is a frozen pydantic model: unknown keys (typos), missing keys, wro
 out-of-range values are all found in one pass and reported together, one line each, naming the
 key, the value and what is allowed (`description` of the field). Types are strict: a bool is not
 an integer, "7" is not a number (except YAML's 3e-4, which PyYAML reads as a string), and
-nothing is coerced. There are no defaults in code: params.yaml states every value.
+nothing is coerced. There are no defaults in code for the pipeline's settings: params.yaml
+states every value. A key that chooses a registry entry (model.loss_weighting, sample.sampler) is
+checked here to be a name and against its registry by vdm.core.registry.check_params, which the
+validate stage and the stages that use the registry call: this module imports nothing above
+vdm/core, so the download and preprocess stages depend on no model or sampling code.
 """
 
 import math
@@ -19,8 +23,6 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from vdm.core.errors import ParamError, ParamErrors, UserError, short_repr
-from vdm.model.weightings import WEIGHTINGS
-from vdm.sampling.steps import SAMPLERS
 
 SOURCE_NAMES = ("auto", "kaggle", "pokeapi", "synthetic")  # auto and vdm/data/sources.py's SOURCES (a test checks)
 SPLITS = ("train", "val", "test")  # data.split's fractions; data/processed/<split>.npy
@@ -78,6 +80,8 @@ def _device(v: str) -> str:
 Seed = Int("an integer from 0 to 2**63 - 1", ge=0, lt=2**63)  # what torch and numpy take, with room for offsets
 Device = Annotated[str, AfterValidator(_device), Field(description="auto, cpu, cuda, cuda:N or mps")]
 Positive = Int("an integer >= 1", ge=1)
+# a registry entry's name: which names exist is the registry's to say (vdm.core.registry.check_params)
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", description="a name: lowercase letters, digits and _")]
 IntList = Annotated[tuple[int, ...], BeforeValidator(_list_as_tuple), Field(description="a list of integers")]
 
 
@@ -166,9 +170,7 @@ class ModelParams(Section):
     timesteps: Int("0 (continuous) or a step count", ge=0, le=100_000)  # 0 = continuous-time loss, else T steps
     prediction: Literal["eps", "v", "x"]  # what the UNet outputs (v = alpha eps - sigma x)
     x_skip_noise: Num("a number in [0, 1]", ge=0, le=1)  # prediction x: below this noise/signal, x_hat ~ z_t / alpha_t
-    loss_weighting: Literal[
-        tuple(WEIGHTINGS)
-    ]  # weighting of the diffusion term the net trains on (vdm/model/weightings.py)
+    loss_weighting: Name  # weighting of the diffusion term the net trains on (registry: vdm/model/weightings.py)
     sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
     weight_floor: Num("a number in [0, 1]", ge=0, le=1)  # w(gamma) at least this (0: none): trains low noise
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/model/diffusion.py)
@@ -244,6 +246,7 @@ class TrainParams(Section):
     final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
     weight_decay: Num("a number >= 0", ge=0)
     adam_beta2: Num("a number in (0, 1)", gt=0, lt=1)  # AdamW's second-moment decay
+    adam_eps: Num("a number in (0, 0.01]", gt=0, le=0.01)  # AdamW's epsilon, added to sqrt(v)
     grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
     ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
@@ -283,26 +286,84 @@ class TrainParams(Section):
         return self
 
 
-class SampleParams(Section):
+def _as_line_error(err: dict) -> dict:
+    """A pydantic error (from ValidationError.errors()) as a line error to raise again, as it was."""
+    if err["type"] == "missing":
+        return {"type": "missing", "loc": err["loc"], "input": err["input"]}
+    text = err["msg"].replace("{", "{{").replace("}", "}}")
+    if err["type"] == "param":
+        text = "{key} = {shown} is invalid: {allowed}"
+    return {"type": PydanticCustomError(err["type"], text, err.get("ctx")), "loc": err["loc"], "input": err["input"]}
+
+
+class SamplingOptions(Section):
+    """How sprites are drawn: the walk and its batch. One frozen object, checked here, passed whole
+    from the sample stage, the `vdm` command, the API, the demo server, the training grid and the
+    benchmarks down to the samplers (vdm/sampling/samplers.py). Its defaults are params.yaml's
+    sample section (a test holds them equal): the one place a caller without params.yaml takes
+    them from. A caller changes fields with `replace`, which checks them again."""
+
+    sampler: Name = "ancestral"  # a registered sampler (vdm/sampling/steps.py)
+    steps: Int("an integer from 1 to 100000", ge=1, le=100_000) = 64  # network evaluations per sprite
+    spacing: Literal["t", "logsnr"] = "t"  # steps uniform in t (the learned schedule) or in log-SNR
+    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096) = 32  # sprites per network call
+    clip_denoised: bool = True  # clip each step's prediction of x to the data range [-1, 1]
+    denoise_last: bool = True  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
+    temperature: Num("a number above 0 and at most 1", gt=0, le=1) = 0.8  # scales the ancestral steps' fresh noise
+
+    def replace(self, **changes) -> "SamplingOptions":
+        """These options with `changes` (None: keep the value), checked: a bad value is a UserError
+        "KEY = VALUE is invalid: ALLOWED" (no params.yaml in it: the caller passed the value)."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if not changes:
+            return self
+        for key, value in changes.items():  # a caller's "0.5" is no number (params.yaml's 3e-4 is)
+            field = SamplingOptions.model_fields.get(key)
+            if isinstance(value, str) and field is not None and field.annotation in (int, float):
+                raise UserError(f"{key} = {value!r} is invalid: {field.description}")
+        try:
+            return parse_section(SamplingOptions, {**self.model_dump(), **changes})
+        except ParamError as e:
+            errors = e.errors if isinstance(e, ParamErrors) else [e]
+            raise UserError(
+                "; ".join(f"{x.key} = {short_repr(x.value)} is invalid: {x.allowed}" for x in errors)
+            ) from None
+
+
+class SampleParams(SamplingOptions):
+    """The sample section: the sampling options, every one stated in params.yaml, and the run's own."""
+
     count: Int("an integer from 1 to 100000", ge=1, le=100_000)  # sprites generated (EMA weights)
-    sampler: Literal[tuple(SAMPLERS)]  # see vdm/sampling/steps.py
-    steps: Int("an integer from 1 to 100000", ge=1, le=100_000)  # network evaluations per sprite
-    spacing: Literal["t", "logsnr"]  # steps uniform in t (the learned schedule) or in log-SNR
-    batch_size: Int("an integer from 1 to 4096", ge=1, le=4096)
     seed: Seed
     strip_rows: Int("0 to sample.count", ge=0)  # samples shown in the denoising strip
     strip_points: Int("an integer from 2 to 64", ge=2, le=64)  # z_t snapshots per row, from t = 1 to 0
-    clip_denoised: bool  # clip each step's prediction of x to the data range [-1, 1]
-    denoise_last: bool  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
-    temperature: Num("a number above 0 and at most 1", gt=0, le=1)  # scales the ancestral steps' fresh noise
     precision: Literal[PRECISIONS]  # the network's dtype: auto (bf16 where fast) | fp32 | bf16
     device: Device
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_option_stated(cls, raw, handler):
+        """No default from code here: each sampling option missing from params.yaml is an error,
+        reported with every other error of the section (one pass, one line each)."""
+        missing = [k for k in SamplingOptions.model_fields if isinstance(raw, dict) and k not in raw]
+        errors = [{"type": "missing", "loc": (k,), "input": raw} for k in missing]
+        try:
+            section = handler(raw)
+        except ValidationError as e:
+            errors += [_as_line_error(err) for err in e.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return section
 
     @model_validator(mode="after")
     def _strip_within_count(self):
         if self.strip_rows > self.count:
             raise invalid(self.strip_rows, "0 to sample.count", "strip_rows")
         return self
+
+    @property
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(**{k: getattr(self, k) for k in SamplingOptions.model_fields})
 
 
 class EvaluateParams(Section):

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from vdm.core.images import FOREGROUND_BELOW
+from vdm.core.registry import Registry
 
 PATCH = 7
 PATCHES_PER_IMAGE = 128
@@ -240,21 +241,14 @@ class SampleSets:
 
 SampleMetric = Callable[[SampleSets], dict]
 # name -> metric of a sample set, in the order evaluation computes them
-SAMPLE_METRICS: dict[str, SampleMetric] = {}
+SAMPLE_METRICS: Registry[SampleMetric] = Registry("sample metric")
 # name -> figure of one (H, W, 3) uint8 image; each is also a sample metric (see per_image_metric)
-PER_IMAGE_METRICS: dict[str, Callable[[np.ndarray], float]] = {}
+PER_IMAGE_METRICS: Registry[Callable[[np.ndarray], float]] = Registry("per-image metric")
 
 
 def sample_metric(name: str) -> Callable[[SampleMetric], SampleMetric]:
     """Register fn(SampleSets) -> {key: value} under `name`: its keys land in metrics/eval.json."""
-
-    def register(fn: SampleMetric) -> SampleMetric:
-        if name in SAMPLE_METRICS:
-            raise ValueError(f"sample metric {name!r} is registered twice")
-        SAMPLE_METRICS[name] = fn
-        return fn
-
-    return register
+    return SAMPLE_METRICS.register(name)
 
 
 def per_image_metric(name: str) -> Callable[[Callable[[np.ndarray], float]], Callable[[np.ndarray], float]]:
@@ -262,8 +256,8 @@ def per_image_metric(name: str) -> Callable[[Callable[[np.ndarray], float]], Cal
     (`name`, `name_se`) and over the test split (`name_test`, `name_test_se`)."""
 
     def register(fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
-        PER_IMAGE_METRICS[name] = fn
-        sample_metric(name)(lambda s: _summary(name, fn, s.samples, s.test))
+        PER_IMAGE_METRICS.add(name, fn)
+        SAMPLE_METRICS.add(name, lambda s: _summary(name, fn, s.samples, s.test))
         return fn
 
     return register

@@ -93,37 +93,22 @@ def sample_times(batch: int, antithetic: bool, generator: torch.Generator | None
 
 
 class VDM(nn.Module):
-    def __init__(
-        self,
-        net: nn.Module,
-        schedule: Schedule,
-        antithetic: bool = True,
-        timesteps: int = 0,
-        prediction: str = "eps",
-        x_skip_noise: float = 0.0,
-        loss_weighting: str = "elbo",
-        sigmoid_bias: float = 0.0,
-        weight_floor: float = 0.0,
-    ):
-        """`net(z_t, gamma_t)` predicts eps or v; timesteps = 0 for continuous time, else T."""
+    def __init__(self, model: ModelParams, net: nn.Module, schedule: Schedule):
+        """The model that params.yaml's `model` section describes, around `net(z_t, gamma_t)` (which
+        predicts model.prediction) and `schedule`; build_vdm makes both from the section too."""
         super().__init__()
-        if prediction not in ("eps", "v", "x") or loss_weighting not in WEIGHTINGS:
-            raise ValueError(f"prediction {prediction!r} / loss_weighting {loss_weighting!r}")
         self.net, self.schedule = net, schedule
-        self.antithetic, self.timesteps = antithetic, timesteps
-        self.prediction, self.loss_weighting, self.sigmoid_bias = prediction, loss_weighting, sigmoid_bias
-        self.weight_floor = weight_floor
+        self.antithetic, self.timesteps = model.antithetic, model.timesteps
+        self.prediction, self.loss_weighting = model.prediction, model.loss_weighting
+        self.sigmoid_bias, self.weight_floor = model.sigmoid_bias, model.weight_floor
+        WEIGHTINGS[self.loss_weighting]  # a UserError naming the registered ones, if it is not one
         # x-prediction's skip: x_hat = c_skip z_t / alpha_t + c_out F, switching from F (the net's
         # estimate) to z_t / alpha_t where the noise-to-signal ratio e^(gamma/2) falls below x_skip_noise
-        self.log_skip2 = 2 * math.log(x_skip_noise) if x_skip_noise > 0 else -math.inf
+        self.log_skip2 = 2 * math.log(model.x_skip_noise) if model.x_skip_noise > 0 else -math.inf
         self.recon_window = ReconWindow()
         # the bound's eps_hat scale c(gamma) on EPS_SCALE_GRID (all ones: none; see fit_eps_scale)
         first, last, step = EPS_SCALE_GRID
         self.register_buffer("eps_scale", torch.ones(round((last - first) / step) + 1))
-        # (rank, processes): in training, this process's batch is slice `rank` of a global batch and
-        # every random draw is made for the global batch, then sliced, so the global batch trains
-        # the same whatever the process count (vdm/training/loop.py sets it under several processes)
-        self.shard = (0, 1)
         # the network's compute dtype (see the module docstring); not saved with the weights
         self.net_dtype = torch.float32
 
@@ -165,13 +150,15 @@ class VDM(nn.Module):
             return alpha * z - sigma * out
         return self._x_with_skip(z, g, alpha, out)
 
-    def self_estimate(self, z: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def self_estimate(
+        self, z: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
         """x_self for the loss: the first pass's clipped x_hat (no gradient) for a random half of the
-        batch in training, for all of it in eval mode; zeros elsewhere."""
+        (global) batch in training, for all of it in eval mode; zeros elsewhere."""
         x_self = torch.zeros_like(z)
         b = z.shape[0]
         if self.training:
-            rank, world = self.shard
+            rank, world = shard
             idx = torch.randperm(b * world, generator=generator, device=generator.device if generator else "cpu")
             idx = idx[: b * world // 2]
             if world > 1:  # the chosen half of the global batch, where it falls in this slice
@@ -217,13 +204,17 @@ class VDM(nn.Module):
         w = WEIGHTINGS[self.loss_weighting](gamma, sigmoid_bias=self.sigmoid_bias)
         return w.clamp(min=self.weight_floor) if self.weight_floor > 0 else w
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
-        """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim."""
+    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)) -> Loss:
+        """x: (B, C, H, W) integer levels 0..255 (uint8). Returns per-example bits/dim.
+
+        shard = (rank, processes): in training under several processes, x is slice `rank` of a
+        global batch and every random draw is made for the global batch, then sliced, so the global
+        batch trains the same whatever the process count (the training loop passes it)."""
         b = x.shape[0]
         dims = x[0].numel()
         to_bpd = 1.0 / (dims * math.log(2))
         f = encode(x)
-        rank, world = self.shard if self.training else (0, 1)
+        rank, world = shard if self.training else (0, 1)
         mine = slice(rank * b, (rank + 1) * b)  # this process's rows of the global batch's draws
 
         def randn() -> torch.Tensor:
@@ -238,7 +229,7 @@ class VDM(nn.Module):
         eps = randn()
         alpha_t, sigma_t = alpha_sigma(gamma_t.view(b, 1, 1, 1))
         z_t = alpha_t * f + sigma_t * eps
-        x_self = self.self_estimate(z_t, gamma_t.detach(), generator) if self.self_condition else None
+        x_self = self.self_estimate(z_t, gamma_t.detach(), generator, shard) if self.self_condition else None
         eps_hat = self.eps_hat(z_t, gamma_t, x_self)
         sse = torch.square(eps - eps_hat).flatten(1).sum(1)
         if self.timesteps:
@@ -274,8 +265,10 @@ class VDM(nn.Module):
         objective = total if self.loss_weighting == "elbo" else weighted + latent + recon
         return Loss(total, objective, diffusion, latent, recon, g0.detach().expand(b), g1.detach().expand(b))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Loss:
-        return self.loss(x, generator)
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+    ) -> Loss:
+        return self.loss(x, generator, shard)
 
 
 def build_vdm(model: ModelParams, image_size: int) -> VDM:
@@ -290,14 +283,4 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
         except ValueError as e:
             raise UserError(f"params.yaml: {e} (data.image_size = {image_size})") from None
         schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)
-    return VDM(
-        net,
-        schedule,
-        antithetic=model.antithetic,
-        timesteps=model.timesteps,
-        prediction=model.prediction,
-        x_skip_noise=model.x_skip_noise,
-        loss_weighting=model.loss_weighting,
-        sigmoid_bias=model.sigmoid_bias,
-        weight_floor=model.weight_floor,
-    )
+    return VDM(model, net, schedule)

@@ -9,8 +9,8 @@ functions gamma -> w(gamma) (Kingma & Gao, 2023). The bound itself is always unw
     edm      EDM's objective (Karras et al. 2022) as a weighting of the bound's integrand (see `edm`)
 
 Every weighting is called as fn(gamma, sigmoid_bias=...): the model's settings as keywords, of
-which each takes the ones it needs. A new one is a function here with `@weighting("name")` and a
-test; params.yaml's allowed values follow WEIGHTINGS.
+which each takes the ones it needs. A new one is a function here with `@WEIGHTINGS.register("name")`
+and a test; params.yaml's allowed values are WEIGHTINGS' names (vdm/core/registry.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from collections.abc import Callable
 
 import torch
 
+from vdm.core.registry import Registry
+
 Weighting = Callable[..., torch.Tensor]  # (gamma, **model settings) -> w(gamma), the same shape
 
-# name -> weighting; `@weighting("name")` adds one
-WEIGHTINGS: dict[str, Weighting] = {}
+# name -> weighting; `@WEIGHTINGS.register("name")` adds one
+WEIGHTINGS: Registry[Weighting] = Registry("loss weighting", "model.loss_weighting")
 
 MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: the eps-loss weight min(SNR, 5) / SNR
 # EDM's training distribution of the noise level (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2),
@@ -31,35 +33,23 @@ MIN_SNR_GAMMA = 5.0  # Hang et al. 2023: the eps-loss weight min(SNR, 5) / SNR
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 
 
-def weighting(name: str) -> Callable[[Weighting], Weighting]:
-    """Register a weighting under `name` (model.loss_weighting)."""
-
-    def register(fn: Weighting) -> Weighting:
-        if name in WEIGHTINGS:
-            raise ValueError(f"loss weighting {name!r} is registered twice")
-        WEIGHTINGS[name] = fn
-        return fn
-
-    return register
-
-
-@weighting("elbo")
+@WEIGHTINGS.register("elbo")
 def elbo(gamma: torch.Tensor, **_) -> torch.Tensor:
     return torch.ones_like(gamma)
 
 
-@weighting("sigmoid")
+@WEIGHTINGS.register("sigmoid")
 def sigmoid(gamma: torch.Tensor, *, sigmoid_bias: float, **_) -> torch.Tensor:
     return torch.sigmoid(gamma + sigmoid_bias)
 
 
-@weighting("min_snr")
+@WEIGHTINGS.register("min_snr")
 def min_snr(gamma: torch.Tensor, **_) -> torch.Tensor:
     """min(SNR, 5) / SNR, SNR = e^-gamma."""
     return torch.clamp(MIN_SNR_GAMMA * torch.exp(gamma), max=1.0)
 
 
-@weighting("edm")
+@WEIGHTINGS.register("edm")
 def edm(gamma: torch.Tensor, **_) -> torch.Tensor:
     """EDM's objective as a weighting of the bound's integrand over gamma (Kingma & Gao 2023): its
     log-normal density of sigma, times its loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2

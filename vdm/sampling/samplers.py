@@ -10,6 +10,10 @@ the weaker model would draw, which is mostly the errors both models share. w = 1
 Step spacing: `t` takes the grid at t = i / steps, so it follows the learned schedule (which
 puts its steps where the training loss varies most); `logsnr` spaces gamma uniformly between
 the schedule's endpoints.
+
+Every public function here takes the sampling options whole (vdm.core.params.SamplingOptions: the
+sampler, steps, spacing, clipping, the final denoising step, the temperature), as the sample stage,
+the API and the `vdm` command build them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from vdm.core.errors import UserError
+from vdm.core.params import SamplingOptions
 from vdm.model.conversions import alpha_sigma, decode_nearest
 from vdm.model.conversions import encode as level_centres
 from vdm.model.diffusion import VDM
@@ -87,20 +93,17 @@ def solve(
     denoise: Denoiser,
     z: torch.Tensor,
     gammas: torch.Tensor,
-    sampler: str,
+    options: SamplingOptions,
     generator: torch.Generator | list[torch.Generator] | None = None,
     snapshots: set[int] = frozenset(),
     on_step: Callable[[int], None] | None = None,
-    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Run `sampler` from z at gammas[0] to gammas[-1]; returns z there and {step index: z} at the
-    indices in `snapshots` (0 = the start, len(gammas) - 1 = the end). `temperature` scales the
-    ancestral steps' fresh noise (the deterministic samplers draw none)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
-    n = z.shape[0]
+    """Run options.sampler from z at gammas[0] to gammas[-1]; returns z there and {step index: z}
+    at the indices in `snapshots` (0 = the start, len(gammas) - 1 = the end). options.temperature
+    scales the ancestral steps' fresh noise (the deterministic samplers draw none)."""
+    n, temperature = z.shape[0], options.temperature
     kept = {}
-    step, refine, memory = SAMPLERS[sampler].step, SAMPLERS[sampler].refine, {}
+    step, refine, memory = SAMPLERS[options.sampler].step, SAMPLERS[options.sampler].refine, {}
     for i in range(len(gammas) - 1):
         if i in snapshots:
             kept[i] = z.clone()
@@ -118,72 +121,79 @@ def solve(
 def sample(
     model: VDM,
     n: int,
-    steps: int,
-    sampler: str = "ancestral",
-    spacing: str = "t",
+    options: SamplingOptions,
     generator: torch.Generator | list[torch.Generator] | None = None,
     device: str | torch.device = "cpu",
     trajectory_points: int = 0,
-    clip_denoised: bool = True,
     on_step: Callable[[int], None] | None = None,
-    denoise_last: bool = False,
     z: torch.Tensor | None = None,
-    temperature: float = 1.0,
     guide: VDM | None = None,
     guidance: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """n images, (n, 3, H, W) uint8, and `trajectory_points` snapshots of z_t (clipped to
-    [-1, 1], as uint8) at evenly spaced steps from the start to the end.
+    """n images, (n, 3, H, W) uint8, drawn as `options` say, and `trajectory_points` snapshots of
+    z_t (clipped to [-1, 1], as uint8) at evenly spaced steps from the start to the end.
 
     The walk starts from z_1 ~ N(0, I) drawn from `generator` (one for the batch, or a list: one
     per sample), or from the given latents `z`
     (n, 3, H, W), e.g. those of `encode`: with a deterministic sampler (ddim, dpmpp_2m) that decodes them.
 
     The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
-    `denoise_last` the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network call
-    that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
+    options.denoise_last the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network
+    call that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
     is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0).
     With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser)."""
     device = torch.device(device)
-    size = model.net.image_size
+    size, steps = model.net.image_size, options.steps
     if z is None:
         z = randn((n, 3, size, size), generator, device)
     else:
         z = z.to(device=device, dtype=torch.float32)
-    gammas = gamma_grid(model.schedule, steps, spacing, device)
+    gammas = gamma_grid(model.schedule, steps, options.spacing, device)
     keep = set()
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
-    denoise = guided_denoiser(model, guide, guidance, clip_denoised)
-    z, kept = solve(denoise, z, gammas, sampler, generator, keep, on_step, temperature)
+    denoise = guided_denoiser(model, guide, guidance, options.clip_denoised)
+    z, kept = solve(denoise, z, gammas, options, generator, keep, on_step)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
-    if denoise_last:
-        x_hat = SAMPLERS[sampler].refine(denoise(z, gammas[-1].expand(n)), gammas[-1])
+    if options.denoise_last:
+        x_hat = SAMPLERS[options.sampler].refine(denoise(z, gammas[-1].expand(n)), gammas[-1])
         return decode_nearest(x_hat).cpu(), traj
     alpha_0 = math.sqrt(float(torch.sigmoid(-gammas[-1])))
     return decode_nearest(z / alpha_0).cpu(), traj
+
+
+def check_options(options: SamplingOptions) -> SamplingOptions:
+    """The options, if their sampler is registered (SamplingOptions checks every other field when
+    it is built); else a UserError naming the samplers."""
+    SAMPLERS[options.sampler]
+    return options
+
+
+def check_deterministic(options: SamplingOptions) -> SamplingOptions:
+    """The options, if their sampler draws no noise (encoding and decoding run the probability-flow
+    ODE); else a UserError naming the samplers that do."""
+    check_options(options)
+    if options.sampler not in deterministic_samplers():
+        choices = " or ".join(deterministic_samplers())
+        raise UserError(f"the probability-flow ODE needs a deterministic sampler ({choices}), not {options.sampler!r}")
+    return options
 
 
 @torch.no_grad()
 def encode(
     model: VDM,
     images: torch.Tensor,
-    steps: int,
-    sampler: str = "dpmpp_2m",
-    spacing: str = "t",
-    clip_denoised: bool = True,
+    options: SamplingOptions,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Latents z_1 of images (n, 3, H, W) uint8: the probability-flow ODE of the learned schedule run
     forward, from z_0 = alpha_0 x at gamma(0) up to gamma(1), with a deterministic sampler (the same
     update rules as sampling, on the reversed gamma grid). `sample(..., z=latents)` with the same
-    sampler and step count runs the ODE back; the round trip is exact as steps grow."""
-    if sampler not in deterministic_samplers():
-        choices = " or ".join(deterministic_samplers())
-        raise ValueError(f"encoding needs a deterministic sampler ({choices}), not {sampler!r}")
+    options runs the ODE back; the round trip is exact as steps grow."""
+    check_deterministic(options)
     device = next(model.parameters()).device
     x = level_centres(images.to(device))
-    gammas = gamma_grid(model.schedule, steps, spacing, device).flip(0)
+    gammas = gamma_grid(model.schedule, options.steps, options.spacing, device).flip(0)
     alpha_0, _ = alpha_sigma(gammas[0])
-    z, _ = solve(vdm_denoiser(model, clip_denoised), alpha_0 * x, gammas, sampler, on_step=on_step)
+    z, _ = solve(vdm_denoiser(model, options.clip_denoised), alpha_0 * x, gammas, options, on_step=on_step)
     return z

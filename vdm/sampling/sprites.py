@@ -18,6 +18,7 @@ import torch
 
 from vdm.core.atomic import atomic_dir
 from vdm.core.images import image_grid, png_bytes
+from vdm.core.params import SamplingOptions
 from vdm.model.diffusion import VDM
 from vdm.sampling import samplers
 
@@ -25,34 +26,30 @@ from vdm.sampling import samplers
 def generate(
     model: VDM,
     count: int,
-    steps: int,
-    batch_size: int,
+    options: SamplingOptions,
     seed: int,
-    strip_rows: int,
-    strip_points: int,
     device: torch.device,
-    clip_denoised: bool = True,
-    sampler: str = "ancestral",
-    spacing: str = "t",
+    strip_rows: int = 0,
+    strip_points: int = 2,
     progress: bool = False,
-    denoise_last: bool = False,
-    temperature: float = 1.0,
     guide: VDM | None = None,
     guidance: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """(N, H, W, 3) uint8 samples, the strip image (or None) and the sampling seconds.
+    """`count` sprites drawn as `options` say, options.batch_size at a time: (N, H, W, 3) uint8
+    samples, the strip image (or None) and the sampling seconds.
 
     Sprite k is drawn from its own random stream (vdm.sampling.samplers.sprite_generator(seed, k)): the
-    same sprites as `vdm generate` and the API draw with the same seed and settings.
-    z_t snapshots are kept for the first batch only (the strip), not for every sample.
-    `progress` shows a bar over all network evaluations (tqdm; a log line every few seconds
-    when not in a terminal). A `guide` model and `guidance` weight autoguide the walk
+    same sprites as `vdm generate` and the API draw with the same seed and options.
+    The strip (strip_rows samples, each at strip_points evenly spaced steps) comes from the first
+    batch only. `progress` shows a bar over all network evaluations (tqdm; a log line every few
+    seconds when not in a terminal). A `guide` model and `guidance` weight autoguide the walk
     (vdm.sampling.samplers.guided_denoiser).
     """
     from vdm.core.progress import Progress
 
     out, strip = [], None
-    bar = Progress(total=steps * math.ceil(count / batch_size), desc="sample", unit="step", enabled=progress)
+    batch_size = options.batch_size
+    bar = Progress(total=options.steps * math.ceil(count / batch_size), desc="sample", unit="step", enabled=progress)
     t0 = time.perf_counter()
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
@@ -60,16 +57,11 @@ def generate(
         x, traj = samplers.sample(
             model,
             n,
-            steps,
-            sampler,
-            spacing,
+            options,
             [samplers.sprite_generator(seed, k, device) for k in range(start, start + n)],
             device,
             points,
-            clip_denoised,
             on_step=lambda _: bar.update(1),
-            denoise_last=denoise_last,
-            temperature=temperature,
             guide=guide,
             guidance=guidance,
         )

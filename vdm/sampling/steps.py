@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from vdm.core.images import reduce_colours
+from vdm.core.registry import Registry
 from vdm.model.conversions import alpha_sigma, decode_nearest, encode, eps_from_x
 
 # the sprite sampler's palette pull (see the module docstring)
@@ -95,7 +96,7 @@ class Sampler:
 
 
 # name -> sampler, in the order params.yaml's comment lists them; `@sampler(name, deterministic)` adds one
-SAMPLERS: dict[str, Sampler] = {}
+SAMPLERS: Registry[Sampler] = Registry("sampler", "sample.sampler")
 
 
 def sampler(name: str, deterministic: bool, refine: Refine = _as_is) -> Callable[[StepFn], StepFn]:
@@ -103,9 +104,7 @@ def sampler(name: str, deterministic: bool, refine: Refine = _as_is) -> Callable
     params.yaml's sample.sampler, the CLI, the API and the tests take their choices from SAMPLERS."""
 
     def register(step: StepFn) -> StepFn:
-        if name in SAMPLERS:
-            raise ValueError(f"sampler {name!r} is registered twice")
-        SAMPLERS[name] = Sampler(step, deterministic, refine)
+        SAMPLERS.add(name, Sampler(step, deterministic, refine))
         return step
 
     return register

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vdm.core.atomic import Commit, journal_for, recover, write_bytes, write_json
 from vdm.core.errors import UserError
 from vdm.core.images import image_grid, png_bytes
-from vdm.core.params import Params, as_dict
+from vdm.core.params import Params, SamplingOptions, as_dict
 from vdm.core.progress import Progress
 from vdm.core.runtime import (
     Dist,
@@ -104,12 +104,13 @@ def _eval_bpd(model: VDM, images: np.ndarray, n: int, seed: int, device, batch: 
 
 
 def _sample_grid(model: VDM, count: int, steps: int, seed: int, device) -> np.ndarray:
-    """The training grid: the sample stage's ancestral sampler, with its final denoising step (the
-    last grid is drawn after the gamma_0 fit, where z_0 alone still holds visible noise)."""
+    """The training grid: the sample stage's default options (with its final denoising step: the
+    last grid is drawn after the gamma_0 fit, where z_0 alone still holds visible noise) at `steps`
+    and temperature 1, the model's own walk, so the grids through training show the model alone."""
     from vdm.sampling.samplers import sample
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    x, _ = sample(model, count, steps, "ancestral", "t", gen, device, denoise_last=True)
+    x, _ = sample(model, count, SamplingOptions().replace(steps=steps, temperature=1.0), gen, device)
     return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
 
 
@@ -157,7 +158,6 @@ class _Run:
                 f"train: finished moving the outputs of an interrupted run into place ({out.journal})", file=sys.stderr
             )
         self.model, self.ema, self.opt, self.sched = build_training(params, self.device)
-        self.model.shard = (d.rank, d.world)  # the global batch's draws, sliced (see VDM.loss)
         self.state = self._resume()
         self.config = {
             "params": {"data": as_dict(params.data), "model": as_dict(params.model), "train": as_dict(params.train)},
@@ -263,7 +263,7 @@ class _Run:
         }
         if self.d.main:
             self.state.train_rows.append(row)
-            self.bar.set_postfix(bound=f"{means['total']:.3f}", img_s=f"{rate:.1f}")
+            self.bar.set_postfix(batch_bpd_before_fits=f"{means['total']:.2f}", img_s=f"{rate:.1f}")
             self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"} | {"img_per_s": rate}, step)
 
     def stop(self, signum: int, loss, logged: bool) -> None:
@@ -299,7 +299,16 @@ class _Run:
                     flips = torch.Generator().manual_seed(step_seed(tp.seed, step, 0, stream=2))
                     x = hflip_half(x, flips, d.rank, d.world)
                 loss, grad_norm = train_step(
-                    train_model, self.model, self.ema, self.opt, self.sched, x, gen, device, tp.grad_clip
+                    train_model,
+                    self.model,
+                    self.ema,
+                    self.opt,
+                    self.sched,
+                    x,
+                    gen,
+                    device,
+                    tp.grad_clip,
+                    (d.rank, d.world),  # this process's slice of the global batch's draws (VDM.loss)
                 )
                 self.state.step = step = step + 1
                 images_seen += tp.batch_size

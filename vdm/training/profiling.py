@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from vdm.core.params import Params
+from vdm.core.params import Params, SamplingOptions
 from vdm.core.runtime import resolve_device
 from vdm.data.splits import StepBatches, batch_loader, load_split
 from vdm.sampling.samplers import sample
@@ -86,7 +86,8 @@ def profile_run(
     n = max(1, tp.sample_count)
     with profile(activities=_activities(device)) as prof:
         t0 = time.perf_counter()
-        sample(ema.module, n, sample_steps, "ancestral", "t", torch.Generator(device=device).manual_seed(0), device)
+        options = SamplingOptions().replace(steps=sample_steps)
+        sample(ema.module, n, options, torch.Generator(device=device).manual_seed(0), device)
         sample_wall = time.perf_counter() - t0
     prof.export_chrome_trace(str(out / "sample_trace.json"))
     (out / "sample_top_ops.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))

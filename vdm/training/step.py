@@ -51,6 +51,7 @@ def build_training(params: Params, device: torch.device):
         model.parameters(),
         lr=tp.lr,
         betas=(0.9, tp.adam_beta2),
+        eps=tp.adam_eps,
         weight_decay=tp.weight_decay,
         foreach=not fused,
         fused=fused or None,
@@ -61,16 +62,17 @@ def build_training(params: Params, device: torch.device):
     return model, ema, opt, sched
 
 
-def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float):
+def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float, shard=(0, 1)):
     """One optimisation step on a (B, H, W, 3) uint8 batch; returns (Loss, grad norm). Nothing in
     it reads a value back from the device, so on a GPU the host queues the next step at once.
 
-    `train_model` is `model` or its DDP wrapper. Phases are labelled for torch.profiler.
+    `train_model` is `model` or its DDP wrapper; `shard` = (rank, processes): the batch is that
+    slice of the global batch (vdm.model.diffusion.VDM.loss). Phases are labelled for torch.profiler.
     """
     with torch.profiler.record_function("data_to_device"):
         x = to_nchw(batch).to(device, non_blocking=True)
     with torch.profiler.record_function("forward"):  # the net under autocast when model.net_dtype is bf16
-        loss = train_model(x, gen)
+        loss = train_model(x, gen, shard)
         objective = loss.objective.mean()  # the bound, or the weighted objective (see vdm.model.diffusion)
     with torch.profiler.record_function("backward"):
         opt.zero_grad(set_to_none=True)

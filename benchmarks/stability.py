@@ -1,0 +1,241 @@
+"""Where a training run diverges: the training loop's own steps (same seeds, same batches, same
+train_step) with probes read every --every steps, written as one CSV row per probe.
+
+    python benchmarks/stability.py --steps 2400 --every 10 \\
+        --set train.lr=0.002 --set train.cosine_decay=false --out reports/stability
+    python benchmarks/stability.py --report reports/stability/probe.csv   # the summary again
+
+Each row: step, lr, the gradient norm (before clipping), the batch bound and objective, and
+  loss_band_*     the objective's mean over the batch's examples whose gamma_t falls in each band
+                  (bands: BANDS; the time draws are antithetic, so every band is filled each step)
+  logit_max:NAME  the largest |q.k| / sqrt(d) of each attention block (what softmax sees)
+  act:NAME        the RMS of each block's output (the residual stream through the levels)
+  w:NAME, g:NAME  each block's weight RMS and gradient RMS
+  upd:NAME        each block's update ||w_new - w_old|| / ||w_old|| in the step (AdamW's effective rate)
+  adam_v_min      the smallest second-moment estimate sqrt(v) over all weights (a tiny one turns a
+                  sudden gradient into a huge step)
+
+NAME is a block's path in the UNet (down.3.0, mid.1, up.5.0, ...); "stem", "out". The summary
+prints, for the probe rows around the first spike (batch bound above --spike x its running
+median), which columns moved first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+BANDS = (-math.inf, -6.0, -2.0, 2.0, math.inf)
+
+
+def band_name(lo: float, hi: float) -> str:
+    return f"loss_band_{'' if lo == -math.inf else f'{lo:g}'}..{'' if hi == math.inf else f'{hi:g}'}"
+
+
+class Probes:
+    """Forward hooks on the UNet's blocks, live only while `on` is set."""
+
+    def __init__(self, model):
+        import torch
+
+        from vdm.model.unet import Attention, ResBlock
+
+        self.torch, self.on, self.values, self.gamma = torch, False, {}, None
+        net = model.net
+        self.blocks = {}
+        for name, m in net.named_modules():
+            if isinstance(m, (ResBlock, Attention)):
+                self.blocks[name] = m
+        self.blocks["stem"], self.blocks["out"] = net.stem, net.out
+        for name, m in self.blocks.items():
+            m.register_forward_hook(self._act(name))
+            if isinstance(m, Attention):
+                m.register_forward_pre_hook(self._logits(name, m))
+
+        def grab_gamma(_module, _inputs, output):
+            if self.on and self.gamma is None:
+                self.gamma = output[0].detach().float()
+
+        model.schedule.register_forward_hook(grab_gamma)
+
+    def _act(self, name):
+        def hook(_m, _inputs, output):
+            if self.on:
+                self.values[f"act:{name}"] = float(output.detach().float().square().mean().sqrt())
+
+        return hook
+
+    def _logits(self, name, m):
+        torch = self.torch
+
+        def hook(_m, inputs):
+            if not self.on:
+                return
+            with torch.no_grad():
+                x = inputs[0]
+                b, c, h, w = x.shape
+                qkv = m.qkv(m.norm(x)).float().reshape(b, 3, m.heads, c // m.heads, h * w)
+                q, k = qkv[:, 0], qkv[:, 1]
+                if m.qk_norm:
+                    q, k = torch.nn.functional.normalize(q, dim=2), torch.nn.functional.normalize(k, dim=2)
+                    scale = math.sqrt(q.shape[2])
+                else:
+                    scale = 1 / math.sqrt(q.shape[2])
+                logits = torch.einsum("bhdi,bhdj->bhij", q, k) * scale
+                self.values[f"logit_max:{name}"] = float(logits.abs().max())
+
+        return hook
+
+    def start(self):
+        self.on, self.values, self.gamma = True, {}, None
+
+    def stop(self):
+        self.on = False
+
+
+def block_norms(model, blocks: dict, what: str) -> dict[str, float]:
+    """RMS of each block's weights ("w") or gradients ("g")."""
+    out = {}
+    for name, m in blocks.items():
+        ts = [p.grad if what == "g" else p for p in m.parameters() if p.dim() > 1]
+        ts = [t.detach().float() for t in ts if t is not None]
+        if ts:
+            n = sum(t.numel() for t in ts)
+            out[f"{what}:{name}"] = math.sqrt(sum(float(t.square().sum()) for t in ts) / n)
+    return out
+
+
+def run(args) -> Path:
+    import torch
+    import yaml
+    from sweep import apply, parse_row
+
+    from vdm.core.params import parse_params
+    from vdm.core.runtime import allow_tf32, resolve_device, set_deterministic
+    from vdm.data.splits import StepBatches, batch_loader, load_split
+    from vdm.training.step import build_training, step_seed, train_step
+
+    _, sets = parse_row(" ".join(["probe", *args.set]))
+    raw = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), {**sets, "train.steps": args.steps})
+    params = parse_params(raw)
+    tp = params.train
+    device = resolve_device(tp.device, "train.device")
+    set_deterministic(device)
+    allow_tf32(device)
+    train_x = load_split(Path(args.processed), "train")
+    model, ema, opt, sched = build_training(params, device)
+    probes = Probes(model)
+    gen = torch.Generator(device=device)
+    batches = StepBatches(len(train_x), tp.batch_size, tp.seed, 0, tp.steps, 0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "probe.csv"
+    rows: list[dict] = []
+    model.train()
+    for step, x in enumerate(batch_loader(train_x, batches, 0, device.type == "cuda")):
+        gen.manual_seed(step_seed(tp.seed, step, 0))
+        torch.manual_seed(step_seed(tp.seed, step, 0, stream=1))
+        probe = (step + 1) % args.every == 0
+        before = {}
+        if probe:
+            probes.start()
+            before = {
+                n: [p.detach().float().clone() for p in m.parameters() if p.dim() > 1] for n, m in probes.blocks.items()
+            }
+        loss, grad_norm = train_step(model, model, ema, opt, sched, x, gen, device, tp.grad_clip)
+        if not probe:
+            continue
+        probes.stop()
+        row = {
+            "step": step + 1,
+            "lr": sched.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "bound": float(loss.total.detach().mean()),
+            "objective": float(loss.objective.detach().mean()),
+            "gamma_1": float(loss.gamma_1[0]),
+        }
+        gamma, obj = probes.gamma, loss.objective.detach().float()
+        for lo, hi in zip(BANDS, BANDS[1:], strict=False):
+            sel = (gamma >= lo) & (gamma < hi)
+            row[band_name(lo, hi)] = float(obj[sel].mean()) if bool(sel.any()) else math.nan
+        row |= probes.values
+        row |= block_norms(model, probes.blocks, "w")
+        row |= block_norms(model, probes.blocks, "g")
+        for n, m in probes.blocks.items():
+            new = [p.detach().float() for p in m.parameters() if p.dim() > 1]
+            if new:
+                d = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(new, before[n], strict=True)))
+                w = math.sqrt(sum(float(b.square().sum()) for b in before[n]))
+                row[f"upd:{n}"] = d / max(w, 1e-12)
+        v = [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
+        row["adam_v_min"] = math.sqrt(min(float(t.min()) for t in v)) if v else math.nan
+        rows.append(row)
+        if len(rows) == 1 or (step + 1) % (args.every * 10) == 0:
+            write(path, rows)
+            print(f"step {step + 1}: bound {row['bound']:.2f} grad {row['grad_norm']:.3f}", flush=True)
+        if not math.isfinite(row["bound"]):
+            break
+    write(path, rows)
+    return path
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def report(path: Path, spike: float) -> None:
+    """The first spike and, for each probe column, its value 10 rows before, 1 row before and at it."""
+    rows = list(csv.DictReader(open(path)))
+    bounds = [float(r["bound"]) for r in rows]
+    at = None
+    for i in range(10, len(rows)):
+        if bounds[i] > spike * statistics.median(bounds[max(0, i - 30) : i]):
+            at = i
+            break
+    if at is None:
+        print(f"{path}: no spike above {spike}x the running median in {rows[-1]['step']} steps")
+        return
+    print(
+        f"first spike at step {rows[at]['step']} (bound {bounds[at]:.1f}, running median "
+        f"{statistics.median(bounds[max(0, at - 30) : at]):.1f})"
+    )
+    print(f"{'column':28s} {'-10 rows':>10s} {'-1 row':>10s} {'spike':>10s} {'spike/-10':>9s}")
+    early = max(0, at - 10)
+    for col in rows[0]:
+        if col == "step":
+            continue
+        a, b, c = (float(rows[j][col] or "nan") for j in (early, at - 1, at))
+        ratio = c / a if a else math.nan
+        print(f"{col:28s} {a:10.4g} {b:10.4g} {c:10.4g} {ratio:9.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--every", type=int, default=10, help="probe every this many steps")
+    ap.add_argument("--set", action="append", default=[], help="key=value over params.yaml (repeatable)")
+    ap.add_argument("--processed", default="data/processed")
+    ap.add_argument("--out", default="reports/stability")
+    ap.add_argument("--spike", type=float, default=10.0, help="a spike: the bound above this x its running median")
+    ap.add_argument("--report", help="summarise this probe.csv and exit")
+    args = ap.parse_args()
+    if args.report:
+        report(Path(args.report), args.spike)
+        return
+    report(run(args), args.spike)
+
+
+if __name__ == "__main__":
+    main()
