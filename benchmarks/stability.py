@@ -4,6 +4,7 @@ train_step) with probes read every --every steps, written as one CSV row per pro
     python benchmarks/stability.py --steps 2400 --every 10 \\
         --set train.lr=0.002 --set train.cosine_decay=false --out reports/stability
     python benchmarks/stability.py --report reports/stability/probe.csv   # the summary again
+    python benchmarks/stability.py --report a.csv b.csv --plot docs/lr-probe-gpu.png  # probes side by side
 
 Each row: step, lr, the gradient norm (before clipping), the batch bound and objective, and
   loss_band_*     the objective's mean over the batch's examples whose gamma_t falls in each band
@@ -221,6 +222,43 @@ def report(path: Path, spike: float) -> None:
         print(f"{col:28s} {a:10.4g} {b:10.4g} {c:10.4g} {ratio:9.2f}")
 
 
+PLOTTED = (  # (title, the columns drawn: a name, or a prefix ending in ":" for every block with it)
+    ("batch bound, bits/dim (log)", ("bound",)),
+    ("activation RMS per block (log)", ("act:",)),
+    ("largest attention logit per attention block (log)", ("logit_max:",)),
+    ("update ||dw|| / ||w|| per block in one step (log)", ("upd:",)),
+)
+
+
+def plot(paths: list[Path], out: Path) -> None:
+    """One column of panels per probe CSV (PLOTTED), the deep blocks (the attention level and the
+    middle) drawn dark, the outer ones light."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PLOTTED), len(paths), figsize=(5.5 * len(paths), 2.6 * len(PLOTTED)), squeeze=False)
+    for j, path in enumerate(paths):
+        rows = list(csv.DictReader(open(path)))
+        steps = [int(r["step"]) for r in rows]
+        for i, (title, cols) in enumerate(PLOTTED):
+            ax = axes[i][j]
+            names = [c for c in rows[0] if c in cols or any(c.startswith(p) for p in cols if p.endswith(":"))]
+            for c in names:
+                deep = any(t in c for t in ("down.6", "mid.", "up.0.", "up.1."))
+                values = [float(r[c] or "nan") for r in rows]
+                ax.plot(steps, values, lw=0.8, color="tab:red" if deep else "tab:blue", alpha=0.9 if deep else 0.35)
+            ax.set_yscale("log")
+            ax.set_title(f"{path.stem}: {title}" if i == 0 else title, fontsize=9)
+            ax.tick_params(labelsize=8)
+        axes[-1][j].set_xlabel("step")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2400)
@@ -229,10 +267,14 @@ def main() -> None:
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/stability")
     ap.add_argument("--spike", type=float, default=10.0, help="a spike: the bound above this x its running median")
-    ap.add_argument("--report", help="summarise this probe.csv and exit")
+    ap.add_argument("--report", nargs="+", help="summarise these probe CSVs and exit")
+    ap.add_argument("--plot", help="with --report: draw the probes side by side into this PNG")
     args = ap.parse_args()
     if args.report:
-        report(Path(args.report), args.spike)
+        for path in args.report:
+            report(Path(path), args.spike)
+        if args.plot:
+            plot([Path(p) for p in args.report], Path(args.plot))
         return
     report(run(args), args.spike)
 

@@ -88,21 +88,39 @@ def test_params_yaml_comments_list_exactly_the_registered_names():
 
 
 def test_every_registry_is_the_one_list_of_its_names():
-    """Every entry is registered once, under a name params.yaml can hold, and the params check
-    takes its choices from the registry itself."""
-    from vdm.core.errors import ParamError
-    from vdm.core.params import load_params
-    from vdm.core.registry import check_params
-
-    regs = _registries()
-    for reg in regs.values():
+    """Every entry is registered once, under a name params.yaml can hold."""
+    for reg in _registries().values():
         assert len(reg) == len(set(reg)) > 0
         assert all(re.fullmatch(r"[a-z][a-z0-9_]*", name) for name in reg)
-    params = load_params(ROOT / "params.yaml")
-    check_params(params, regs["samplers"], regs["weightings"])
-    for name in regs["samplers"]:
-        sample = params.sample.model_copy(update={"sampler": name})
-        check_params(params.model_copy(update={"sample": sample}), regs["samplers"])
-    bad = params.model_copy(update={"sample": params.sample.model_copy(update={"sampler": "euler"})})
-    with pytest.raises(ParamError, match=r"sample\.sampler = 'euler' is invalid: one of ancestral, "):
-        check_params(bad, regs["samplers"], regs["weightings"])
+
+
+@pytest.mark.parametrize(
+    ("which", "section", "key", "bad"),
+    [
+        ("samplers", "sample", "sampler", "euler"),
+        ("weightings", "model", "loss_weighting", "cosine"),
+    ],
+)
+def test_params_take_exactly_the_registered_names(which, section, key, bad):
+    """params.yaml's key accepts every registered name and refuses any other (naming the key and
+    the choices, from the registry itself); a value that is no name is refused on reading."""
+    from tests.helpers import raw_params
+    from vdm.core.errors import ParamError
+    from vdm.core.params import parse_params
+    from vdm.core.registry import check_params
+
+    reg = _registries()[which]
+
+    def params(name):
+        raw = raw_params()
+        raw[section][key] = name
+        return parse_params(raw)
+
+    for name in reg:
+        check_params(params(name), reg)
+    with pytest.raises(ParamError) as refused:
+        check_params(params(bad), reg)
+    assert (refused.value.key, refused.value.value) == (f"{section}.{key}", bad)
+    assert refused.value.allowed == f"one of {', '.join(reg)}"
+    with pytest.raises(ParamError, match=rf"{section}\.{key}"):
+        params("Bad Name")

@@ -304,7 +304,7 @@ def test_training_outside_a_terminal_prints_log_lines(tmp_path, processed, capsy
     train(parse_params(tiny()), processed, outs(tmp_path))
     err = capsys.readouterr().err  # captured: not a terminal, so no bar but plain lines
     last = [line for line in err.splitlines() if line.startswith("train: 6/6 steps")]
-    assert len(last) == 1 and "s left, bound " in last[0] and "img_s " in last[0]
+    assert len(last) == 1 and "s left, batch_bpd_before_fits " in last[0] and "img_s " in last[0]
 
 
 def test_likelihood_preset_is_the_papers_objective_and_valid(monkeypatch):

@@ -127,15 +127,21 @@ def options_from(args) -> SamplingOptions:
     return args.option_base.replace(**{name: getattr(args, name) for name in args.option_fields})
 
 
+def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A `vdm NAME` parser with the options every command has (the model, weights, device, precision)."""
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=help, description=description)
+    _model_options(p)
+    return p
+
+
 def _generate_parser(sub) -> None:
-    g = sub.add_parser(
+    g = _command(
+        sub,
         "generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="new sprites as PNGs and a grid",
-        description="Generate new sprites: OUT/sprite-0000.png ..., OUT/samples.npy, OUT/grid.png and OUT/info.json "
+        "new sprites as PNGs and a grid",
+        "Generate new sprites: OUT/sprite-0000.png ..., OUT/samples.npy, OUT/grid.png and OUT/info.json "
         "(the settings and the time). The same seed and settings give the same sprites on the same device.",
     )
-    _model_options(g)
     g.add_argument(
         "--n",
         type=_whole(1, MAX_SPRITES, "the most one run draws: use another --seed for more"),
@@ -155,15 +161,14 @@ def _generate_parser(sub) -> None:
 
 
 def _interpolate_parser(sub) -> None:
-    i = sub.add_parser(
+    i = _command(
+        sub,
         "interpolate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="a strip from one sprite to another through the model's latent space",
-        description="Encode two sprites with the probability-flow ODE of the learned schedule, join their latents "
+        "a strip from one sprite to another through the model's latent space",
+        "Encode two sprites with the probability-flow ODE of the learned schedule, join their latents "
         "by spherical interpolation and decode each point: a strip A | frames | B. A sprite is an image file "
         "(fitted on a white square like the training data) or SPLIT:INDEX of the preprocessed data (e.g. test:3).",
     )
-    _model_options(i)
     i.add_argument("a", help="first sprite: an image file or SPLIT:INDEX (train, val, test)")
     i.add_argument("b", help="second sprite")
     i.add_argument(
@@ -180,15 +185,14 @@ def _interpolate_parser(sub) -> None:
 
 
 def _serve_parser(sub) -> None:
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "serve",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="a demo page and a JSON/PNG API",
-        description="Serve a page where a visitor picks a seed and a count and sees new sprites, and "
+        "a demo page and a JSON/PNG API",
+        "Serve a page where a visitor picks a seed and a count and sees new sprites, and "
         "GET /api/sprites (JSON: PNGs in base64) and /api/sprites.png (a grid). The model is loaded once; "
         "requests run one at a time, a few wait in a queue, the rest get 503.",
     )
-    _model_options(s)
     host = os.environ.get("VDM_SERVE_HOST") or "127.0.0.1"
     s.add_argument("--host", default=host, help="address to listen on (the default is $VDM_SERVE_HOST if set)")
     s.add_argument("--port", type=_whole(1, 65535, "the largest TCP port"), default=8000, help="port to listen on")
