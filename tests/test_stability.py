@@ -1,0 +1,75 @@
+"""benchmarks/stability.py: the probes read what a divergence needs, and the report finds the spike."""
+
+import csv
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "stability.py"
+
+
+def test_the_probe_records_every_block_and_band(processed, tmp_path):
+    sets = [
+        "data.image_size=32",
+        "model.channels=16",
+        "model.channel_mult=[1,2]",
+        "model.attention_resolutions=[8]",
+        "train.batch_size=8",
+        "train.device=cpu",
+        "train.precision=fp32",
+    ]
+    cmd = [sys.executable, str(SCRIPT), "--steps", "6", "--every", "2", "--processed", str(processed)]
+    cmd += ["--out", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    cols = rows[0].keys()
+    for name in ("stem", "out", "down.0.0", "mid.0", "mid.1"):  # every block's output RMS and weights
+        assert f"act:{name}" in cols and f"w:{name}" in cols and f"upd:{name}" in cols
+    assert "logit_max:mid.1" in cols  # the attention at 8x8 (32 px, patch 2, one level down)
+    bands = [c for c in cols if c.startswith("loss_band_")]
+    assert len(bands) == 4
+    for r in rows:
+        assert float(r["bound"]) > 0 and float(r["grad_norm"]) > 0 and float(r["act:stem"]) > 0
+        assert 0 < float(r["upd:stem"]) < 1  # a step moves the weights, by less than their norm
+
+
+def test_the_report_names_the_first_spike(tmp_path):
+    path = tmp_path / "probe.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "bound", "act:mid.0"])
+        for step in range(10, 510, 10):
+            spike = step >= 400
+            w.writerow([step, 300.0 if spike else 20.0 + step % 30 / 10, 1e6 if spike else 1.5])
+    out = subprocess.run([sys.executable, str(SCRIPT), "--report", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "first spike at step 400 (bound 300.0" in out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("act:mid.0"))
+    assert line.split()[-1] == "666666.67"  # 1e6 at the spike against 1.5 ten rows before
+
+
+def test_the_deep_lr_candidate_scales_only_the_smallest_feature_maps_blocks():
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import stability
+
+    from tests.helpers import tiny
+    from vdm.core.params import parse_params
+    from vdm.training.step import build_training
+
+    raw = tiny(device="cpu")
+    raw["model"]["attention_resolutions"] = [8]
+    params = parse_params(raw)  # 32 px, patch 2, channel_mult [1, 2]: feature maps 16 and 8
+    model, _, opt, _ = build_training(params, torch.device("cpu"))
+    deep = stability.deepest_blocks(model, 32, torch.device("cpu"))
+    assert {"mid.0", "mid.1", "mid.2"} <= deep and not any(name.startswith("down.0") for name in deep)
+    opt, sched = stability.scale_deep_lr(model, opt, params, 0.25, torch.device("cpu"))
+    rest, low = opt.param_groups
+    assert low["lr"] == params.train.lr * 0.25 * sched.lr_lambdas[1](0) and rest["lr"] > low["lr"]
+    deep_params = {id(p) for n, p in model.named_parameters() if n.startswith(tuple(f"net.{b}." for b in deep))}
+    assert {id(p) for p in low["params"]} == deep_params
+    assert len(rest["params"]) + len(low["params"]) == len(list(model.parameters()))
