@@ -65,7 +65,9 @@ def main() -> None:
         strips.append(np.concatenate([a[None], frames, b[None]]))
     Path(args.picture).write_bytes(png_bytes(image_grid(np.concatenate(strips), ncol=args.frames + 2)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"count": len(x), "sampler": "dpmpp_2m", "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"count": len(x), "sampler": model.ode_options().sampler, "rows": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

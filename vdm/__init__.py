@@ -35,7 +35,7 @@ then training and evaluation, then app (tests/test_layout.py checks it):
         tracking    W&B and the CSV curves
         profiling   torch.profiler traces of the step and the sampler
     sampling    drawing sprites
-        steps       the samplers' registry (ancestral, ddim, dpmpp_2m, sprite)
+        steps       the samplers' registry and their step functions
         samplers    the walk, autoguidance, probability-flow encoding
         sprites     the sample stage's outputs
     evaluation  the evaluate stage
