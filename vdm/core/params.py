@@ -32,12 +32,15 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|mps|cuda:[0-9]+")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+PARAM_ERROR = "{key} = {shown} is invalid: {allowed}"  # a "param" error's message (ctx: key, shown, allowed)
+
+
 def invalid(value: object, allowed: str, key: str = "") -> PydanticCustomError:
     """A check's failure, for a validator to raise: `key` names the keys involved (relative to the
     section; "" for the field being checked), `allowed` says what would pass. Outside validation
     (a ValueError) it reads as one line: "KEY = VALUE is invalid: ALLOWED"."""
     ctx = {"key": key, "value": value, "allowed": allowed, "shown": short_repr(value)}
-    return PydanticCustomError("param", "{key} = {shown} is invalid: {allowed}", ctx)
+    return PydanticCustomError("param", PARAM_ERROR, ctx)
 
 
 def _yaml_float(v: object) -> object:
@@ -290,9 +293,7 @@ def _as_line_error(err: dict) -> dict:
     """A pydantic error (from ValidationError.errors()) as a line error to raise again, as it was."""
     if err["type"] == "missing":
         return {"type": "missing", "loc": err["loc"], "input": err["input"]}
-    text = err["msg"].replace("{", "{{").replace("}", "}}")
-    if err["type"] == "param":
-        text = "{key} = {shown} is invalid: {allowed}"
+    text = PARAM_ERROR if err["type"] == "param" else err["msg"].replace("{", "{{").replace("}", "}}")
     return {"type": PydanticCustomError(err["type"], text, err.get("ctx")), "loc": err["loc"], "input": err["input"]}
 
 

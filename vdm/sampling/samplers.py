@@ -19,6 +19,7 @@ the API and the `vdm` command build them.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ from vdm.model.conversions import encode as level_centres
 from vdm.model.diffusion import VDM
 from vdm.sampling.steps import SAMPLERS, Step, deterministic_samplers, randn
 
-SPACINGS = ("t", "logsnr")
+SPACINGS = typing.get_args(SamplingOptions.model_fields["spacing"].annotation)  # ("t", "logsnr")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z, gamma of shape (B,)) -> x_hat
 
