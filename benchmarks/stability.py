@@ -16,8 +16,8 @@ Each row: step, lr, the gradient norm (before clipping), the batch bound and obj
   adam_v_min      the smallest second-moment estimate sqrt(v) over all weights (a tiny one turns a
                   sudden gradient into a huge step)
 
-`--deep-lr-scale S` trains the blocks of the smallest feature map (where a held rate blows up
-first) at S x the rate, the rest as params.yaml says.
+`--set train.deep_lr_scale=S` trains the blocks of the smallest feature map (where a held rate
+blows up first) at S x the rate, the rest as params.yaml says.
 
 NAME is a block's path in the UNet (down.3.0, mid.1, up.5.0, ...); "stem", "out". The summary
 prints, for the probe rows around the first spike (batch bound above --spike x its running
@@ -105,49 +105,6 @@ class Probes:
         self.on = False
 
 
-def deepest_blocks(model, size: int, device) -> set[str]:
-    """The UNet blocks (ResBlocks and attentions) whose output has the smallest feature map."""
-    import torch
-
-    from vdm.model.unet import Attention, ResBlock
-
-    sides, hooks = {}, []
-    for name, m in model.net.named_modules():
-        if isinstance(m, (ResBlock, Attention)):
-            hooks.append(m.register_forward_hook(lambda _m, _i, out, name=name: sides.__setitem__(name, out.shape[-1])))
-    with torch.no_grad():
-        model.net(torch.zeros(1, 3, size, size, device=device), torch.zeros(1, device=device))
-    for h in hooks:
-        h.remove()
-    low = min(sides.values())
-    return {name for name, side in sides.items() if side == low}
-
-
-def scale_deep_lr(model, opt, params, scale: float, device):
-    """AdamW and its lr schedule again, with the deepest blocks' parameters (deepest_blocks) at
-    `scale` x the rate: the candidate fix the probe points to (those blocks blow up first)."""
-    import torch
-
-    from vdm.training.step import lr_factor
-
-    deep = deepest_blocks(model, params.data.image_size, device)
-    prefixes = tuple(f"net.{name}." for name in deep)
-    groups = {True: [], False: []}
-    for name, p in model.named_parameters():
-        groups[name.startswith(prefixes)].append(p)
-    tp = params.train
-    base = dict(opt.defaults)
-    opt = torch.optim.AdamW(
-        [{"params": groups[False]}, {"params": groups[True], "lr": tp.lr * scale}],
-        **{k: base[k] for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused")},
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
-    )
-    print(f"deep blocks at {scale} x lr: {', '.join(sorted(deep))}", flush=True)
-    return opt, sched
-
-
 def block_norms(model, blocks: dict, what: str) -> dict[str, float]:
     """RMS of each block's weights ("w") or gradients ("g")."""
     out = {}
@@ -180,8 +137,6 @@ def run(args) -> Path:
     train_x = load_split(Path(args.processed), "train")
     model, ema, opt, sched = build_training(params, device)
     probes = Probes(model)
-    if args.deep_lr_scale != 1.0:
-        opt, sched = scale_deep_lr(model, opt, params, args.deep_lr_scale, device)
     gen = torch.Generator(device=device)
     batches = StepBatches(len(train_x), tp.batch_size, tp.seed, 0, tp.steps, 0, 1)
     out = Path(args.out)
@@ -314,9 +269,6 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key=value over params.yaml (repeatable)")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/stability")
-    ap.add_argument(
-        "--deep-lr-scale", type=float, default=1.0, help="the deepest blocks' rate x this (a candidate fix)"
-    )
     ap.add_argument("--spike", type=float, default=10.0, help="a spike: the bound above this x its running median")
     ap.add_argument("--report", nargs="+", help="summarise these probe CSVs and exit")
     ap.add_argument("--plot", help="with --report: draw the probes side by side into this PNG")

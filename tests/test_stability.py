@@ -49,27 +49,3 @@ def test_the_report_names_the_first_spike(tmp_path):
     assert "first spike at step 400 (bound 300.0" in out.stdout
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("act:mid.0"))
     assert line.split()[-1] == "666666.67"  # 1e6 at the spike against 1.5 ten rows before
-
-
-def test_the_deep_lr_candidate_scales_only_the_smallest_feature_maps_blocks():
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import stability
-
-    from tests.helpers import tiny
-    from vdm.core.params import parse_params
-    from vdm.training.step import build_training
-
-    raw = tiny(device="cpu")
-    raw["model"]["attention_resolutions"] = [8]
-    params = parse_params(raw)  # 32 px, patch 2, channel_mult [1, 2]: feature maps 16 and 8
-    model, _, opt, _ = build_training(params, torch.device("cpu"))
-    deep = stability.deepest_blocks(model, 32, torch.device("cpu"))
-    assert {"mid.0", "mid.1", "mid.2"} <= deep and not any(name.startswith("down.0") for name in deep)
-    opt, sched = stability.scale_deep_lr(model, opt, params, 0.25, torch.device("cpu"))
-    rest, low = opt.param_groups
-    assert low["lr"] == params.train.lr * 0.25 * sched.lr_lambdas[1](0) and rest["lr"] > low["lr"]
-    deep_params = {id(p) for n, p in model.named_parameters() if n.startswith(tuple(f"net.{b}." for b in deep))}
-    assert {id(p) for p in low["params"]} == deep_params
-    assert len(rest["params"]) + len(low["params"]) == len(list(model.parameters()))

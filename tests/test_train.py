@@ -26,7 +26,7 @@ from vdm.core.errors import UserError
 from vdm.core.params import parse_params
 from vdm.sampling.samplers import sample
 from vdm.training.loop import train
-from vdm.training.step import NonFiniteLoss, lr_factor
+from vdm.training.step import NonFiniteLoss, build_training, lr_factor
 
 
 def test_outputs_and_bit_identical_reruns(tmp_path, processed):
@@ -346,3 +346,22 @@ def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
     model, ema, opt, _ = build_training(params, torch.device("cpu"))
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
     assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained
+
+
+def test_deep_lr_scale_slows_only_the_blocks_at_the_smallest_feature_map():
+    from vdm.model.unet import deepest_blocks
+
+    raw = tiny(device="cpu", deep_lr_scale=0.25)
+    raw["model"]["attention_resolutions"] = [8]
+    params = parse_params(raw)  # 32 px, patch 2, channel_mult [1, 2]: feature maps 16 and 8
+    model, _, opt, sched = build_training(params, torch.device("cpu"))
+    deep = deepest_blocks(model.net)
+    assert {"mid.0", "mid.1", "mid.2"} <= deep and not any(name.startswith("down.0") for name in deep)
+    rest, low = opt.param_groups
+    assert low["lr"] == pytest.approx(params.train.lr * 0.25 * sched.lr_lambdas[0](0))
+    assert rest["lr"] == pytest.approx(4 * low["lr"])
+    deep_params = {id(p) for n, p in model.named_parameters() if n.startswith(tuple(f"net.{b}." for b in deep))}
+    assert {id(p) for p in low["params"]} == deep_params
+    assert len(rest["params"]) + len(low["params"]) == len(list(model.parameters()))
+    _, _, opt1, _ = build_training(parse_params(tiny(device="cpu")), torch.device("cpu"))
+    assert len(opt1.param_groups) == 1  # 1 (the default): one group, AdamW as before

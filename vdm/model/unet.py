@@ -210,3 +210,22 @@ class UNet(nn.Module):
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)
         return h
+
+
+def deepest_blocks(net: UNet) -> set[str]:
+    """Names of the net's blocks (ResBlocks and attentions) whose output has the smallest feature
+    map: the attention level and the middle, where a learning rate held too high blows up first
+    (docs/results.md, "Why a held learning rate diverges"). Found by one forward pass of zeros."""
+    sides, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, (ResBlock, Attention)):
+            hooks.append(m.register_forward_hook(lambda _m, _i, out, name=name: sides.__setitem__(name, out.shape[-1])))
+    device = next(net.parameters()).device
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, net.image_size, net.image_size, device=device), torch.zeros(1, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    low = min(sides.values())
+    return {name for name, side in sides.items() if side == low}

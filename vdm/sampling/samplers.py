@@ -89,6 +89,20 @@ def guided_denoiser(model: VDM, guide: VDM | None, weight: float, clip: bool) ->
     return denoise
 
 
+def refined_denoiser(denoise: Denoiser, refiner: VDM | None, clip: bool) -> Denoiser:
+    """`denoise` where gamma is above the refiner's range, the refiner's own x_hat below its top
+    gamma(1): a low-noise expert, a small net trained only on that range (eDiff-I's experts, SDXL's
+    refiner; `python benchmarks/refiner.py`). Without a refiner, `denoise` itself."""
+    if refiner is None:
+        return denoise
+    low, top = vdm_denoiser(refiner, clip), float(refiner.schedule.gamma_1)
+
+    def switched(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return low(z, gamma) if float(gamma[0]) < top else denoise(z, gamma)  # a walk's batch shares gamma
+
+    return switched
+
+
 @torch.no_grad()
 def solve(
     denoise: Denoiser,
@@ -130,6 +144,7 @@ def sample(
     z: torch.Tensor | None = None,
     guide: VDM | None = None,
     guidance: float = 1.0,
+    refiner: VDM | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """n images, (n, 3, H, W) uint8, drawn as `options` say, and `trajectory_points` snapshots of
     z_t (clipped to [-1, 1], as uint8) at evenly spaced steps from the start to the end.
@@ -142,7 +157,8 @@ def sample(
     options.denoise_last the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network
     call that removes the noise z_0 still holds, as DDPM's last step does. It matters where gamma_0
     is high enough for that noise to be visible (a gamma_0 fitted to the bound: train.fit_gamma_0).
-    With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser)."""
+    With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser); with a
+    `refiner` its steps below the refiner's range top use the refiner (refined_denoiser)."""
     device = torch.device(device)
     size, steps = model.net.image_size, options.steps
     if z is None:
@@ -153,7 +169,9 @@ def sample(
     keep = set()
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
-    denoise = guided_denoiser(model, guide, guidance, options.clip_denoised)
+    denoise = refined_denoiser(
+        guided_denoiser(model, guide, guidance, options.clip_denoised), refiner, options.clip_denoised
+    )
     z, kept = solve(denoise, z, gammas, options, generator, keep, on_step)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]
     if options.denoise_last:

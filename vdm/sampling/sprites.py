@@ -34,6 +34,7 @@ def generate(
     progress: bool = False,
     guide: VDM | None = None,
     guidance: float = 1.0,
+    refiner: VDM | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """`count` sprites drawn as `options` say, options.batch_size at a time: (N, H, W, 3) uint8
     samples, the strip image (or None) and the sampling seconds.
@@ -43,7 +44,8 @@ def generate(
     The strip (strip_rows samples, each at strip_points evenly spaced steps) comes from the first
     batch only. `progress` shows a bar over all network evaluations (tqdm; a log line every few
     seconds when not in a terminal). A `guide` model and `guidance` weight autoguide the walk
-    (vdm.sampling.samplers.guided_denoiser).
+    (vdm.sampling.samplers.guided_denoiser); a `refiner` takes the walk's low-noise steps
+    (vdm.sampling.samplers.refined_denoiser).
     """
     from vdm.core.progress import Progress
 
@@ -64,6 +66,7 @@ def generate(
             on_step=lambda _: bar.update(1),
             guide=guide,
             guidance=guidance,
+            refiner=refiner,
         )
         out.append(x.permute(0, 2, 3, 1).numpy())
         if points:

@@ -14,6 +14,7 @@ from vdm.core.params import Params
 from vdm.core.runtime import resolve_precision
 from vdm.data.splits import to_nchw
 from vdm.model.diffusion import build_vdm
+from vdm.model.unet import deepest_blocks
 from vdm.training.ema import make_ema
 
 
@@ -48,7 +49,7 @@ def build_training(params: Params, device: torch.device):
     ema = make_ema(model, tp.ema_decay)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(
-        model.parameters(),
+        param_groups(model, tp.lr, tp.deep_lr_scale),
         lr=tp.lr,
         betas=(0.9, tp.adam_beta2),
         eps=tp.adam_eps,
@@ -60,6 +61,17 @@ def build_training(params: Params, device: torch.device):
         opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
     )
     return model, ema, opt, sched
+
+
+def param_groups(model, lr: float, deep_lr_scale: float) -> list[dict]:
+    """AdamW's parameter groups: every parameter at `lr`, except, with deep_lr_scale != 1, the
+    blocks at the net's smallest feature map (vdm.model.unet.deepest_blocks) at lr x deep_lr_scale."""
+    if deep_lr_scale == 1:
+        return [{"params": list(model.parameters())}]
+    prefixes = tuple(f"net.{name}." for name in deepest_blocks(model.net))
+    deep = [p for name, p in model.named_parameters() if name.startswith(prefixes)]
+    rest = [p for name, p in model.named_parameters() if not name.startswith(prefixes)]
+    return [{"params": rest}, {"params": deep, "lr": lr * deep_lr_scale}]
 
 
 def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float, shard=(0, 1)):
