@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.denoiser import denoiser_rows  # noqa: E402
-from benchmarks.sweep import apply  # noqa: E402
+from benchmarks.sweep import apply, parse_row  # noqa: E402
 from stages._cli import run  # noqa: E402
 from vdm.core.images import image_grid, png_bytes  # noqa: E402
 from vdm.core.params import parse_params  # noqa: E402
@@ -61,7 +61,6 @@ RECIPE = {
     "train.eval_images": 32,
     "train.wandb": "disabled",
 }
-FIGURES = ("c2st", "parts", "palette", "flatness", "graininess", "swd")
 
 
 def train_refiner(name: str, steps: int | None, sets: dict, processed: str, out: Path) -> dict:
@@ -145,7 +144,7 @@ def main() -> None:
         p.add_argument("--processed", default="data/processed")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    sets = dict((k, yaml.safe_load(v)) for k, _, v in (kv.partition("=") for kv in args.set))
+    _, sets = parse_row(" ".join([args.command, *args.set]))  # the sweep's KEY=VALUE parsing
     if args.command == "train":
         print(json.dumps(train_refiner(args.name, args.steps, sets, args.processed, Path(args.out))))
     else:
