@@ -78,8 +78,12 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
     assert r["fid"] is None and r["kid"] is None and r["inception_score"] is None
     # a short code in the metrics (a column of `dvc exp show`), the whole hint printed once
     assert r["fidelity_skipped"] == "no_inception_weights"
-    hint = [line for line in capsys.readouterr().out.splitlines() if "FID/KID/IS skipped" in line]
+    out = capsys.readouterr().out.splitlines()
+    hint = [line for line in out if "FID/KID/IS skipped" in line]
     assert len(hint) == 1 and INCEPTION_FILE in hint[0] and "evaluate.inception_weights" in hint[0]
+    # where the stage's time went, on stdout only (eval.json is compared whole below)
+    timing = [line for line in out if line.startswith("evaluate: ") and " s: " in line]
+    assert len(timing) == 1 and "c2st" in timing[0] and "the filtered samples" in timing[0]
     assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["sample_count"] == 12
     assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
     # sample quality beside its real floor, each with a bootstrap standard error

@@ -6,6 +6,7 @@ at hand, memorisation distances; eval/ and metrics/eval.json written together.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +32,21 @@ def sample_quality(
     seed: int,
     per_repeat: bool = False,
     c2st_repeats: int = 3,
+    seconds: dict[str, float] | None = None,
 ) -> dict:
     """Every registered sample metric (vdm.evaluation.metrics.SAMPLE_METRICS: SWD beside its floor,
     graininess, parts, palette, flatness, ...) of the samples, with the training and test splits as
     references.
     per_repeat adds each bootstrap repeat's SWD (`swd_per_repeat`) for paired comparisons;
-    c2st_repeats: the seeds the classifier test averages (evaluate.c2st_repeats; 0 = off)."""
+    c2st_repeats: the seeds the classifier test averages (evaluate.c2st_repeats; 0 = off);
+    seconds, if given, receives each metric's wall seconds under its registry name."""
     sets = SampleSets(samples, train, test, repeats, seed, per_repeat, c2st_repeats)
     out = {}
-    for metric in SAMPLE_METRICS.values():
+    for name, metric in SAMPLE_METRICS.items():
+        t0 = time.perf_counter()
         out.update(metric(sets))
+        if seconds is not None:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
     return out
 
 
@@ -141,14 +147,30 @@ def evaluate(
     for split, images in (("test", test), ("train", train)):
         _check_split_size(processed, split, images, size)
     samples, info = _load_samples(samples_dir, size)
+    seconds, t0 = {}, time.perf_counter()
     bpd, bpd_scaled = test_bounds(model, test, ep, device)
+    seconds["test bound"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
     fid, skipped = _fidelity_or_none(ep, samples, test, device)
+    t2 = time.perf_counter()
     mem = memorisation(samples, train, test)
-    quality = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats)
+    seconds |= {"FID/KID/IS": t2 - t1, "memorisation": time.perf_counter() - t2}
+    quality = sample_quality(
+        samples, train, test, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats, seconds=seconds
+    )
     filtered = reduce_colours(samples, ep.filter_colours) if ep.filter_colours else None
     if filtered is not None:
+        t1 = time.perf_counter()
         scores = sample_quality(filtered, train, test, ep.swd_repeats, ep.seed, c2st_repeats=ep.c2st_repeats)
         quality |= {"filtered_colours": ep.filter_colours} | {f"filtered_{k}": scores[k] for k in FILTERED_KEYS}
+        seconds["the filtered samples"] = time.perf_counter() - t1
+    # where the stage's time goes (stdout only: metrics/eval.json stays the same from run to run)
+    shown = sorted(seconds.items(), key=lambda kv: -kv[1])
+    print(
+        f"evaluate: {time.perf_counter() - t0:.0f} s: "
+        + ", ".join(f"{name} {s:.0f} s" for name, s in shown if s >= 0.5)
+        + " (the rest under 1 s)"
+    )
 
     result = {
         "test_bpd": bpd["total"],
