@@ -79,3 +79,48 @@ def test_registered_with_its_floor(sprites, monkeypatch):
     assert set(out) == {"c2st", "c2st_se", "c2st_floor", "c2st_floor_se", "c2st_images"}
     SAMPLE_METRICS["c2st"](sets)
     assert calls == [24, 24, 24]  # samples, floor, samples again: the floor came from the cache
+
+
+def test_the_benchmark_scores_grids_and_arrays_alike(sprites, tmp_path):
+    """benchmarks/classifier.py reads a grid PNG back into the sprites it shows (blank cells
+    dropped) and scores it exactly as the same sprites saved as an array; a picture that is no
+    grid and a missing file are one line each."""
+    import subprocess
+    import sys
+
+    from benchmarks.classifier import grid_cells
+    from tests.helpers import ROOT, subprocess_env
+    from vdm.core.errors import UserError
+    from vdm.core.images import image_grid, png_bytes
+
+    noise = np.random.default_rng(1).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    grid = image_grid(noise[:10], ncol=4)  # 3 rows of 4: the last two cells blank
+    assert np.array_equal(grid_cells(grid, 32), noise[:10])
+    with pytest.raises(UserError, match="not a grid of 32x32 sprites"):
+        grid_cells(grid[:, :-1], 32)
+    processed = tmp_path / "processed"
+    processed.mkdir()
+    np.save(processed / "train.npy", sprites[:48])
+    np.save(processed / "test.npy", sprites[48:72])
+    (tmp_path / "grid.png").write_bytes(png_bytes(grid))
+    np.save(tmp_path / "noise.npy", noise)
+    cmd = [sys.executable, str(ROOT / "benchmarks/classifier.py"), "--n", "8", "--repeats", "1"]
+    r = subprocess.run(
+        [*cmd, "--processed", str(processed), str(tmp_path / "grid.png"), str(tmp_path / "noise.npy")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "on 8 a side" in lines[0]
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # the same 8 sprites, the same figures
+    assert float(lines[0].split("classifier ")[1].split()[0]) >= 0.9  # noise against sprites
+    r = subprocess.run(
+        [*cmd, "--processed", str(processed), str(tmp_path / "none.npy")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.strip().endswith("give a samples.npy file or a grid PNG")
+    assert "Traceback" not in r.stderr
