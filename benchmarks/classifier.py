@@ -56,7 +56,7 @@ def load_sprites(path: str | Path, size: int) -> np.ndarray:
         sprites = np.load(p, mmap_mode="r")
         if sprites.ndim != 4 or sprites.shape[1:] != (size, size, 3) or sprites.dtype != np.uint8:
             raise UserError(f"{p} holds {sprites.dtype} {sprites.shape}, not (N, {size}, {size}, 3) uint8 sprites")
-        return np.asarray(sprites)
+        return np.array(sprites)  # a writable copy: torch reads it without a warning
     with Image.open(p) as im:
         return grid_cells(np.asarray(im.convert("RGB")), size)
 
