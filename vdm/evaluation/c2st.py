@@ -52,7 +52,8 @@ class _MeanMaxPool(nn.Module):
 
 
 def _as_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # a copy: a read-only memory map (a whole split) would hand torch a buffer it may not write
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def held_out_accuracy(a: np.ndarray, b: np.ndarray, seed: int, repeats: int = 1) -> tuple[float, float]:
