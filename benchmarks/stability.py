@@ -15,6 +15,7 @@ Each row: step, lr, the gradient norm (before clipping), the batch bound and obj
   upd:NAME        each block's update ||w_new - w_old|| / ||w_old|| in the step (AdamW's effective rate)
   adam_v_min      the smallest second-moment estimate sqrt(v) over all weights (a tiny one turns a
                   sudden gradient into a huge step)
+  update_clip     with train.update_clip, the largest per-tensor divisor of the step's rate
 
 `--set train.deep_lr_scale=S` trains the blocks of the smallest feature map (where a held rate
 blows up first) at S x the rate, the rest as params.yaml says.
@@ -181,6 +182,7 @@ def run(args) -> Path:
                 row[f"upd:{n}"] = d / max(w, 1e-12)
         v = [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
         row["adam_v_min"] = math.sqrt(min(float(t.min()) for t in v)) if v else math.nan
+        row["update_clip"] = float(getattr(opt, "last_clip", math.nan))  # train.update_clip's largest divisor
         rows.append(row)
         if len(rows) == 1 or (step + 1) % (args.every * 10) == 0:
             write(path, rows)

@@ -2,6 +2,7 @@
 non-finite guard, bad input, and DDP under torchrun with 2 CPU processes. (SIGKILL at random
 points, corrupt checkpoints and leaked secrets: tests/test_reliability.py.)"""
 
+import copy
 import json
 import signal
 import sys
@@ -365,3 +366,52 @@ def test_deep_lr_scale_slows_only_the_blocks_at_the_smallest_feature_map():
     assert len(rest["params"]) + len(low["params"]) == len(list(model.parameters()))
     _, _, opt1, _ = build_training(parse_params(tiny(device="cpu")), torch.device("cpu"))
     assert len(opt1.param_groups) == 1  # 1 (the default): one group, AdamW as before
+
+
+def test_update_clip_steps_as_adamw_until_a_gradient_outgrows_adams_memory():
+    """train.update_clip: while each gradient is as large as Adam's second moment expects, the
+    step is AdamW's (to float rounding); a gradient 10-1,000x larger, as the deepest blocks' are
+    before a held rate diverges, moves the weights by about lr, where AdamW moves them by more."""
+    from vdm.training.optim import ClippedAdamW
+
+    torch.manual_seed(0)
+    g = torch.randn(40, 40) * 1e-8  # the deep levels' gradient size in bits/dim
+    plain = torch.nn.Parameter(torch.randn(40, 40))
+    clipped = torch.nn.Parameter(plain.detach().clone())
+    a = torch.optim.AdamW([plain], lr=1e-3, weight_decay=0.1, foreach=False)
+    b = ClippedAdamW([clipped], lr=1e-3, weight_decay=0.1)
+    for _ in range(300):
+        plain.grad, clipped.grad = g.clone(), g.clone()
+        a.step(), b.step()
+    assert torch.allclose(plain, clipped, atol=1e-4, rtol=0) and float(b.last_clip) == pytest.approx(1.0)
+    for k in (10, 100, 1000):
+        before_a, before_b = plain.detach().clone(), clipped.detach().clone()
+        plain.grad, clipped.grad = g * k, g * k
+        a.step(), b.step()
+        step_a = float((plain - before_a).square().mean().sqrt()) / 1e-3  # per weight, in units of lr
+        step_b = float((clipped - before_b).square().mean().sqrt()) / 1e-3
+        assert step_a > 5 * step_b and step_b < 0.15 and float(b.last_clip) > 6, (k, step_a, step_b)
+
+
+def test_update_clip_reaches_the_training_and_its_state_resumes():
+    from vdm.training.optim import ClippedAdamW
+
+    params = parse_params(tiny(device="cpu", update_clip=True, weight_decay=0.01))
+    model, _, opt, _ = build_training(params, torch.device("cpu"))
+    assert isinstance(opt, ClippedAdamW) and opt.param_groups[0]["weight_decay"] == 0.01
+    assert isinstance(build_training(parse_params(tiny(device="cpu")), torch.device("cpu"))[2], torch.optim.AdamW)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+
+    def step(model, opt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        opt.zero_grad()
+        model(x.permute(0, 3, 1, 2), gen).objective.mean().backward()
+        opt.step()
+
+    for s in range(3):
+        step(model, opt, s)
+    twin, _, twin_opt, _ = build_training(params, torch.device("cpu"))
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a checkpoint: AdamW's keys
+    step(model, opt, 3), step(twin, twin_opt, 3)
+    assert same_weights(model.state_dict(), twin.state_dict())

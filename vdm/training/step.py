@@ -16,6 +16,7 @@ from vdm.data.splits import to_nchw
 from vdm.model.diffusion import build_vdm
 from vdm.model.unet import deepest_blocks
 from vdm.training.ema import make_ema
+from vdm.training.optim import ClippedAdamW
 
 
 class NonFiniteLoss(UserError):
@@ -40,23 +41,21 @@ def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
 
 
 def build_training(params: Params, device: torch.device):
-    """(model, EMA, AdamW, lr scheduler) for params, on device, freshly initialised."""
+    """(model, EMA, optimiser, lr scheduler) for params, on device, freshly initialised: AdamW, or
+    with train.update_clip its update-clipped form (vdm/training/optim.py)."""
     tp = params.train
     model = build_vdm(params.model, params.data.image_size).to(device)
     model.net_dtype = resolve_precision(tp.precision, device, "train.precision")  # the EMA copy keeps it
     if device.type in ("cpu", "cuda"):
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, tp.ema_decay)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(
-        param_groups(model, tp.lr, tp.deep_lr_scale),
-        lr=tp.lr,
-        betas=(0.9, tp.adam_beta2),
-        eps=tp.adam_eps,
-        weight_decay=tp.weight_decay,
-        foreach=not fused,
-        fused=fused or None,
-    )
+    groups = param_groups(model, tp.lr, tp.deep_lr_scale)
+    hyper = dict(lr=tp.lr, betas=(0.9, tp.adam_beta2), eps=tp.adam_eps, weight_decay=tp.weight_decay)
+    if tp.update_clip:
+        opt = ClippedAdamW(groups, **hyper)
+    else:
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(groups, **hyper, foreach=not fused, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
     )
