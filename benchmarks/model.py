@@ -23,6 +23,8 @@ Rows:
                         one naive choice at a time (the gain of each choice)
     compiled            the default's training step with the UNet under torch.compile (inductor;
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
+    update-clip         the default's training step with train.update_clip (a per-tensor optimiser
+                        step in Python, against AdamW's foreach kernels)
     c32, c64, c32-b2, c48-b2, c64-b2
                         the default at another width (model.channels) and res blocks per level
                         (-b2: model.num_res_blocks 2): each shape's step cost, for the isoFLOP comparison
@@ -56,6 +58,7 @@ ROWS = {
     "naive": NAIVE,
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
+    "update-clip": (),
     "gpu": (),
     **{shape: () for shape in ("c32", "c64", "c32-b2", "c48-b2", "c64-b2")},
 }
@@ -123,8 +126,9 @@ def row_params(row: str, device):
         channels, blocks = SHAPES[row]
         model = params.model.model_copy(update={"channels": channels, "num_res_blocks": blocks})
         return params.model_copy(update={"model": model}), params.train.batch_size, True
-    if row == "compiled":
-        params = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
+    if row in ("compiled", "update-clip"):
+        key = "compile" if row == "compiled" else "update_clip"
+        params = params.model_copy(update={"train": params.train.model_copy(update={key: True})})
         return params, params.train.batch_size, False
     if row != "gpu":
         return params, params.train.batch_size, True

@@ -182,7 +182,7 @@ def run(args) -> Path:
                 row[f"upd:{n}"] = d / max(w, 1e-12)
         v = [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
         row["adam_v_min"] = math.sqrt(min(float(t.min()) for t in v)) if v else math.nan
-        row["update_clip"] = float(getattr(opt, "last_clip", math.nan))  # train.update_clip's largest divisor
+        row["update_clip"] = getattr(opt, "last_clip", math.nan)  # train.update_clip's largest divisor
         rows.append(row)
         if len(rows) == 1 or (step + 1) % (args.every * 10) == 0:
             write(path, rows)

@@ -19,16 +19,19 @@ The state has AdamW's keys (step, exp_avg, exp_avg_sq), so checkpoints read the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 class ClippedAdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam whose per-tensor rate is divided by the update's RMS where it
-    exceeds 1 (see the module). Parameter groups as torch.optim.AdamW's."""
+    exceeds 1 (see the module). Parameter groups as torch.optim.AdamW's; the arithmetic is
+    foreach ops over each group, with one read of the per-tensor rates per group and step."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.last_clip = torch.ones(())  # the largest per-tensor divisor of the last step (for probes)
+        self.last_clip = 1.0  # the largest per-tensor divisor of the last step (for probes)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -36,34 +39,38 @@ class ClippedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        largest = []
+        largest = 1.0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                v_hat = v / (1 - beta2**t)
-                # RMS of g^2 / v_hat, with v_hat floored at eps^2 as Adam's denominator is
-                ratio = (g * g / v_hat.clamp(min=eps * eps)).mean().sqrt()
-                divisor = ratio.clamp(min=1.0)
-                largest.append(divisor)
-                rate = lr / divisor
-                if wd:
-                    p.mul_(1 - rate * wd)
-                denom = v_hat.sqrt_().add_(eps)
-                p.sub_(m / denom * (rate / (1 - beta1**t)))
-        if largest:
-            self.last_clip = torch.stack(largest).max()
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            torch._foreach_add_([s["step"] for s in states], 1)
+            t = [float(s["step"]) for s in states]  # on the CPU, as AdamW keeps it
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            root = torch._foreach_sqrt(v)  # sqrt(v_hat) = sqrt(v) / sqrt(1 - beta2^t)
+            torch._foreach_div_(root, [math.sqrt(1 - beta2**n) for n in t])
+            # sqrt(mean(g^2 / v_hat)), with sqrt(v_hat) floored at eps as Adam's denominator is
+            norms = torch._foreach_norm(torch._foreach_div(grads, torch._foreach_clamp_min(root, eps)))
+            sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=norms[0].device)
+            divisors = (torch.stack(norms) / sizes).clamp(min=1.0).tolist()
+            largest = max(largest, *divisors)
+            if wd:
+                torch._foreach_mul_(params, [1 - lr / d * wd for d in divisors])
+            torch._foreach_add_(root, eps)
+            torch._foreach_addcdiv_(
+                params, m, root, [-lr / d / (1 - beta1**n) for d, n in zip(divisors, t, strict=True)]
+            )
+        self.last_clip = largest
         return loss
