@@ -23,8 +23,8 @@ Rows:
                         one naive choice at a time (the gain of each choice)
     compiled            the default's training step with the UNet under torch.compile (inductor;
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
-    update-clip         the default's training step with train.update_clip (a per-tensor optimiser
-                        step in Python, against AdamW's foreach kernels)
+    update-clip         the default's training step with train.update_clip (vdm/training/optim.py:
+                        foreach ops plus one read of the per-tensor rates, against AdamW's)
     c32, c64, c32-b2, c48-b2, c64-b2
                         the default at another width (model.channels) and res blocks per level
                         (-b2: model.num_res_blocks 2): each shape's step cost, for the isoFLOP comparison
