@@ -6,6 +6,11 @@ train_step) with probes read every --every steps, written as one CSV row per pro
     python benchmarks/stability.py --report reports/stability/probe.csv   # the summary again
     python benchmarks/stability.py --report a.csv b.csv --plot docs/lr-probe-gpu.png  # probes side by side
 
+A probe is resumable: it saves its state (weights, EMA, optimiser, rows) to OUT/state.pt every
+--save-every steps, at --until and when SIGINT/SIGTERM stops it; rerun the same command and it goes
+on from there, step for step as an uninterrupted run would. `--until N` stops at step N (a long
+probe spread over several sittings: run it with --until, rerun later with a larger one or none).
+
 Each row: step, lr, the gradient norm (before clipping), the batch bound and objective, and
   loss_band_*     the objective's mean over the batch's examples whose gamma_t falls in each band
                   (bands: BANDS; the time draws are antithetic, so every band is filled each step)
@@ -118,7 +123,14 @@ def block_norms(model, blocks: dict, what: str) -> dict[str, float]:
     return out
 
 
+def resume_key(args) -> dict:
+    """What a saved state must match to be continued: the settings that decide every step."""
+    return {"steps": args.steps, "every": args.every, "set": list(args.set), "processed": str(Path(args.processed))}
+
+
 def run(args) -> Path:
+    import signal
+
     import torch
     import yaml
     from sweep import apply, parse_row
@@ -139,13 +151,35 @@ def run(args) -> Path:
     model, ema, opt, sched = build_training(params, device)
     probes = Probes(model)
     gen = torch.Generator(device=device)
-    batches = StepBatches(len(train_x), tp.batch_size, tp.seed, 0, tp.steps, 0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "probe.csv"
+    path, state_path = out / "probe.csv", out / "state.pt"
     rows: list[dict] = []
+    start = 0
+    saved = torch.load(state_path, map_location=device, weights_only=False) if state_path.is_file() else None
+    if saved is not None and saved["key"] == resume_key(args):
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        start, rows = saved["step"], saved["rows"]
+        print(f"resuming from {state_path} at step {start}/{args.steps}", flush=True)
+    elif saved is not None:
+        print(f"{state_path} is another probe's ({saved['key']}); starting fresh", flush=True)
+
+    def save(step: int) -> None:
+        state = {"key": resume_key(args), "step": step, "rows": rows, "model": model.state_dict()}
+        state |= {"ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(state_path)  # a kill mid-save leaves the last state whole
+
+    stop: list[int] = []
+    old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    until = min(args.until or args.steps, args.steps)
+    batches = StepBatches(len(train_x), tp.batch_size, tp.seed, start, until, 0, 1)
     model.train()
-    for step, x in enumerate(batch_loader(train_x, batches, 0, device.type == "cuda")):
+    for step, x in enumerate(batch_loader(train_x, batches, 0, device.type == "cuda"), start):
         gen.manual_seed(step_seed(tp.seed, step, 0))
         torch.manual_seed(step_seed(tp.seed, step, 0, stream=1))
         probe = (step + 1) % args.every == 0
@@ -156,41 +190,54 @@ def run(args) -> Path:
                 n: [p.detach().float().clone() for p in m.parameters() if p.dim() > 1] for n, m in probes.blocks.items()
             }
         loss, grad_norm = train_step(model, model, ema, opt, sched, x, gen, device, tp.grad_clip)
-        if not probe:
-            continue
-        probes.stop()
-        row = {
-            "step": step + 1,
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "bound": float(loss.total.detach().mean()),
-            "objective": float(loss.objective.detach().mean()),
-            "gamma_1": float(loss.gamma_1[0]),
-        }
-        gamma, obj = probes.gamma, loss.objective.detach().float()
-        for lo, hi in zip(BANDS, BANDS[1:], strict=False):
-            sel = (gamma >= lo) & (gamma < hi)
-            row[band_name(lo, hi)] = float(obj[sel].mean()) if bool(sel.any()) else math.nan
-        row |= probes.values
-        row |= block_norms(model, probes.blocks, "w")
-        row |= block_norms(model, probes.blocks, "g")
-        for n, m in probes.blocks.items():
-            new = [p.detach().float() for p in m.parameters() if p.dim() > 1]
-            if new:
-                d = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(new, before[n], strict=True)))
-                w = math.sqrt(sum(float(b.square().sum()) for b in before[n]))
-                row[f"upd:{n}"] = d / max(w, 1e-12)
-        v = [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
-        row["adam_v_min"] = math.sqrt(min(float(t.min()) for t in v)) if v else math.nan
-        row["update_clip"] = getattr(opt, "last_clip", math.nan)  # train.update_clip's largest divisor
-        rows.append(row)
-        if len(rows) == 1 or (step + 1) % (args.every * 10) == 0:
-            write(path, rows)
-            print(f"step {step + 1}: bound {row['bound']:.2f} grad {row['grad_norm']:.3f}", flush=True)
-        if not math.isfinite(row["bound"]):
+        done = step + 1
+        if probe:
+            probes.stop()
+            row = probe_row(model, opt, sched, probes, before, loss, grad_norm, done)
+            rows.append(row)
+            if len(rows) == 1 or done % (args.every * 10) == 0:
+                write(path, rows)
+                print(f"step {done}: bound {row['bound']:.2f} grad {row['grad_norm']:.3f}", flush=True)
+            if not math.isfinite(row["bound"]):
+                break
+        if stop or done == until or done % args.save_every == 0:
+            save(done)
+        if stop:
+            print(f"stopped by signal {stop[0]} at step {done}; rerun the same command to resume", flush=True)
             break
+    for s, h in old.items():
+        signal.signal(s, h)
     write(path, rows)
     return path
+
+
+def probe_row(model, opt, sched, probes, before, loss, grad_norm, step: int) -> dict:
+    """One CSV row: the step's figures, each band's objective and every block's probes."""
+    row = {
+        "step": step,
+        "lr": sched.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "bound": float(loss.total.detach().mean()),
+        "objective": float(loss.objective.detach().mean()),
+        "gamma_1": float(loss.gamma_1[0]),
+    }
+    gamma, obj = probes.gamma, loss.objective.detach().float()
+    for lo, hi in zip(BANDS, BANDS[1:], strict=False):
+        sel = (gamma >= lo) & (gamma < hi)
+        row[band_name(lo, hi)] = float(obj[sel].mean()) if bool(sel.any()) else math.nan
+    row |= probes.values
+    row |= block_norms(model, probes.blocks, "w")
+    row |= block_norms(model, probes.blocks, "g")
+    for n, m in probes.blocks.items():
+        new = [p.detach().float() for p in m.parameters() if p.dim() > 1]
+        if new:
+            d = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(new, before[n], strict=True)))
+            w = math.sqrt(sum(float(b.square().sum()) for b in before[n]))
+            row[f"upd:{n}"] = d / max(w, 1e-12)
+    v = [s["exp_avg_sq"] for s in opt.state.values() if "exp_avg_sq" in s]
+    row["adam_v_min"] = math.sqrt(min(float(t.min()) for t in v)) if v else math.nan
+    row["update_clip"] = getattr(opt, "last_clip", math.nan)  # train.update_clip's largest divisor
+    return row
 
 
 def write(path: Path, rows: list[dict]) -> None:
@@ -269,6 +316,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--every", type=int, default=10, help="probe every this many steps")
     ap.add_argument("--set", action="append", default=[], help="key=value over params.yaml (repeatable)")
+    ap.add_argument("--until", type=int, help="stop (resumably) after this step; rerun to go on")
+    ap.add_argument("--save-every", type=int, default=500, help="save the resumable state every this many steps")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/stability")
     ap.add_argument("--spike", type=float, default=10.0, help="a spike: the bound above this x its running median")

@@ -9,20 +9,27 @@ from tests.helpers import ROOT
 SCRIPT = ROOT / "benchmarks" / "stability.py"
 
 
-def test_the_probe_records_every_block_and_band(processed, tmp_path):
-    sets = [
-        "data.image_size=32",
-        "model.channels=16",
-        "model.channel_mult=[1,2]",
-        "model.attention_resolutions=[8]",
-        "train.batch_size=8",
-        "train.device=cpu",
-        "train.precision=fp32",
-    ]
+SETS = [
+    "data.image_size=32",
+    "model.channels=16",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[8]",
+    "train.batch_size=8",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
+
+
+def probe(processed, out, *extra):
     cmd = [sys.executable, str(SCRIPT), "--steps", "6", "--every", "2", "--processed", str(processed)]
-    cmd += ["--out", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    cmd += ["--out", str(out), *[a for s in SETS for a in ("--set", s)], *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_probe_records_every_block_and_band(processed, tmp_path):
+    probe(processed, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
     cols = rows[0].keys()
@@ -49,3 +56,16 @@ def test_the_report_names_the_first_spike(tmp_path):
     assert "first spike at step 400 (bound 300.0" in out.stdout
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("act:mid.0"))
     assert line.split()[-1] == "666666.67"  # 1e6 at the spike against 1.5 ten rows before
+
+
+def test_a_probe_stopped_and_rerun_writes_the_rows_of_an_uninterrupted_one(processed, tmp_path):
+    probe(processed, tmp_path / "whole")
+    first = probe(processed, tmp_path / "parts", "--until", "3")
+    assert "resuming" not in first
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "parts" / "probe.csv"))] == ["2"]
+    second = probe(processed, tmp_path / "parts")
+    assert "resuming from" in second and "at step 3/6" in second
+    whole = (tmp_path / "whole" / "probe.csv").read_text()
+    assert (tmp_path / "parts" / "probe.csv").read_text() == whole  # step for step, every figure
+    other = probe(processed, tmp_path / "parts", "--set", "train.lr=0.001")  # another probe's state
+    assert "starting fresh" in other
