@@ -135,6 +135,7 @@ def run(args) -> Path:
     import yaml
     from sweep import apply, parse_row
 
+    from vdm.core.atomic import atomic_path
     from vdm.core.params import parse_params
     from vdm.core.runtime import allow_tf32, resolve_device, set_deterministic
     from vdm.data.splits import StepBatches, batch_loader, load_split
@@ -170,9 +171,8 @@ def run(args) -> Path:
     def save(step: int) -> None:
         state = {"key": resume_key(args), "step": step, "rows": rows, "model": model.state_dict()}
         state |= {"ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)  # a kill mid-save leaves the last state whole
+        with atomic_path(state_path) as tmp:  # a kill mid-save leaves the last state whole
+            torch.save(state, tmp)
 
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
