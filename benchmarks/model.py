@@ -25,6 +25,8 @@ Rows:
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
     update-clip         the default's training step with train.update_clip (vdm/training/optim.py:
                         foreach ops plus one read of the per-tensor rates, against AdamW's)
+    mp                  the default with model.magnitude_preserving (vdm/model/magnitude.py: normalised
+                        weights, no GroupNorm)
     c32, c64, c32-b2, c48-b2, c64-b2
                         the default at another width (model.channels) and res blocks per level
                         (-b2: model.num_res_blocks 2): each shape's step cost, for the isoFLOP comparison
@@ -59,6 +61,7 @@ ROWS = {
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
     "update-clip": (),
+    "mp": (),
     "gpu": (),
     **{shape: () for shape in ("c32", "c64", "c32-b2", "c48-b2", "c64-b2")},
 }
@@ -122,9 +125,10 @@ def row_params(row: str, device):
     if row in ("fp32", "bf16"):
         update = {s: getattr(params, s).model_copy(update={"precision": row}) for s in ("train", "sample")}
         return params.model_copy(update=update), params.train.batch_size, True
-    if row in SHAPES:
-        channels, blocks = SHAPES[row]
-        model = params.model.model_copy(update={"channels": channels, "num_res_blocks": blocks})
+    if row in SHAPES or row == "mp":
+        channels, blocks = SHAPES.get(row, (params.model.channels, params.model.num_res_blocks))
+        update = {"channels": channels, "num_res_blocks": blocks, "magnitude_preserving": row == "mp"}
+        model = params.model.model_copy(update=update)
         return params.model_copy(update={"model": model}), params.train.batch_size, True
     if row in ("compiled", "update-clip"):
         key = "compile" if row == "compiled" else "update_clip"

@@ -56,18 +56,19 @@ class Probes:
     def __init__(self, model):
         import torch
 
-        from vdm.model.unet import Attention, ResBlock
+        from vdm.model.magnitude import MPAttention, pixel_norm
+        from vdm.model.unet import BLOCKS, Attention
 
-        self.torch, self.on, self.values, self.gamma = torch, False, {}, None
+        self.torch, self.pixel_norm, self.on, self.values, self.gamma = torch, pixel_norm, False, {}, None
         net = model.net
         self.blocks = {}
         for name, m in net.named_modules():
-            if isinstance(m, (ResBlock, Attention)):
+            if isinstance(m, BLOCKS):
                 self.blocks[name] = m
         self.blocks["stem"], self.blocks["out"] = net.stem, net.out
         for name, m in self.blocks.items():
             m.register_forward_hook(self._act(name))
-            if isinstance(m, Attention):
+            if isinstance(m, (Attention, MPAttention)):
                 m.register_forward_pre_hook(self._logits(name, m))
 
         def grab_gamma(_module, _inputs, output):
@@ -92,9 +93,13 @@ class Probes:
             with torch.no_grad():
                 x = inputs[0]
                 b, c, h, w = x.shape
-                qkv = m.qkv(m.norm(x)).float().reshape(b, 3, m.heads, c // m.heads, h * w)
+                mp = not hasattr(m, "norm")  # MPAttention: pixel-normalised q and k, scale 1 / sqrt(d)
+                qkv = (m.qkv(x) if mp else m.qkv(m.norm(x))).float().reshape(b, 3, m.heads, c // m.heads, h * w)
                 q, k = qkv[:, 0], qkv[:, 1]
-                if m.qk_norm:
+                if mp:
+                    q, k = self.pixel_norm(q, dim=2), self.pixel_norm(k, dim=2)
+                    scale = 1 / math.sqrt(q.shape[2])
+                elif m.qk_norm:
                     q, k = torch.nn.functional.normalize(q, dim=2), torch.nn.functional.normalize(k, dim=2)
                     scale = math.sqrt(q.shape[2])
                 else:

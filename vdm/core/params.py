@@ -164,6 +164,7 @@ class ModelParams(Section):
     num_res_blocks: Int("an integer from 1 to 16", ge=1, le=16)  # per level
     attention_resolutions: IntList  # feature-map sizes with self-attention
     qk_norm: bool  # attention logits sqrt(d) cos(q, k): unit-length queries and keys, bounded logits
+    magnitude_preserving: bool  # EDM2's layers: normalised weights, no GroupNorm or biases (vdm/model/magnitude.py)
     dropout: Num("a number in [0, 1)", ge=0, lt=1)
     patch_size: Annotated[int, _one_of(1, 2, 4), Field(description="1, 2 or 4")]  # space-to-depth stem
     fourier_min: Int("an integer from 0 to 12", ge=0, le=12)  # Fourier features 2^n * 2pi, n in [min, max]

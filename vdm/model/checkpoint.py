@@ -214,7 +214,7 @@ WEIGHTS = ("ema", "model")  # always there; any other <name>.pt is optional
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 # keys added to the model section since a model was saved: a model saved without them takes the
 # behaviour from before them
-MODEL_KEYS_ADDED = {"self_condition": False, "weight_floor": 0.0, "qk_norm": False}
+MODEL_KEYS_ADDED = {"self_condition": False, "weight_floor": 0.0, "qk_norm": False, "magnitude_preserving": False}
 # state-dict entries added since a model was saved: a model saved without them takes the fresh
 # model's value (eps_scale: all ones, the network's own eps estimate)
 STATE_KEYS_ADDED = ("eps_scale",)

@@ -7,7 +7,9 @@
         ─ up levels (res blocks on skip concatenations [+ attention], nearest upsample + conv)
         ─ GroupNorm, SiLU, zero-initialised conv ─ depth-to-space ─ the prediction
 
-Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP.
+Every res block is conditioned on gamma_t through a sinusoidal embedding and an MLP. With
+`model.magnitude_preserving` the same layout is built from vdm.model.magnitude's blocks (normalised
+weights, no GroupNorm, no biases; EDM2's layers) instead of the standard ones.
 Attention runs only at the feature-map sizes listed in `attention_resolutions`, with
 torch.nn.functional.scaled_dot_product_attention. Which image sizes, stems, levels and attention
 sizes fit together is vdm.core.params.unet_sizes: the net is built from it, and params.yaml is checked
@@ -25,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vdm.core.params import ModelParams, unet_sizes
+from vdm.model.magnitude import SILU_STD, MPAttention, MPConv, MPResBlock, MPUpsample, mp_cat
 
 
 def _groups(channels: int) -> int:
@@ -133,11 +136,22 @@ class UNet(nn.Module):
         self.emb_dim = channels - channels % 2  # sin/cos pairs
         n_fourier = max(0, fourier_max - fourier_min + 1)
         c_stem = in_channels * (1 + 2 * n_fourier + (1 if self_condition else 0)) * patch_size**2
-        self.emb_mlp = nn.Sequential(
-            nn.Linear(self.emb_dim, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, 4 * channels)
-        )
+        self.mp = mp = model.magnitude_preserving
         emb_dim = 4 * channels
-        self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
+        if mp:  # one normalised linear layer; the stem sees a constant channel in place of biases
+            self.emb_mlp = MPConv(self.emb_dim, emb_dim, 0)
+            self.stem = MPConv(c_stem + 1, channels, 3)
+        else:
+            self.emb_mlp = nn.Sequential(nn.Linear(self.emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
+
+        def res_block(c_in: int, c_out: int, encoder: bool) -> nn.Module:
+            if mp:
+                return MPResBlock(c_in, c_out, emb_dim, dropout, encoder)
+            return ResBlock(c_in, c_out, emb_dim, dropout)
+
+        def attention(c: int) -> nn.Module:
+            return MPAttention(c) if mp else Attention(c, qk_norm=model.qk_norm)
 
         res = image_size // patch_size
         chans = [channels]
@@ -145,40 +159,47 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
             for _ in range(model.num_res_blocks):
-                blocks = nn.ModuleList([ResBlock(c, channels * mult, emb_dim, dropout)])
+                blocks = nn.ModuleList([res_block(c, channels * mult, encoder=True)])
                 c = channels * mult
                 if res in attention_resolutions:
-                    blocks.append(Attention(c, qk_norm=model.qk_norm))
+                    blocks.append(attention(c))
                 self.down.append(blocks)
                 chans.append(c)
             if level != len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
+                down = MPConv(c, c, 3, stride=2) if mp else nn.Conv2d(c, c, 3, stride=2, padding=1)
+                self.down.append(nn.ModuleList([down]))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList(
-            [ResBlock(c, c, emb_dim, dropout), Attention(c, qk_norm=model.qk_norm), ResBlock(c, c, emb_dim, dropout)]
-        )
-        if res not in attention_resolutions:
-            self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout)])  # no attention at this size
+        if res in attention_resolutions:
+            self.mid = nn.ModuleList([res_block(c, c, False), attention(c), res_block(c, c, False)])
+        else:
+            self.mid = nn.ModuleList([res_block(c, c, False)])  # no attention at this size
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(model.num_res_blocks + 1):
-                blocks = nn.ModuleList([ResBlock(c + chans.pop(), channels * mult, emb_dim, dropout)])
+                blocks = nn.ModuleList([res_block(c + chans.pop(), channels * mult, encoder=False)])
                 c = channels * mult
                 if res in attention_resolutions:
-                    blocks.append(Attention(c, qk_norm=model.qk_norm))
+                    blocks.append(attention(c))
                 if level != 0 and i == model.num_res_blocks:
-                    blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
-                    blocks.append(nn.Conv2d(c, c, 3, padding=1))
+                    if mp:
+                        blocks.append(MPUpsample(c))
+                    else:
+                        blocks.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                        blocks.append(nn.Conv2d(c, c, 3, padding=1))
                     res *= 2
                 self.up.append(blocks)
-        self.out_norm = GroupNorm(_groups(c), c)
-        self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
+        if mp:  # the output's gain starts at zero, as the standard net's zero-initialised conv
+            self.out = MPConv(c, in_channels * patch_size**2, 3)
+            self.out_gain = nn.Parameter(torch.zeros([]))
+        else:
+            self.out_norm = GroupNorm(_groups(c), c)
+            self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
 
     def _block(self, m: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if not isinstance(m, (ResBlock, Attention)):
+        if not isinstance(m, BLOCKS):
             return m(h)
-        args = (h, emb) if isinstance(m, ResBlock) else (h,)
+        args = (h, emb) if isinstance(m, (ResBlock, MPResBlock)) else (h,)
         if self.checkpointing and torch.is_grad_enabled():
             # keep only block inputs for backward; recompute the rest (less memory, ~1/3 more compute)
             return torch.utils.checkpoint.checkpoint(m, *args, use_reentrant=False)
@@ -187,12 +208,18 @@ class UNet(nn.Module):
     def forward(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
         """eps (or v, or x) at (z_t, gamma_t); x_self: the previous estimate of x in [-1, 1] (self-
         conditioning; zeros when there is none yet), ignored by a net built without it."""
-        emb = self.emb_mlp(gamma_embedding(gamma, self.emb_dim, *self.gamma_range))
+        emb = gamma_embedding(gamma, self.emb_dim, *self.gamma_range)
+        if self.mp:  # sin/cos have variance 1/2; the block's linear layers see mp_silu's output
+            emb = F.silu(self.emb_mlp(emb, gain=math.sqrt(2))) / SILU_STD
+        else:
+            emb = self.emb_mlp(emb)
         h = fourier_features(z, *self.fourier)
         if self.self_condition:
             h = torch.cat([h, torch.zeros_like(z) if x_self is None else x_self.to(z.dtype)], dim=1)
         if self.patch > 1:
             h = F.pixel_unshuffle(h, self.patch)
+        if self.mp:
+            h = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
         h = self.stem(h)
         skips = [h]
         for blocks in self.down:
@@ -202,14 +229,17 @@ class UNet(nn.Module):
         for m in self.mid:
             h = self._block(m, h, emb)
         for blocks in self.up:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = mp_cat(h, skips.pop()) if self.mp else torch.cat([h, skips.pop()], dim=1)
             for m in blocks:
                 h = self._block(m, h, emb)
         with _without_autocast(h.device.type):  # the prediction in float32 under bf16 autocast
-            h = self.out(F.silu(self.out_norm(h.float())))
+            h = self.out(h.float(), gain=self.out_gain) if self.mp else self.out(F.silu(self.out_norm(h.float())))
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)
         return h
+
+
+BLOCKS = (ResBlock, Attention, MPResBlock, MPAttention)
 
 
 def deepest_blocks(net: UNet) -> set[str]:
@@ -218,7 +248,7 @@ def deepest_blocks(net: UNet) -> set[str]:
     (docs/results.md, "Why a held learning rate diverges"). Found by one forward pass of zeros."""
     sides, hooks = {}, []
     for name, m in net.named_modules():
-        if isinstance(m, (ResBlock, Attention)):
+        if isinstance(m, BLOCKS):
             hooks.append(m.register_forward_hook(lambda _m, _i, out, name=name: sides.__setitem__(name, out.shape[-1])))
     device = next(net.parameters()).device
     try:

@@ -46,7 +46,8 @@ def build_training(params: Params, device: torch.device):
     tp = params.train
     model = build_vdm(params.model, params.data.image_size).to(device)
     model.net_dtype = resolve_precision(tp.precision, device, "train.precision")  # the EMA copy keeps it
-    if device.type in ("cpu", "cuda"):
+    if device.type in ("cpu", "cuda") and not params.model.magnitude_preserving:
+        # (the magnitude-preserving net builds its weights each step: contiguous ran 1.4x faster here)
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, tp.ema_decay)
     groups = param_groups(model, tp.lr, tp.deep_lr_scale)
@@ -74,8 +75,9 @@ def param_groups(model, lr: float, deep_lr_scale: float) -> list[dict]:
 
 
 def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float, shard=(0, 1)):
-    """One optimisation step on a (B, H, W, 3) uint8 batch; returns (Loss, grad norm). Nothing in
-    it reads a value back from the device, so on a GPU the host queues the next step at once.
+    """One optimisation step on a (B, H, W, 3) uint8 batch; returns (Loss, grad norm). With AdamW
+    nothing in it reads a value back from the device, so on a GPU the host queues the next step at
+    once; train.update_clip reads its per-tensor divisors back once a step (vdm/training/optim.py).
 
     `train_model` is `model` or its DDP wrapper; `shard` = (rank, processes): the batch is that
     slice of the global batch (vdm.model.diffusion.VDM.loss). Phases are labelled for torch.profiler.
