@@ -368,6 +368,17 @@ def test_deep_lr_scale_slows_only_the_blocks_at_the_smallest_feature_map():
     assert len(opt1.param_groups) == 1  # 1 (the default): one group, AdamW as before
 
 
+def test_schedule_lr_scale_slows_only_the_learned_schedule():
+    params = parse_params(tiny(device="cpu", schedule_lr_scale=0.1, deep_lr_scale=0.5))
+    model, _, opt, sched = build_training(params, torch.device("cpu"))
+    rest, deep, schedule = opt.param_groups
+    factor = sched.lr_lambdas[0](0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([params.train.lr * s * factor for s in (1, 0.5, 0.1)])
+    assert {id(p) for p in schedule["params"]} == {id(p) for p in model.schedule.parameters()} != set()
+    assert not {id(p) for p in model.schedule.parameters()} & {id(p) for g in (rest, deep) for p in g["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
 def test_update_clip_steps_as_adamw_until_a_gradient_outgrows_adams_memory():
     """train.update_clip: while each gradient is as large as Adam's second moment expects, the
     step is AdamW's (to float rounding); a gradient 10-1,000x larger, as the deepest blocks' are

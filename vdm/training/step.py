@@ -10,7 +10,7 @@ import math
 import torch
 
 from vdm.core.errors import UserError
-from vdm.core.params import Params
+from vdm.core.params import Params, TrainParams
 from vdm.core.runtime import resolve_precision
 from vdm.data.splits import to_nchw
 from vdm.model.diffusion import build_vdm
@@ -50,7 +50,7 @@ def build_training(params: Params, device: torch.device):
         # (the magnitude-preserving net builds its weights each step: contiguous ran 1.4x faster here)
         model = model.to(memory_format=torch.channels_last)
     ema = make_ema(model, tp.ema_decay)
-    groups = param_groups(model, tp.lr, tp.deep_lr_scale)
+    groups = param_groups(model, tp)
     hyper = dict(lr=tp.lr, betas=(0.9, tp.adam_beta2), eps=tp.adam_eps, weight_decay=tp.weight_decay)
     if tp.update_clip:
         opt = ClippedAdamW(groups, **hyper)
@@ -63,15 +63,18 @@ def build_training(params: Params, device: torch.device):
     return model, ema, opt, sched
 
 
-def param_groups(model, lr: float, deep_lr_scale: float) -> list[dict]:
-    """AdamW's parameter groups: every parameter at `lr`, except, with deep_lr_scale != 1, the
-    blocks at the net's smallest feature map (vdm.model.unet.deepest_blocks) at lr x deep_lr_scale."""
-    if deep_lr_scale == 1:
-        return [{"params": list(model.parameters())}]
-    prefixes = tuple(f"net.{name}." for name in deepest_blocks(model.net))
-    deep = [p for name, p in model.named_parameters() if name.startswith(prefixes)]
-    rest = [p for name, p in model.named_parameters() if not name.startswith(prefixes)]
-    return [{"params": rest}, {"params": deep, "lr": lr * deep_lr_scale}]
+def param_groups(model, tp: TrainParams) -> list[dict]:
+    """AdamW's parameter groups: every parameter at train.lr, except the blocks at the net's smallest
+    feature map (vdm.model.unet.deepest_blocks) at lr x deep_lr_scale and the learned noise schedule's
+    parameters at lr x schedule_lr_scale, each where its scale is not 1."""
+    scales = {"schedule.": tp.schedule_lr_scale}
+    if tp.deep_lr_scale != 1:
+        scales.update({f"net.{name}.": tp.deep_lr_scale for name in deepest_blocks(model.net)})
+    groups: dict[float, list] = {}
+    for name, p in model.named_parameters():
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps} if s == 1 else {"params": ps, "lr": tp.lr * s} for s, ps in sorted(groups.items(), reverse=True)]
 
 
 def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float, shard=(0, 1)):
