@@ -57,7 +57,9 @@ def test_pixel_norm_and_concatenation_keep_unit_variance():
 
 def mp_net():
     return UNet(
-        model_params(channels=32, channel_mult=[1, 2], attention_resolutions=[8], patch_size=2, magnitude_preserving=True),
+        model_params(
+            channels=32, channel_mult=[1, 2], attention_resolutions=[8], patch_size=2, magnitude_preserving=True
+        ),
         32,
     )
 

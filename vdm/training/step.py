@@ -74,7 +74,8 @@ def param_groups(model, tp: TrainParams) -> list[dict]:
     for name, p in model.named_parameters():
         scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
         groups.setdefault(scale, []).append(p)
-    return [{"params": ps} if s == 1 else {"params": ps, "lr": tp.lr * s} for s, ps in sorted(groups.items(), reverse=True)]
+    ordered = sorted(groups.items(), reverse=True)  # the rest first, as a single group when nothing is scaled
+    return [{"params": ps} if s == 1 else {"params": ps, "lr": tp.lr * s} for s, ps in ordered]
 
 
 def train_step(train_model, model, ema, opt, sched, batch, gen, device, grad_clip: float, shard=(0, 1)):
