@@ -10,6 +10,8 @@ A probe is resumable: it saves its state (weights, EMA, optimiser, rows) to OUT/
 --save-every steps, at --until and when SIGINT/SIGTERM stops it; rerun the same command and it goes
 on from there, step for step as an uninterrupted run would. `--until N` stops at step N (a long
 probe spread over several sittings: run it with --until, rerun later with a larger one or none).
+A held probe (train.cosine_decay=false) takes no step's rate from --steps, so it also goes on when
+rerun with a larger --steps; a decayed one starts fresh, its cosine being another.
 
 Each row: step, lr, the gradient norm (before clipping), the batch bound and objective, and
   loss_band_*     the objective's mean over the batch's examples whose gamma_t falls in each band
@@ -128,9 +130,11 @@ def block_norms(model, blocks: dict, what: str) -> dict[str, float]:
     return out
 
 
-def resume_key(args) -> dict:
-    """What a saved state must match to be continued: the settings that decide every step."""
-    return {"steps": args.steps, "every": args.every, "set": list(args.set), "processed": str(Path(args.processed))}
+def resume_key(args, held: bool) -> dict:
+    """What a saved state must match to be continued: the settings that decide every step. A held
+    rate (no cosine decay) makes no step depend on --steps, so such a probe can be run on further."""
+    key = {"steps": args.steps, "every": args.every, "set": list(args.set), "processed": str(Path(args.processed))}
+    return {k: v for k, v in key.items() if not (held and k == "steps")}
 
 
 def run(args) -> Path:
@@ -163,7 +167,8 @@ def run(args) -> Path:
     rows: list[dict] = []
     start = 0
     saved = torch.load(state_path, map_location=device, weights_only=False) if state_path.is_file() else None
-    if saved is not None and saved["key"] == resume_key(args):
+    key = resume_key(args, held=not tp.cosine_decay)
+    if saved is not None and {k: v for k, v in saved["key"].items() if k in key} == key:
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["optimizer"])
@@ -174,7 +179,7 @@ def run(args) -> Path:
         print(f"{state_path} is another probe's ({saved['key']}); starting fresh", flush=True)
 
     def save(step: int) -> None:
-        state = {"key": resume_key(args), "step": step, "rows": rows, "model": model.state_dict()}
+        state = {"key": key, "step": step, "rows": rows, "model": model.state_dict()}
         state |= {"ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
         with atomic_path(state_path) as tmp:  # a kill mid-save leaves the last state whole
             torch.save(state, tmp)
@@ -182,7 +187,9 @@ def run(args) -> Path:
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     until = min(args.until or args.steps, args.steps)
-    batches = StepBatches(len(train_x), tp.batch_size, tp.seed, start, until, 0, 1)
+    if start >= until:
+        print(f"{state_path} is at step {start} already; raise --steps or --until to go on", flush=True)
+    batches = StepBatches(len(train_x), tp.batch_size, tp.seed, start, max(start, until), 0, 1)
     model.train()
     for step, x in enumerate(batch_loader(train_x, batches, 0, device.type == "cuda"), start):
         gen.manual_seed(step_seed(tp.seed, step, 0))

@@ -20,8 +20,8 @@ SETS = [
 ]
 
 
-def probe(processed, out, *extra):
-    cmd = [sys.executable, str(SCRIPT), "--steps", "6", "--every", "2", "--processed", str(processed)]
+def probe(processed, out, *extra, steps=6):
+    cmd = [sys.executable, str(SCRIPT), "--steps", str(steps), "--every", "2", "--processed", str(processed)]
     cmd += ["--out", str(out), *[a for s in SETS for a in ("--set", s)], *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -69,3 +69,17 @@ def test_a_probe_stopped_and_rerun_writes_the_rows_of_an_uninterrupted_one(proce
     assert (tmp_path / "parts" / "probe.csv").read_text() == whole  # step for step, every figure
     other = probe(processed, tmp_path / "parts", "--set", "train.lr=0.001")  # another probe's state
     assert "starting fresh" in other
+
+
+def test_a_held_probe_runs_on_past_its_steps_and_a_decayed_one_does_not(processed, tmp_path):
+    held = ("--set", "train.cosine_decay=false")
+    probe(processed, tmp_path / "whole", *held, steps=8)
+    probe(processed, tmp_path / "parts", *held, steps=4)
+    more = probe(processed, tmp_path / "parts", *held, steps=8)  # no step depends on --steps
+    assert "resuming from" in more and "at step 4/8" in more
+    assert (tmp_path / "parts" / "probe.csv").read_text() == (tmp_path / "whole" / "probe.csv").read_text()
+    probe(processed, tmp_path / "decayed", steps=4)
+    assert "starting fresh" in probe(processed, tmp_path / "decayed", steps=8)  # the cosine's length moved
+    again = probe(processed, tmp_path / "parts", *held, steps=6)  # a shorter rerun keeps the longer state
+    assert "at step 8 already" in again
+    assert (tmp_path / "parts" / "probe.csv").read_text() == (tmp_path / "whole" / "probe.csv").read_text()
