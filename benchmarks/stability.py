@@ -145,10 +145,12 @@ def run(args) -> Path:
     from sweep import apply, parse_row
 
     from vdm.core.atomic import atomic_path
-    from vdm.core.params import parse_params
+    from vdm.core.params import as_dict, parse_params
     from vdm.core.runtime import allow_tf32, resolve_device, set_deterministic
     from vdm.data.splits import StepBatches, batch_loader, load_split
+    from vdm.model import checkpoint as ckpt
     from vdm.training.step import build_training, step_seed, train_step
+    from vdm.training.tracking import run_name
 
     _, sets = parse_row(" ".join(["probe", *args.set]))
     raw = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), {**sets, "train.steps": args.steps})
@@ -184,6 +186,12 @@ def run(args) -> Path:
         with atomic_path(state_path) as tmp:  # a kill mid-save leaves the last state whole
             torch.save(state, tmp)
 
+    # the weights at the scaling curve's budgets, as its training run writes them (the same steps)
+    snap_steps = {b // tp.batch_size for b in args.snapshot_images if b % tp.batch_size == 0}
+    key_hash = ckpt.config_hash(params, args.processed)
+    config = {"params": {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}}
+    config |= {"config_hash": key_hash, "run_name": run_name(key_hash)}
+
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     until = min(args.until or args.steps, args.steps)
@@ -212,6 +220,8 @@ def run(args) -> Path:
                 print(f"step {done}: bound {row['bound']:.2f} grad {row['grad_norm']:.3f}", flush=True)
             if not math.isfinite(row["bound"]):
                 break
+        if args.snapshots and done in snap_steps:
+            ckpt.save_model(Path(args.snapshots) / f"step-{done:06d}", model, ema.module, {**config, "steps": done})
         if stop or done == until or done % args.save_every == 0:
             save(done)
         if stop:
@@ -324,11 +334,19 @@ def plot(paths: list[Path], out: Path) -> None:
 
 
 def main() -> None:
+    from scaling import BUDGETS  # the scaling curve's budgets: --snapshots writes its points
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--every", type=int, default=10, help="probe every this many steps")
     ap.add_argument("--set", action="append", default=[], help="key=value over params.yaml (repeatable)")
     ap.add_argument("--until", type=int, help="stop (resumably) after this step; rerun to go on")
+    ap.add_argument(
+        "--snapshots",
+        help="also save the weights at the scaling curve's budgets to SNAPSHOTS/step-NNNNNN/ "
+        "(`benchmarks/scaling.py --score-only` scores them)",
+    )
+    ap.add_argument("--snapshot-images", type=int, nargs="+", default=list(BUDGETS), help="the budgets, in images seen")
     ap.add_argument("--save-every", type=int, default=500, help="save the resumable state every this many steps")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument("--out", default="reports/stability")

@@ -1,10 +1,17 @@
 """benchmarks/stability.py: the probes read what a divergence needs, and the report finds the spike."""
 
 import csv
+import json
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+import torch
+import yaml
+
+from tests.helpers import ROOT, outs, same_weights
+from vdm.core.params import parse_params
+from vdm.model.checkpoint import load_model
+from vdm.training.loop import train
 
 SCRIPT = ROOT / "benchmarks" / "stability.py"
 
@@ -67,7 +74,7 @@ def test_a_probe_stopped_and_rerun_writes_the_rows_of_an_uninterrupted_one(proce
     assert "resuming from" in second and "at step 3/6" in second
     whole = (tmp_path / "whole" / "probe.csv").read_text()
     assert (tmp_path / "parts" / "probe.csv").read_text() == whole  # step for step, every figure
-    other = probe(processed, tmp_path / "parts", "--set", "train.lr=0.001")  # another probe's state
+    other = probe(processed, tmp_path / "parts", "--set")  # another probe's state
     assert "starting fresh" in other
 
 
@@ -83,3 +90,25 @@ def test_a_held_probe_runs_on_past_its_steps_and_a_decayed_one_does_not(processe
     again = probe(processed, tmp_path / "parts", *held, steps=6)  # a shorter rerun keeps the longer state
     assert "at step 8 already" in again
     assert (tmp_path / "parts" / "probe.csv").read_text() == (tmp_path / "whole" / "probe.csv").read_text()
+
+
+def test_a_held_probe_writes_the_scaling_runs_snapshots(processed, tmp_path):
+    # the same steps as the training loop: its weights at a budget are the scaling run's snapshot
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sweep import apply, parse_row
+
+    held = ("--set", "train.cosine_decay=false")
+    snaps = tmp_path / "snapshots"
+    probe(processed, tmp_path / "probe", *held, "--snapshots", str(snaps), "--snapshot-images", "16", "48", "20")
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-000002", "step-000006"]  # 20 is no whole batch
+    _, sets = parse_row(" ".join(["loop", *SETS, "train.cosine_decay=false", "train.steps=6", "train.eval_every=0"]))
+    raw = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), {**sets, "train.sample_every": 0})
+    out = outs(tmp_path / "loop")
+    out.snapshots = tmp_path / "loop" / "snapshots"
+    train(parse_params(apply(raw, {"train.wandb": "disabled"})), processed, out, snapshot_steps=(2, 6))
+    for step in ("step-000002", "step-000006"):
+        for name in ("model.pt", "ema.pt"):
+            ours, theirs = (torch.load(d / step / name, weights_only=True) for d in (snaps, out.snapshots))
+            assert same_weights(ours, theirs)
+    assert json.loads((snaps / "step-000006" / "config.json").read_text())["steps"] == 6
+    assert load_model(snaps / "step-000006", "ema") is not None  # a model folder the scorers read
