@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import statistics
 import sys
@@ -181,7 +182,8 @@ def run(args) -> Path:
         print(f"{state_path} is another probe's ({saved['key']}); starting fresh", flush=True)
 
     def save(step: int) -> None:
-        state = {"key": key, "step": step, "rows": rows, "model": model.state_dict()}
+        state = {"key": key, "step": step, "rows": rows, "model": model.state_dict(), "params": config["params"]}
+        state |= {"data_id": data_id}  # with params: what a branch from this state checks
         state |= {"ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
         with atomic_path(state_path) as tmp:  # a kill mid-save leaves the last state whole
             torch.save(state, tmp)
@@ -191,6 +193,8 @@ def run(args) -> Path:
     key_hash = ckpt.config_hash(params, args.processed)
     config = {"params": {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}}
     config |= {"config_hash": key_hash, "run_name": run_name(key_hash)}
+    manifest = Path(args.processed) / "manifest.csv"  # the data's identity, as the config hash takes it
+    data_id = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "none"
 
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}

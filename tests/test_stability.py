@@ -74,7 +74,7 @@ def test_a_probe_stopped_and_rerun_writes_the_rows_of_an_uninterrupted_one(proce
     assert "resuming from" in second and "at step 3/6" in second
     whole = (tmp_path / "whole" / "probe.csv").read_text()
     assert (tmp_path / "parts" / "probe.csv").read_text() == whole  # step for step, every figure
-    other = probe(processed, tmp_path / "parts", "--set")  # another probe's state
+    other = probe(processed, tmp_path / "parts", "--set", "train.lr=0.001")  # another probe's state
     assert "starting fresh" in other
 
 
