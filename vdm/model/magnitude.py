@@ -51,8 +51,7 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = CONCAT_T) -> torch.Tenso
     variance overall."""
     na, nb = a.shape[1], b.shape[1]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
-    scale = torch.tensor([c * (1 - t) / math.sqrt(na)] * na + [c * t / math.sqrt(nb)] * nb, dtype=a.dtype)
-    return torch.cat([a, b], dim=1) * scale.to(a.device)[None, :, None, None]
+    return torch.cat([a * (c * (1 - t) / math.sqrt(na)), b * (c * t / math.sqrt(nb))], dim=1)
 
 
 class MPConv(nn.Module):
@@ -108,9 +107,9 @@ class MPAttention(nn.Module):
     """Self-attention on pixel-normalised queries, keys and values (logits q.k / sqrt(d), at most
     sqrt(d)), its output added at t = 0.3."""
 
-    def __init__(self, channels: int, head_dim: int = 64):
+    def __init__(self, channels: int, heads: int = 1):
         super().__init__()
-        self.heads = max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
+        self.heads = heads
         self.qkv = MPConv(channels, 3 * channels, 1)
         self.proj = MPConv(channels, channels, 1)
 

@@ -30,6 +30,11 @@ from vdm.core.params import ModelParams, unet_sizes
 from vdm.model.magnitude import SILU_STD, MPAttention, MPConv, MPResBlock, MPUpsample, mp_cat
 
 
+def _heads(channels: int, head_dim: int = 64) -> int:
+    """About head_dim channels a head, the channels split evenly over the heads."""
+    return max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
+
+
 def _groups(channels: int) -> int:
     for g in (32, 16, 8, 4, 2, 1):
         if channels % g == 0:
@@ -100,11 +105,9 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, channels: int, head_dim: int = 64, qk_norm: bool = False):
+    def __init__(self, channels: int, heads: int = 1, qk_norm: bool = False):
         super().__init__()
-        self.qk_norm = qk_norm
-        # about head_dim channels a head, the channels split evenly over the heads
-        self.heads = max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
+        self.qk_norm, self.heads = qk_norm, heads
         self.norm = GroupNorm(_groups(channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
@@ -151,7 +154,7 @@ class UNet(nn.Module):
             return ResBlock(c_in, c_out, emb_dim, dropout)
 
         def attention(c: int) -> nn.Module:
-            return MPAttention(c) if mp else Attention(c, qk_norm=model.qk_norm)
+            return MPAttention(c, _heads(c)) if mp else Attention(c, _heads(c), qk_norm=model.qk_norm)
 
         res = image_size // patch_size
         chans = [channels]
