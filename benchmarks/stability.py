@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import math
 import statistics
 import sys
@@ -193,8 +192,7 @@ def run(args) -> Path:
     key_hash = ckpt.config_hash(params, args.processed)
     config = {"params": {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}}
     config |= {"config_hash": key_hash, "run_name": run_name(key_hash)}
-    manifest = Path(args.processed) / "manifest.csv"  # the data's identity, as the config hash takes it
-    data_id = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "none"
+    data_id = ckpt.data_id(args.processed)
 
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}

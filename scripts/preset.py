@@ -33,22 +33,28 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> list[str]:
+def merged(name: str, params_path: str = "params.yaml") -> tuple[dict, dict]:
+    """The preset's own settings and params.yaml with them laid over (checked)."""
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
         raise UserError(f"no preset {path}; presets: {known}")
     preset = read_yaml(path, "a preset") or {}
-    merged = copy.deepcopy(read_yaml(params_path))
+    raw = copy.deepcopy(read_yaml(params_path))
     for key, value in flatten(preset).items():
-        node = merged
+        node = raw
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         if leaf not in node:
             raise UserError(f"preset {path}: {key} is not a key of {params_path}")
         node[leaf] = value
-    parse_params(merged)  # fail before DVC starts
+    parse_params(raw)  # fail before DVC starts
+    return preset, raw
+
+
+def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> list[str]:
+    preset, _ = merged(name, params_path)
     sets = [arg for k, v in flatten(preset).items() for arg in ("-S", f"{k}={json.dumps(v)}")]
     return ["dvc", "exp", "run", "-n", name, *sets, *extra]
 

@@ -214,6 +214,11 @@ REFUSED = {
         "train.processes = 2",
         "1 with train.device = cuda:0 (every process would share one GPU)",
     ),
+    "a decay longer than the steps after the warm-up": (
+        {"train.steps": 50, "train.warmup_steps": 10, "train.decay_steps": 41},
+        "train.decay_steps = 41",
+        "at most train.steps - train.warmup_steps = 40 (the decay follows the warm-up), or 0",
+    ),
     "a batch that does not split over the processes": (
         {"train.processes": 3},
         "train.batch_size = 4",

@@ -75,10 +75,17 @@ def test_trained_model_loads_with_weights_only(tmp_path, processed):
 
 
 def test_lr_schedule():
-    f = [lr_factor(s, 10, 100, True, 0.1) for s in range(100)]
+    tp = parse_params(tiny(steps=100, warmup_steps=10, cosine_decay=True, final_lr_fraction=0.1)).train
+    f = [lr_factor(s, tp) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
-    assert lr_factor(50, 10, 100, False, 0.1) == 1.0
+    assert lr_factor(50, tp.model_copy(update={"cosine_decay": False})) == 1.0
+    # warm-up, stable, decay: held until the last 30 steps, then the same cosine over those 30
+    wsd = [lr_factor(s, tp.model_copy(update={"decay_steps": 30})) for s in range(100)]
+    assert wsd[:70] == [*f[:10], *[1.0] * 60] and wsd[70] == 1.0 and wsd[-1] == pytest.approx(0.1, abs=1e-2)
+    short = parse_params(tiny(steps=40, warmup_steps=10, cosine_decay=True, final_lr_fraction=0.1)).train
+    assert wsd[70:] == pytest.approx([lr_factor(s, short) for s in range(10, 40)])  # the cosine of a 30-step decay
+    assert [lr_factor(s, tp.model_copy(update={"decay_steps": 90})) for s in range(100)] == f  # all after warm-up
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, processed, monkeypatch):

@@ -248,6 +248,7 @@ class TrainParams(Section):
     warmup_steps: Int("an integer >= 0", ge=0)  # linear warm-up from 0
     cosine_decay: bool  # after warm-up: cosine decay to lr * final_lr_fraction (else constant)
     final_lr_fraction: Num("in [0, 1]", ge=0, le=1)
+    decay_steps: Int("an integer >= 0 (0 = every step after the warm-up)", ge=0)  # the cosine's length
     weight_decay: Num("a number >= 0", ge=0)
     adam_beta2: Num("a number in (0, 1)", gt=0, lt=1)  # AdamW's second-moment decay
     adam_eps: Num("a number in (0, 0.01]", gt=0, le=0.01)  # AdamW's epsilon, added to sqrt(v)
@@ -276,6 +277,17 @@ class TrainParams(Section):
     compile: bool  # torch.compile the UNet (CUDA)
     num_workers: Int("an integer from 0 to 64", ge=0, le=64)  # DataLoader worker processes
     wandb: Literal["offline", "online", "disabled"]
+
+    @model_validator(mode="after")
+    def _decay_fits(self):
+        room = self.steps - self.warmup_steps
+        if self.decay_steps > max(0, room):
+            raise invalid(
+                self.decay_steps,
+                f"at most train.steps - train.warmup_steps = {room} (the decay follows the warm-up), or 0",
+                "decay_steps",
+            )
+        return self
 
     @model_validator(mode="after")
     def _processes_fit(self):

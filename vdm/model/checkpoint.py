@@ -41,17 +41,19 @@ from vdm.core.runtime import resolve_precision
 # train keys that do not change what a run computes, so not part of the config hash: a checkpoint
 # resumes across them (processes: the global batch and its draws are the same whatever the count,
 # to float rounding; fit_images: the post-training fits' sample, drawn after the last checkpoint)
-_NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes", "fit_images")
+NOT_HASHED = ("wandb", "num_workers", "device", "compile", "processes", "fit_images")
+
+
+def data_id(processed: str | os.PathLike) -> str:
+    """The processed data's identity: its manifest's hash ("none" without one)."""
+    manifest = Path(processed) / "manifest.csv"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "none"
 
 
 def config_hash(params: Params, processed: str | os.PathLike) -> str:
-    manifest = Path(processed) / "manifest.csv"
-    data_id = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "none"
-    train = {k: v for k, v in as_dict(params.train).items() if k not in _NOT_HASHED}
-    blob = json.dumps(
-        {"model": as_dict(params.model), "train": train, "image_size": params.data.image_size, "data": data_id},
-        sort_keys=True,
-    )
+    train = {k: v for k, v in as_dict(params.train).items() if k not in NOT_HASHED}
+    blob = {"model": as_dict(params.model), "train": train, "image_size": params.data.image_size}
+    blob = json.dumps(blob | {"data": data_id(processed)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -152,6 +152,7 @@ class _Run:
             )
         StepBatches(len(self.train_x), tp.batch_size, tp.seed, 0, tp.steps, d.rank, d.world)  # batch size check
         self.key = ckpt.config_hash(params, processed)
+        self.data_id = ckpt.data_id(processed)
         self.store = ckpt.Checkpoints(out.checkpoints, self.key)
         if d.main and recover(out.journal):
             print(
@@ -214,6 +215,8 @@ class _Run:
                     "step": s.step,
                     "train_rows": s.train_rows,
                     "val_rows": s.val_rows,
+                    "params": self.config["params"],  # a held run's state finishes other runs (branch.py)
+                    "data_id": self.data_id,
                 }
             )
 

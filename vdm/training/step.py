@@ -23,14 +23,19 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
-def lr_factor(step: int, warmup: int, total: int, cosine: bool, final: float) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if not cosine or total <= warmup:
+def lr_factor(step: int, tp: TrainParams) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then held; with cosine decay, a
+    cosine to final_lr_fraction over the last decay_steps steps (0: every step after the warm-up).
+    Until its decay starts a run steps as a held one does, so a held run's checkpoint can be
+    finished by any such decay (warm-up, stable, decay)."""
+    if step < tp.warmup_steps:
+        return (step + 1) / tp.warmup_steps
+    decay = tp.decay_steps or tp.steps - tp.warmup_steps
+    start = tp.steps - decay
+    if not tp.cosine_decay or decay <= 0 or step < start:
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = min(1.0, (step - start) / decay)
+    return tp.final_lr_fraction + (1 - tp.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -57,9 +62,7 @@ def build_training(params: Params, device: torch.device):
     else:
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(groups, **hyper, foreach=not fused, fused=fused or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tp.warmup_steps, tp.steps, tp.cosine_decay, tp.final_lr_fraction)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tp))
     return model, ema, opt, sched
 
 

@@ -1,0 +1,39 @@
+"""Finish a held run with a decay: write its state as the checkpoint of a run (a preset, or
+params.yaml) whose decay (train.decay_steps) starts at or after the state's step; the train stage
+then resumes from it. See vdm/training/branch.py.
+
+    python scripts/branch.py reports/probe/state.pt --preset long   # then: python scripts/preset.py long
+    python scripts/branch.py reports/probe/state.pt                 # for params.yaml: then dvc repro
+
+The held run's settings must be the run's, but for its length, decay, logging and fits; every
+difference is named. The run's existing checkpoint is never overwritten.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
+
+from preset import merged  # noqa: E402
+
+from stages._cli import run  # noqa: E402
+from vdm.core.params import parse_params, read_yaml  # noqa: E402
+from vdm.training.branch import branch, decay_start  # noqa: E402
+from vdm.training.loop import Outputs  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("state", help="the held run's state: a stability probe's state.pt or a training checkpoint")
+    ap.add_argument("--preset", help="the run is this preset (presets/NAME.yaml over params.yaml)")
+    ap.add_argument("--processed", default="data/processed")
+    args = ap.parse_args()
+    params = parse_params(merged(args.preset)[1] if args.preset else read_yaml("params.yaml"))
+    path = branch(args.state, params, args.processed, Outputs().checkpoints)
+    then = f"python scripts/preset.py {args.preset}" if args.preset else "dvc repro"
+    print(f"branch: wrote {path}: the run resumes there and decays from step {decay_start(params)}; now `{then}`")
+
+
+if __name__ == "__main__":
+    run(main)
