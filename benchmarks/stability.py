@@ -275,6 +275,9 @@ def write(path: Path, rows: list[dict]) -> None:
 def report(path: Path, spike: float) -> None:
     """The first spike and, for each probe column, its value 10 rows before, 1 row before and at it."""
     rows = list(csv.DictReader(open(path)))
+    if not rows:
+        print(f"{path}: no probe rows yet (stopped before the first --every steps)")
+        return
     bounds = [float(r["bound"]) for r in rows]
     at = None
     for i in range(10, len(rows)):
