@@ -23,6 +23,7 @@ then training and evaluation, then app (tests/test_layout.py checks it):
         conversions levels <-> [-1, 1], alpha/sigma from gamma, eps <-> x
         schedules   gamma(t): fixed, learned linear, learned monotone network
         unet        the score network
+        magnitude   the magnitude-preserving layers (model.magnitude_preserving)
         diffusion   the VDM, built from the model section: its denoiser and its loss in bits/dim
         weightings  the loss weightings' registry
         decoder     the 256-level decoder term and its window of levels
@@ -30,7 +31,9 @@ then training and evaluation, then app (tests/test_layout.py checks it):
         checkpoint  models/ and resumable checkpoints (weights only), checked loading
     training    the train stage
         loop        the training loop and its outputs
-        step        one optimisation step
+        step        one optimisation step, the learning-rate schedule
+        optim       AdamW with update clipping
+        branch      a held run's state finished by a run's decay
         ema         the EMA of the weights
         tracking    W&B and the CSV curves
         profiling   torch.profiler traces of the step and the sampler
