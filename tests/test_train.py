@@ -406,8 +406,8 @@ def test_update_clip_steps_as_adamw_until_a_gradient_outgrows_adams_memory():
         before_a, before_b = plain.detach().clone(), clipped.detach().clone()
         plain.grad, clipped.grad = g * k, g * k
         a.step(), b.step()
-        step_a = float((plain - before_a).square().mean().sqrt()) / 1e-3  # per weight, in units of lr
-        step_b = float((clipped - before_b).square().mean().sqrt()) / 1e-3
+        step_a = float((plain.detach() - before_a).square().mean().sqrt()) / 1e-3  # per weight, in units of lr
+        step_b = float((clipped.detach() - before_b).square().mean().sqrt()) / 1e-3
         assert step_a > 5 * step_b and step_b < 0.15 and b.last_clip > 6, (k, step_a, step_b)
 
 
