@@ -8,30 +8,19 @@ import torch
 import yaml
 
 from tests.helpers import ROOT, outs, same_weights, subprocess_env, weights
+from tests.test_stability import SETS as PROBE_SETS
+from tests.test_stability import probe
 from vdm.core.errors import UserError
 from vdm.core.params import parse_params
 from vdm.training.branch import branch, decay_start
 from vdm.training.loop import train
 
-# the stability probe's tiny net (tests/test_stability.py), held after a one-step warm-up
-SETS = [
-    "data.image_size=32",
-    "model.channels=16",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[8]",
-    "train.batch_size=8",
-    "train.device=cpu",
-    "train.precision=fp32",
-    "train.warmup_steps=1",
-]
+# the stability probe's tiny net, held after a one-step warm-up
+SETS = [*PROBE_SETS, "train.warmup_steps=1"]
 
 
 def held_state(processed, out, steps: int, *extra: str):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--steps", str(steps), "--every", "2"]
-    cmd += ["--processed", str(processed), "--out", str(out), *[a for s in SETS for a in ("--set", s)]]
-    cmd += ["--set", "train.cosine_decay=false", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env())
-    assert done.returncode == 0, done.stderr[-2000:]
+    probe(processed, out, "--set", "train.warmup_steps=1", "--set", "train.cosine_decay=false", *extra, steps=steps)
     return out / "state.pt"
 
 
