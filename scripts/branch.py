@@ -19,8 +19,9 @@ from preset import merged  # noqa: E402
 
 from stages._cli import run  # noqa: E402
 from vdm.core.params import parse_params, read_yaml  # noqa: E402
-from vdm.training.branch import branch, decay_start  # noqa: E402
+from vdm.training.branch import branch  # noqa: E402
 from vdm.training.loop import Outputs  # noqa: E402
+from vdm.training.step import decay_start  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     params = parse_params(merged(args.preset)[1] if args.preset else read_yaml("params.yaml"))
     path = branch(args.state, params, args.processed, Outputs().checkpoints)
     then = f"python scripts/preset.py {args.preset}" if args.preset else "dvc repro"
-    print(f"branch: wrote {path}: the run resumes there and decays from step {decay_start(params)}; now `{then}`")
+    print(f"branch: wrote {path}: the run resumes there and decays from step {decay_start(params.train)}; now `{then}`")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from tests.test_stability import SETS as PROBE_SETS
 from tests.test_stability import probe
 from vdm.core.errors import UserError
 from vdm.core.params import parse_params
-from vdm.training.branch import branch, decay_start
+from vdm.training.branch import branch
 from vdm.training.loop import train
+from vdm.training.step import decay_start
 
 # the stability probe's tiny net, held after a one-step warm-up
 SETS = [*PROBE_SETS, "train.warmup_steps=1"]
@@ -37,7 +38,7 @@ def run_params(**train):
 def test_a_held_state_finished_by_a_decay_is_the_uninterrupted_run(processed, tmp_path, capsys):
     state = held_state(processed, tmp_path / "held", 4)
     wsd = run_params(steps=7, decay_steps=3, cosine_decay=True)
-    assert decay_start(wsd) == 4
+    assert decay_start(wsd.train) == 4
     path = branch(state, wsd, processed, tmp_path / "branched" / "checkpoints")
     assert path.parent == tmp_path / "branched" / "checkpoints"
     capsys.readouterr()

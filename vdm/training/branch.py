@@ -20,6 +20,7 @@ import torch
 from vdm.core.errors import UserError
 from vdm.core.params import Params, as_dict
 from vdm.model import checkpoint as ckpt
+from vdm.training.step import decay_start
 
 # train keys that decide no step before the decay starts: a held run finishes runs that differ in
 # them (the run's length and decay, when it validates, samples, logs and checkpoints, the fits after
@@ -30,14 +31,6 @@ STEP_NEUTRAL = (
     *("fit_gamma_0", "fit_eps_scale", *ckpt.NOT_HASHED),
 )
 STATE_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "params", "data_id")
-
-
-def decay_start(params: Params) -> int:
-    """The first step at which `params`' learning rate leaves its peak (train.steps if never)."""
-    tp = params.train
-    if not tp.cosine_decay:
-        return tp.steps
-    return max(tp.warmup_steps, tp.steps - (tp.decay_steps or tp.steps - tp.warmup_steps))
 
 
 def run_settings(sections: dict) -> dict:
@@ -73,7 +66,7 @@ def branch(state_path: str | os.PathLike, params: Params, processed: str | os.Pa
         raise UserError(
             f"{path} is from a run with a decaying rate: only a held run (train.cosine_decay false) branches"
         )
-    if step > (start := decay_start(params)):
+    if step > (start := decay_start(params.train)):
         room = params.train.steps - step
         raise UserError(
             f"{path} is at step {step}, past step {start} where the run's decay starts: lower train.decay_steps "

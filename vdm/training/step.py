@@ -23,16 +23,24 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
+def decay_start(tp: TrainParams) -> int:
+    """The first step at which the learning rate leaves its peak (train.steps if it never does):
+    the cosine runs over the last decay_steps steps (0: every step after the warm-up)."""
+    if not tp.cosine_decay:
+        return tp.steps
+    return max(tp.warmup_steps, tp.steps - (tp.decay_steps or tp.steps - tp.warmup_steps))
+
+
 def lr_factor(step: int, tp: TrainParams) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then held; with cosine decay, a
-    cosine to final_lr_fraction over the last decay_steps steps (0: every step after the warm-up).
-    Until its decay starts a run steps as a held one does, so a held run's checkpoint can be
-    finished by any such decay (warm-up, stable, decay)."""
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then held until decay_start,
+    then with cosine decay a cosine to final_lr_fraction. Until its decay starts a run steps as a
+    held one does, so a held run's checkpoint can be finished by any such decay (warm-up, stable,
+    decay)."""
     if step < tp.warmup_steps:
         return (step + 1) / tp.warmup_steps
-    decay = tp.decay_steps or tp.steps - tp.warmup_steps
-    start = tp.steps - decay
-    if not tp.cosine_decay or decay <= 0 or step < start:
+    start = decay_start(tp)
+    decay = tp.steps - start
+    if step < start or decay <= 0:
         return 1.0
     progress = min(1.0, (step - start) / decay)
     return tp.final_lr_fraction + (1 - tp.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
