@@ -145,12 +145,12 @@ def run(args) -> Path:
     from sweep import apply, parse_row
 
     from vdm.core.atomic import atomic_path
-    from vdm.core.params import as_dict, parse_params
+    from vdm.core.params import parse_params
     from vdm.core.runtime import allow_tf32, resolve_device, set_deterministic
     from vdm.data.splits import StepBatches, batch_loader, load_split
     from vdm.model import checkpoint as ckpt
     from vdm.training.step import build_training, step_seed, train_step
-    from vdm.training.tracking import run_name
+    from vdm.training.tracking import run_config
 
     _, sets = parse_row(" ".join(["probe", *args.set]))
     raw = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), {**sets, "train.steps": args.steps})
@@ -189,9 +189,7 @@ def run(args) -> Path:
 
     # the weights at the scaling curve's budgets, as its training run writes them (the same steps)
     snap_steps = {b // tp.batch_size for b in args.snapshot_images if b % tp.batch_size == 0}
-    key_hash = ckpt.config_hash(params, args.processed)
-    config = {"params": {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}}
-    config |= {"config_hash": key_hash, "run_name": run_name(key_hash)}
+    config = run_config(params, args.processed)
     data_id = ckpt.data_id(args.processed)
 
     stop: list[int] = []

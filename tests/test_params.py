@@ -214,6 +214,11 @@ REFUSED = {
         "train.processes = 2",
         "1 with train.device = cuda:0 (every process would share one GPU)",
     ),
+    "a gamma_1 cap below the initial gamma_1": (
+        {"model.gamma_1_cap": 4.0},
+        "model.gamma_1_cap = 4.0",
+        "a number from gamma_max (5.0) to 30",
+    ),
     "a decay longer than the steps after the warm-up": (
         {"train.steps": 50, "train.warmup_steps": 10, "train.decay_steps": 41},
         "train.decay_steps = 41",

@@ -155,6 +155,7 @@ class ModelParams(Section):
     schedule: Literal["fixed_linear", "learned_linear", "learned_nn"]
     gamma_min: Num("a finite number")  # initial (or fixed) gamma at t = 0 and t = 1
     gamma_max: Num("a finite number")
+    gamma_1_cap: Num("a finite number")  # a learned gamma_1 is held at or below this (vdm/model/schedules.py)
     channels: Int("an integer from 1 to 1024", ge=1, le=1024)  # UNet width at the first level
     channel_mult: Annotated[  # one entry per resolution level
         tuple[Annotated[int, Field(ge=1, le=16)], ...],
@@ -186,6 +187,8 @@ class ModelParams(Section):
             raise invalid(
                 (self.gamma_min, self.gamma_max), "gamma_min < gamma_max, both within [-30, 30]", "gamma_min/gamma_max"
             )
+        if not self.gamma_max <= self.gamma_1_cap <= 30:
+            raise invalid(self.gamma_1_cap, f"a number from gamma_max ({self.gamma_max}) to 30", "gamma_1_cap")
         if not self.fourier_min - 1 <= self.fourier_max:
             raise invalid(
                 (self.fourier_min, self.fourier_max),

@@ -95,7 +95,7 @@ def fit_gamma_0(
     """
     schedule = model.schedule
     learned = float(schedule.endpoints[0])
-    top = float(schedule.endpoints[1]) - 1.0
+    top = float(schedule.gamma_1) - 1.0
     candidates = [learned + k * step for k in range(int(span / step) + 1) if learned + k * step <= top]
     curve = []
     try:

@@ -216,7 +216,13 @@ WEIGHTS = ("ema", "model")  # always there; any other <name>.pt is optional
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 # keys added to the model section since a model was saved: a model saved without them takes the
 # behaviour from before them
-MODEL_KEYS_ADDED = {"self_condition": False, "weight_floor": 0.0, "qk_norm": False, "magnitude_preserving": False}
+MODEL_KEYS_ADDED = {
+    "self_condition": False,
+    "weight_floor": 0.0,
+    "qk_norm": False,
+    "magnitude_preserving": False,
+    "gamma_1_cap": 30.0,  # the largest gamma_max there was: no cap
+}
 # state-dict entries added since a model was saved: a model saved without them takes the fresh
 # model's value (eps_scale: all ones, the network's own eps estimate)
 STATE_KEYS_ADDED = ("eps_scale",)

@@ -238,7 +238,10 @@ class VDM(nn.Module):
         else:
             diffusion = 0.5 * dgamma_t * sse
         diffusion = diffusion * to_bpd
-        weighted = self.weight(gamma_t.detach()) * diffusion
+        # w(gamma_t) stays in the graph: E[w(gamma) dgamma/dt l(gamma)] over t is the same for every
+        # shape only with w's own gradient in the path; taken as a constant, its missing term drives
+        # the shape toward high noise at a held rate until whole gamma ranges go unsampled
+        weighted = self.weight(gamma_t) * diffusion
         slot.scale = 2.0 * weighted.detach()  # the schedule's shape descends E[L^2] of the objective
 
         # latent term: KL(q(z_1|x) || N(0, I))
@@ -282,5 +285,5 @@ def build_vdm(model: ModelParams, image_size: int) -> VDM:
             net = UNet(model, image_size)
         except ValueError as e:
             raise UserError(f"params.yaml: {e} (data.image_size = {image_size})") from None
-        schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max)
+        schedule = make_schedule(model.schedule, model.gamma_min, model.gamma_max, model.gamma_1_cap)
     return VDM(model, net, schedule)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vdm.core.atomic import Commit, journal_for, recover, write_bytes, write_json
 from vdm.core.errors import UserError
 from vdm.core.images import image_grid, png_bytes
-from vdm.core.params import Params, SamplingOptions, as_dict
+from vdm.core.params import Params, SamplingOptions
 from vdm.core.progress import Progress
 from vdm.core.runtime import (
     Dist,
@@ -44,7 +44,7 @@ from vdm.model import checkpoint as ckpt
 from vdm.model.bound import estimate_bpd, fit_eps_scale, fit_gamma_0
 from vdm.model.diffusion import VDM
 from vdm.training.step import NonFiniteLoss, build_training, check_finite, step_seed, train_step
-from vdm.training.tracking import Tracker, run_name, write_csv
+from vdm.training.tracking import Tracker, run_config, write_csv
 
 __all__ = ["NonFiniteLoss", "Interrupted", "Outputs", "train"]
 
@@ -151,7 +151,8 @@ class _Run:
                 "rerun `dvc repro preprocess`"
             )
         StepBatches(len(self.train_x), tp.batch_size, tp.seed, 0, tp.steps, d.rank, d.world)  # batch size check
-        self.key = ckpt.config_hash(params, processed)
+        self.config = run_config(params, processed)
+        self.key = self.config["config_hash"]
         self.data_id = ckpt.data_id(processed)
         self.store = ckpt.Checkpoints(out.checkpoints, self.key)
         if d.main and recover(out.journal):
@@ -160,11 +161,6 @@ class _Run:
             )
         self.model, self.ema, self.opt, self.sched = build_training(params, self.device)
         self.state = self._resume()
-        self.config = {
-            "params": {"data": as_dict(params.data), "model": as_dict(params.model), "train": as_dict(params.train)},
-            "config_hash": self.key,
-            "run_name": run_name(self.key),
-        }
         self.eval_batch = max(1, min(64, tp.batch_size))
         self.snapshot_steps: frozenset[int] = frozenset()
 
