@@ -149,8 +149,8 @@ def run(args) -> Path:
     from vdm.core.runtime import allow_tf32, resolve_device, set_deterministic
     from vdm.data.splits import StepBatches, batch_loader, load_split
     from vdm.model import checkpoint as ckpt
+    from vdm.training.loop import run_config
     from vdm.training.step import build_training, step_seed, train_step
-    from vdm.training.tracking import run_config
 
     _, sets = parse_row(" ".join(["probe", *args.set]))
     raw = apply(yaml.safe_load((ROOT / "params.yaml").read_text()), {**sets, "train.steps": args.steps})

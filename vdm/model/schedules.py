@@ -21,9 +21,9 @@ A learned gamma_1 is held at or below `gamma_1_cap` (model.gamma_1_cap). The bou
 from a higher gamma_1: per unit, the prior term falls by about 0.5 e^-gamma_1 E[x^2] and the
 diffusion term grows by 0.5 e^-gamma_1 times x_hat's squared error there, which is below E[x^2]
 for any net better than 0. So gamma_1 climbs without end while its gain vanishes (above 8 there is
-at most 0.5 e^-8 E[x^2] nats/dim to gain, about 2e-4 bits/dim for sprites); Adam with a tiny
-epsilon moves it at the full rate all the same, and past about 10.5 the shape folds
-(docs/results.md). The clamp is the identity below the cap, its gradient included.
+at most 0.5 e^-8 E[x^2] nats/dim to gain, about 2e-4 bits/dim for sprites), and Adam with a tiny
+epsilon moves it at the full rate all the same. The clamp is the identity below the cap, its
+gradient included.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from vdm.core.atomic import Commit, journal_for, recover, write_bytes, write_json
 from vdm.core.errors import UserError
 from vdm.core.images import image_grid, png_bytes
-from vdm.core.params import Params, SamplingOptions
+from vdm.core.params import Params, SamplingOptions, as_dict
 from vdm.core.progress import Progress
 from vdm.core.runtime import (
     Dist,
@@ -44,7 +44,7 @@ from vdm.model import checkpoint as ckpt
 from vdm.model.bound import estimate_bpd, fit_eps_scale, fit_gamma_0
 from vdm.model.diffusion import VDM
 from vdm.training.step import NonFiniteLoss, build_training, check_finite, step_seed, train_step
-from vdm.training.tracking import Tracker, run_config, write_csv
+from vdm.training.tracking import Tracker, run_name, write_csv
 
 __all__ = ["NonFiniteLoss", "Interrupted", "Outputs", "train"]
 
@@ -112,6 +112,14 @@ def _sample_grid(model: VDM, count: int, steps: int, seed: int, device) -> np.nd
     gen = torch.Generator(device=device).manual_seed(seed)
     x, _ = sample(model, count, SamplingOptions().replace(steps=steps, temperature=1.0), gen, device)
     return image_grid(x.permute(0, 2, 3, 1).numpy(), ncol=int(math.ceil(math.sqrt(count))))
+
+
+def run_config(params: Params, processed: str | os.PathLike) -> dict:
+    """What a run records of itself (a model folder's config.json less its step count, and wandb's
+    config): its data, model and train settings, the hash that names its checkpoints, its name."""
+    key = ckpt.config_hash(params, processed)
+    sections = {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}
+    return {"params": sections, "config_hash": key, "run_name": run_name(key)}
 
 
 def train(

@@ -18,8 +18,6 @@ import numpy as np
 
 from vdm.core.atomic import write_bytes
 from vdm.core.errors import UserError
-from vdm.core.params import Params, as_dict
-from vdm.model import checkpoint as ckpt
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -61,14 +59,6 @@ def wandb_root(cwd: str | os.PathLike | None = None) -> Path:
 
 def run_name(config_key: str) -> str:
     return os.environ.get("DVC_EXP_NAME") or f"repro-{config_key[:8]}"
-
-
-def run_config(params: Params, processed: str | os.PathLike) -> dict:
-    """What a run records of itself (a model folder's config.json less its step count, and wandb's
-    config): its data, model and train settings, the hash that names its checkpoints, its name."""
-    key = ckpt.config_hash(params, processed)
-    sections = {k: as_dict(getattr(params, k)) for k in ("data", "model", "train")}
-    return {"params": sections, "config_hash": key, "run_name": run_name(key)}
 
 
 class Tracker:
