@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import torch
 import yaml
 
@@ -60,9 +61,36 @@ def test_the_report_names_the_first_spike(tmp_path):
             w.writerow([step, 300.0 if spike else 20.0 + step % 30 / 10, 1e6 if spike else 1.5])
     out = subprocess.run([sys.executable, str(SCRIPT), "--report", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "first spike at step 400 (bound 300.0" in out.stdout
+    assert "first spike at step 400 (bound 300, running median 21" in out.stdout  # no objective column: the bound
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("act:mid.0"))
     assert line.split()[-1] == "666666.67"  # 1e6 at the spike against 1.5 ten rows before
+
+
+def test_the_spike_is_the_objectives_not_a_heavy_tailed_batch_bounds(tmp_path):
+    path = tmp_path / "probe.csv"
+    rng = np.random.default_rng(0)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "bound", "objective"])
+        for step in range(10, 1010, 10):  # the bound one draw per image: now and then 30x its median
+            bound = 15.0 * (30.0 if rng.random() < 0.1 else rng.uniform(0.5, 1.5))
+            w.writerow([step, bound, (5.0 if step >= 800 else 1.0) * 0.02 * rng.uniform(0.8, 1.2)])
+
+    def first_spike(*args):
+        cmd = [sys.executable, str(SCRIPT), "--report", str(path), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()[0]
+
+    assert first_spike().startswith("first spike at step 800 (objective 0.")
+    assert first_spike("--spike-on", "bound").startswith("first spike at step ")  # one of the bound's draws
+    assert not first_spike("--spike-on", "bound").startswith("first spike at step 800 ")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report", str(path), "--windows", "500"], capture_output=True, text=True
+    )
+    lines = [ln.split() for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [ln[0] for ln in lines] == ["1-500", "501-1000"]
+    assert float(lines[0][2]) < 1.6 < 4.0 < float(lines[1][2])  # the objective's largest jump: in the second window
 
 
 def test_a_probe_stopped_and_rerun_writes_the_rows_of_an_uninterrupted_one(processed, tmp_path):

@@ -335,15 +335,22 @@ def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path
     assert wandb_root(repo / "exps") == (repo / "exps").resolve()
 
 
-def test_long_preset_is_the_default_net_with_more_steps_at_a_stable_rate(monkeypatch):
-    from scripts.preset import command
+def test_long_preset_holds_its_peak_rate_on_magnitude_preserving_layers_then_decays(monkeypatch):
+    from scripts.preset import command, merged
+    from vdm.core.params import parse_params
+    from vdm.training.step import decay_start, lr_factor
 
     monkeypatch.chdir(ROOT)
     cmd = command("long")  # validates the merged params before anything runs
     sets = dict(a.split("=", 1) for a in cmd[6::2])
-    assert not any(k.startswith("model.") for k in sets)  # the default's net and objective
-    assert int(sets["train.steps"]) * 16 >= 250_000 and int(sets["train.checkpoint_every"]) <= 500
-    assert float(sets["train.lr"]) <= 5e-4  # the default's 2e-3, held for thousands of steps, diverges
+    assert {k for k in sets if k.startswith("model.")} == {"model.magnitude_preserving"}  # the default's shape
+    train = parse_params(merged("long")[1]).train
+    assert train.steps * train.batch_size >= 250_000 and train.checkpoint_every <= 500
+    # held at the peak (a held probe's state branches into it) until the cosine over its last steps
+    start = decay_start(train)
+    assert train.cosine_decay and 0 < train.steps - start <= train.steps // 2
+    assert lr_factor(start - 1, train) == 1.0
+    assert lr_factor(train.steps, train) == pytest.approx(train.final_lr_fraction)
 
 
 def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
