@@ -278,6 +278,16 @@ def write(path: Path, rows: list[dict]) -> None:
 SPIKE = {"objective": 3.0, "bound": 10.0}  # a spike: the column above this x its running median
 
 
+def running_ratio(rows: list[dict], column: str) -> tuple[str, list[float], list[float]]:
+    """The column the spike test reads (the bound in probes written before the objective was a
+    column), its values, and each row's value over the median of the 30 rows before it (NaN for
+    the first 10 rows; a NaN value gives NaN, a spike)."""
+    column = column if column in rows[0] else "bound"
+    values = [float(r[column]) for r in rows]
+    medians = [statistics.median(values[max(0, i - 30) : i]) if i >= 10 else math.nan for i in range(len(rows))]
+    return column, values, [v / m if m else (math.inf if v else 1.0) for v, m in zip(values, medians, strict=True)]
+
+
 def report(path: Path, spike: float | None = None, column: str = "objective") -> None:
     """The first spike of `column` and, for each probe column, its value 10 rows before, 1 row
     before and at it."""
@@ -285,15 +295,9 @@ def report(path: Path, spike: float | None = None, column: str = "objective") ->
     if not rows:
         print(f"{path}: no probe rows yet (stopped before the first --every steps)")
         return
-    if column not in rows[0]:
-        column = "bound"  # a probe written before the objective was a column
+    column, values, ratio = running_ratio(rows, column)
     spike = spike or SPIKE[column]
-    values = [float(r[column]) for r in rows]
-    at = None
-    for i in range(10, len(rows)):
-        if not values[i] <= spike * statistics.median(values[max(0, i - 30) : i]):  # NaN is a spike
-            at = i
-            break
+    at = next((i for i in range(10, len(rows)) if not ratio[i] <= spike), None)  # NaN is a spike
     if at is None:
         print(f"{path}: no spike of the {column} above {spike}x its running median in {rows[-1]['step']} steps")
         return
@@ -318,12 +322,7 @@ def windows(path: Path, size: int, column: str = "objective") -> None:
     rows = list(csv.DictReader(open(path)))
     if not rows:
         return
-    if column not in rows[0]:
-        column = "bound"
-    values = [float(r[column]) for r in rows]
-    ratio = [
-        values[i] / statistics.median(values[max(0, i - 30) : i]) if i >= 10 else math.nan for i in range(len(rows))
-    ]
+    column, values, ratio = running_ratio(rows, column)
     cols = rows[0].keys()
 
     def top(prefix: str, at: list[int]) -> float:
@@ -340,7 +339,7 @@ def windows(path: Path, size: int, column: str = "objective") -> None:
             continue
 
         empty = sum(any(math.isnan(float(rows[i][c] or "nan")) for c in cols if c.startswith("loss_band")) for i in at)
-        late = [ratio[i] for i in at if not math.isnan(ratio[i])]
+        late = [ratio[i] for i in at if i >= 10]
         print(
             f"{start + 1:>6d}-{start + size:<6d} {statistics.median(values[i] for i in at):17.4g} "
             f"{max(late, default=math.nan):13.2f} {statistics.median(float(rows[i]['bound']) for i in at):12.1f} "
