@@ -106,14 +106,20 @@ def explicit_attention(self, x):
 
 def apply_naive(choices) -> None:
     """Swap library pieces for their naive forms (this process only)."""
+    import torch
+
     import vdm.model.decoder
     import vdm.model.diffusion
     import vdm.model.unet
 
     if "recon" in choices:
         full = vdm.model.decoder.log_prob_levels_full
-        # the windowed version's chunk and half_width options do not apply to the full tensor
-        vdm.model.diffusion.log_prob_levels = lambda x, z, g0, chunk=None, half_width=None: full(x, z, g0)
+        encode = vdm.model.decoder.encode
+
+        def naive_nll(x, eps_0, g0, chunk=None, half_width=None):  # the window's options do not apply
+            return -full(x, encode(x) + torch.exp(0.5 * g0) * eps_0, g0)
+
+        vdm.model.diffusion.decoder_nll = naive_nll
     if "attention" in choices:
         vdm.model.unet.Attention.forward = explicit_attention
 

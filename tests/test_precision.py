@@ -73,6 +73,24 @@ def test_bf16_runs_the_net_in_bf16_and_hands_back_fp32():
     assert torch.allclose(low, exact, atol=0.02), float((low - exact).abs().max())
 
 
+def test_the_norms_silu_is_the_same_in_fp32_and_one_rounding_in_bf16():
+    """The ResBlocks' GroupNorm applies its SiLU in float32: in float32 exactly F.silu after the
+    norm, under bf16 autocast the float32 result rounded once to bf16."""
+    import torch.nn.functional as F
+
+    from vdm.model.unet import GroupNorm
+
+    norm = GroupNorm(4, 8, silu=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    plain = F.silu(F.group_norm(x, 4, norm.weight, norm.bias))
+    assert torch.equal(norm(x), plain)
+    low = norm(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low, F.silu(F.group_norm(x.bfloat16().float(), 4, norm.weight, norm.bias)).bfloat16())
+
+
 def test_bf16_training_loss_is_close_to_fp32_and_deterministic():
     model, x = _model().train(), _images()
     fp32 = model.loss(x, torch.Generator().manual_seed(0)).objective.mean().detach()

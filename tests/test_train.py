@@ -360,6 +360,7 @@ def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
     params = parse_params(tiny(adam_beta2=0.95, adam_eps="1e-12", precision="bf16"))
     model, ema, opt, _ = build_training(params, torch.device("cpu"))
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]  # one kernel over all parameters, on a CPU too
     assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained
 
 

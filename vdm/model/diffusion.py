@@ -60,7 +60,7 @@ from torch import nn
 from vdm.core.errors import UserError
 from vdm.core.params import ModelParams
 from vdm.model.conversions import alpha_sigma, encode, eps_from_x, x_from_eps
-from vdm.model.decoder import ReconWindow, log_prob_levels, recon_stride
+from vdm.model.decoder import ReconWindow, decoder_nll, recon_stride
 from vdm.model.schedules import GradScale, Schedule
 from vdm.model.weightings import WEIGHTINGS
 
@@ -252,16 +252,15 @@ class VDM(nn.Module):
 
         # reconstruction term: -log p(x | z_0), z_0 ~ q(z_0 | x)
         g0 = self.schedule.gamma_0
-        eps_0 = randn()
-        z_0_rescaled = f + torch.exp(0.5 * g0) * eps_0  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps
+        eps_0 = randn()  # z_0 / alpha_0 = f + (sigma_0 / alpha_0) eps_0
         w = self.recon_window(g0, exact=not self.training)
         stride = recon_stride(2 * w + 1, dims) if self.training else 1
         if stride == 1:
-            recon = -log_prob_levels(x, z_0_rescaled, g0, half_width=w).flatten(1).sum(1) * to_bpd
+            recon = decoder_nll(x, eps_0, g0, half_width=w).flatten(1).sum(1) * to_bpd
         else:  # every stride-th subpixel from a random offset: an unbiased estimate at 1/stride the cost
             offset = torch.randint(stride, (1,), generator=generator, device=x.device)
             idx = torch.arange(dims // stride, device=x.device) * stride + offset
-            picked = -log_prob_levels(x.flatten(1)[:, idx], z_0_rescaled.flatten(1)[:, idx], g0, half_width=w)
+            picked = decoder_nll(x.flatten(1)[:, idx], eps_0.flatten(1)[:, idx], g0, half_width=w)
             recon = picked.sum(1) * (stride * to_bpd)
 
         total = diffusion + latent + recon

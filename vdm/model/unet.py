@@ -44,10 +44,17 @@ def _groups(channels: int) -> int:
 
 class GroupNorm(nn.GroupNorm):
     """GroupNorm computed in float32, handed back in its input's dtype: under bf16 autocast on a CPU
-    the bf16 kernels (forward and backward) took twice the float32 ones' time."""
+    the bf16 kernels (forward and backward) took twice the float32 ones' time. With `silu` the SiLU
+    that follows it is applied before the cast, also in float32 (faster than on bf16 here, and one
+    rounding instead of two); in float32 nothing changes."""
+
+    def __init__(self, num_groups: int, num_channels: int, silu: bool = False):
+        super().__init__(num_groups, num_channels)
+        self.silu = silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        y = super().forward(x.float())
+        return (F.silu(y) if self.silu else y).to(x.dtype)
 
 
 def _without_autocast(device_type: str):
@@ -89,18 +96,18 @@ def gamma_embedding(gamma: torch.Tensor, dim: int, gamma_min: float, gamma_max: 
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
         super().__init__()
-        self.norm1 = GroupNorm(_groups(c_in), c_in)
+        self.norm1 = GroupNorm(_groups(c_in), c_in, silu=True)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2 = GroupNorm(_groups(c_out), c_out)
+        self.norm2 = GroupNorm(_groups(c_out), c_out, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))  # the norms apply SiLU
         h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return self.skip(x) + h
 
 

