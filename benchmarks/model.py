@@ -23,8 +23,8 @@ Rows:
                         one naive choice at a time (the gain of each choice)
     compiled            the default's training step with the UNet under torch.compile (inductor;
                         on a CPU it needs a C++ compiler): warmup_s includes the compiling
-    update-clip         the default's training step with train.update_clip (vdm/training/optim.py:
-                        foreach ops plus one read of the per-tensor rates, against AdamW's)
+    adamw               the default's training step with plain AdamW (train.update_clip off: one fused
+                        kernel, against the clip's foreach ops and one read of the per-tensor rates)
     mp                  the default with model.magnitude_preserving (vdm/model/magnitude.py: normalised
                         weights, no GroupNorm)
     c32, c64, c32-b2, c48-b2, c64-b2
@@ -60,7 +60,7 @@ ROWS = {
     "naive": NAIVE,
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
-    "update-clip": (),
+    "adamw": (),
     "mp": (),
     "gpu": (),
     **{shape: () for shape in ("c32", "c64", "c32-b2", "c48-b2", "c64-b2")},
@@ -136,9 +136,9 @@ def row_params(row: str, device):
         update = {"channels": channels, "num_res_blocks": blocks, "magnitude_preserving": row == "mp"}
         model = params.model.model_copy(update=update)
         return params.model_copy(update={"model": model}), params.train.batch_size, True
-    if row in ("compiled", "update-clip"):
-        key = "compile" if row == "compiled" else "update_clip"
-        params = params.model_copy(update={"train": params.train.model_copy(update={key: True})})
+    if row in ("compiled", "adamw"):
+        flag = {"compile": True} if row == "compiled" else {"update_clip": False}
+        params = params.model_copy(update={"train": params.train.model_copy(update=flag)})
         return params, params.train.batch_size, False
     if row != "gpu":
         return params, params.train.batch_size, True

@@ -367,6 +367,7 @@ def plot(paths: list[Path], out: Path) -> None:
     for j, path in enumerate(paths):
         rows = list(csv.DictReader(open(path)))
         steps = [int(r["step"]) for r in rows]
+        label = path.parent.name if path.stem == "probe" else path.stem  # OUT/probe.csv: the probe's folder
         for i, (title, cols) in enumerate(PLOTTED):
             ax = axes[i][j]
             names = [c for c in rows[0] if c in cols or any(c.startswith(p) for p in cols if p.endswith(":"))]
@@ -375,7 +376,7 @@ def plot(paths: list[Path], out: Path) -> None:
                 values = [float(r[c] or "nan") for r in rows]
                 ax.plot(steps, values, lw=0.8, color="tab:red" if deep else "tab:blue", alpha=0.9 if deep else 0.35)
             ax.set_yscale("log")
-            ax.set_title(f"{path.stem}: {title}" if i == 0 else title, fontsize=9)
+            ax.set_title(f"{label}: {title}" if i == 0 else title, fontsize=9)
             ax.tick_params(labelsize=8)
         axes[-1][j].set_xlabel("step")
     fig.tight_layout()

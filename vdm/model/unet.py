@@ -203,7 +203,7 @@ class UNet(nn.Module):
             self.out = MPConv(c, in_channels * patch_size**2, 3)
             self.out_gain = nn.Parameter(torch.zeros([]))
         else:
-            self.out_norm = GroupNorm(_groups(c), c)
+            self.out_norm = GroupNorm(_groups(c), c, silu=True)
             self.out = _zero(nn.Conv2d(c, in_channels * patch_size**2, 3, padding=1))
 
     def _block(self, m: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -243,7 +243,7 @@ class UNet(nn.Module):
             for m in blocks:
                 h = self._block(m, h, emb)
         with _without_autocast(h.device.type):  # the prediction in float32 under bf16 autocast
-            h = self.out(h.float(), gain=self.out_gain) if self.mp else self.out(F.silu(self.out_norm(h.float())))
+            h = self.out(h.float(), gain=self.out_gain) if self.mp else self.out(self.out_norm(h.float()))
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)
         return h
