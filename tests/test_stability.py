@@ -140,3 +140,35 @@ def test_a_held_probe_writes_the_scaling_runs_snapshots(processed, tmp_path):
             assert same_weights(ours, theirs)
     assert json.loads((snaps / "step-000006" / "config.json").read_text())["steps"] == 6
     assert load_model(snaps / "step-000006", "ema") is not None  # a model folder the scorers read
+
+
+def test_the_plot_draws_a_column_per_probe_titled_by_its_folder(tmp_path, monkeypatch):
+    """Every probe writes OUT/probe.csv, so the plot names each column by OUT, not by the file."""
+    import importlib.util
+
+    import matplotlib.figure
+
+    spec = importlib.util.spec_from_file_location("stability_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = []
+    for name in ("adamw", "clip"):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "probe.csv")
+        with open(paths[-1], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "bound", "act:mid.0", "logit_max:mid.1", "upd:mid.0"])
+            for step in (10, 20, 30):
+                w.writerow([step, 30.0, 1.5, 4.0, 0.01])
+    titles = []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep_titles(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_titles)
+    script.plot(paths, tmp_path / "probes.png")
+    assert (tmp_path / "probes.png").stat().st_size > 0
+    firsts = [t for t in titles if ": " in t]
+    assert firsts == ["adamw: batch bound, bits/dim (log)", "clip: batch bound, bits/dim (log)"]

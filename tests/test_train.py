@@ -355,13 +355,16 @@ def test_long_preset_holds_its_peak_rate_on_magnitude_preserving_layers_then_dec
 
 def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
     from vdm.core.params import parse_params
+    from vdm.training.optim import ClippedAdamW
     from vdm.training.step import build_training
 
-    params = parse_params(tiny(adam_beta2=0.95, adam_eps="1e-12", precision="bf16"))
-    model, ema, opt, _ = build_training(params, torch.device("cpu"))
-    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
-    assert opt.defaults["fused"] and not opt.defaults["foreach"]  # one kernel over all parameters, on a CPU too
-    assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained
+    for clip in (True, False):
+        params = parse_params(tiny(adam_beta2=0.95, adam_eps="1e-12", precision="bf16", update_clip=clip))
+        model, ema, opt, _ = build_training(params, torch.device("cpu"))
+        assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
+        assert isinstance(opt, ClippedAdamW) == clip
+        assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]  # plain AdamW: one kernel, on a CPU too
 
 
 def test_deep_lr_scale_slows_only_the_blocks_at_the_smallest_feature_map():
@@ -380,7 +383,7 @@ def test_deep_lr_scale_slows_only_the_blocks_at_the_smallest_feature_map():
     assert {id(p) for p in low["params"]} == deep_params
     assert len(rest["params"]) + len(low["params"]) == len(list(model.parameters()))
     _, _, opt1, _ = build_training(parse_params(tiny(device="cpu")), torch.device("cpu"))
-    assert len(opt1.param_groups) == 1  # 1 (the default): one group, AdamW as before
+    assert len(opt1.param_groups) == 1  # 1 (the default): one group
 
 
 def test_schedule_lr_scale_slows_only_the_learned_schedule():
@@ -425,7 +428,8 @@ def test_update_clip_reaches_the_training_and_its_state_resumes():
     params = parse_params(tiny(device="cpu", update_clip=True, weight_decay=0.01))
     model, _, opt, _ = build_training(params, torch.device("cpu"))
     assert isinstance(opt, ClippedAdamW) and opt.param_groups[0]["weight_decay"] == 0.01
-    assert isinstance(build_training(parse_params(tiny(device="cpu")), torch.device("cpu"))[2], torch.optim.AdamW)
+    plain = parse_params(tiny(device="cpu", update_clip=False))
+    assert isinstance(build_training(plain, torch.device("cpu"))[2], torch.optim.AdamW)
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
 
     def step(model, opt, seed):
