@@ -137,7 +137,7 @@ def row_params(row: str, device):
         model = params.model.model_copy(update=update)
         return params.model_copy(update={"model": model}), params.train.batch_size, True
     if row in ("compiled", "adamw"):
-        flag = {"compile": True} if row == "compiled" else {"update_clip": False}
+        flag = {"compile": True} if row == "compiled" else {"update_clip": 0}
         params = params.model_copy(update={"train": params.train.model_copy(update=flag)})
         return params, params.train.batch_size, False
     if row != "gpu":

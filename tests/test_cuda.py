@@ -98,6 +98,32 @@ def test_fused_adamw_takes_the_same_step_as_foreach():
 
 @pytest.mark.cuda
 @cuda
+def test_update_clipping_on_cuda_steps_as_on_the_cpu_and_resumes_from_a_cpu_state():
+    from vdm.training.optim import ClippedAdamW
+
+    torch.manual_seed(0)
+    shapes = [(64, 32, 3, 3), (64,), (128, 64)]
+    cpu = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opts = [ClippedAdamW(ps, lr=1e-3, weight_decay=0.1, threshold=1.5) for ps in (cpu, gpu)]
+    clips = []
+    for step in range(6):
+        grads = [torch.randn(s) * (30.0 if step == 4 and i == 1 else 1.0) for i, s in enumerate(shapes)]
+        for p, q, g in zip(cpu, gpu, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.cuda()
+        for opt in opts:
+            opt.step()
+        if step == 0:  # the CUDA optimiser from the CPU one's state, as a checkpoint hands it over
+            opts[1].load_state_dict(opts[0].state_dict())
+        assert opts[1].last_clip == pytest.approx(opts[0].last_clip, rel=1e-4)
+        clips.append(opts[0].last_clip)
+    assert clips[4] > 1  # the 30x gradient was clipped
+    for p, q in zip(cpu, gpu, strict=True):
+        assert torch.allclose(q.detach().cpu(), p.detach(), atol=1e-5)
+
+
+@pytest.mark.cuda
+@cuda
 def test_resume_on_cuda_gives_the_weights_of_an_uninterrupted_run(tmp_path, processed):
     """Deterministic algorithms on: 6 steps straight, against 4 steps, a checkpoint, and 2 more."""
     from tests.helpers import tiny

@@ -4,6 +4,7 @@ points, corrupt checkpoints and leaked secrets: tests/test_reliability.py.)"""
 
 import copy
 import json
+import math
 import signal
 import sys
 
@@ -358,11 +359,11 @@ def test_adam_beta2_eps_and_precision_reach_the_optimiser_and_the_model():
     from vdm.training.optim import ClippedAdamW
     from vdm.training.step import build_training
 
-    for clip in (True, False):
+    for clip in (2, 0):
         params = parse_params(tiny(adam_beta2=0.95, adam_eps="1e-12", precision="bf16", update_clip=clip))
         model, ema, opt, _ = build_training(params, torch.device("cpu"))
         assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-12
-        assert isinstance(opt, ClippedAdamW) == clip
+        assert isinstance(opt, ClippedAdamW) == bool(clip) and getattr(opt, "threshold", 0) == clip
         assert model.net_dtype == ema.module.net_dtype == torch.bfloat16  # the EMA copy samples as trained
     assert opt.defaults["fused"] and not opt.defaults["foreach"]  # plain AdamW: one kernel, on a CPU too
 
@@ -422,13 +423,76 @@ def test_update_clip_steps_as_adamw_until_a_gradient_outgrows_adams_memory():
         assert step_a > 5 * step_b and step_b < 0.15 and b.last_clip > 6, (k, step_a, step_b)
 
 
+def test_update_clip_threshold_lets_updates_up_to_it_through_and_divides_the_rest_by_their_excess():
+    """train.update_clip = c: a tensor whose update RMS, sqrt(mean(g^2 / v_hat)), is r steps at lr /
+    max(1, r / c). One step from Adam's state with v = s^2 and a gradient k s: r = k / sqrt(beta2 +
+    (1 - beta2) k^2) after the bias correction, about 1.9 at k = 2 and 5.8 at k = 6 (beta2 = 0.9)."""
+    from vdm.training.optim import ClippedAdamW
+
+    def divisor(k: float, threshold: float) -> float:
+        w = torch.nn.Parameter(torch.zeros(64))
+        opt = ClippedAdamW([w], lr=1e-3, betas=(0.9, 0.9), threshold=threshold)
+        for _ in range(200):  # v settles at 1 (its bias correction at 1)
+            w.grad = torch.ones(64)
+            opt.step()
+        w.grad = torch.full((64,), float(k))
+        opt.step()
+        return opt.last_clip
+
+    r2, r6 = 2 / math.sqrt(0.9 + 0.1 * 4), 6 / math.sqrt(0.9 + 0.1 * 36)
+    assert divisor(2, 1.0) == pytest.approx(r2, rel=1e-4) and divisor(6, 1.0) == pytest.approx(r6, rel=1e-4)
+    assert divisor(2, 2.0) == 1.0  # under the threshold: AdamW's step
+    assert divisor(6, 2.0) == pytest.approx(r6 / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="threshold"):
+        ClippedAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, threshold=0)
+
+
+def test_update_clip_steps_each_tensor_by_the_formula_whichever_are_clipped():
+    """The fused step and its rescaling of the clipped tensors agree with the update written out per
+    tensor (AdamW with weight decay, two groups at different rates, the rate divided by
+    max(1, sqrt(mean(g^2 / v_hat)) / threshold)), over steps where different tensors' gradients jump."""
+    from vdm.training.optim import ClippedAdamW
+
+    torch.manual_seed(0)
+    shapes = [(40, 40), (64,), (8, 3, 3, 3), (5,)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in ps]
+    m, v = [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes]
+    lrs, b1, b2, eps, wd, threshold = [1e-2, 1e-2, 3e-3, 3e-3], 0.9, 0.99, 1e-8, 0.1, 1.5
+    opt = ClippedAdamW(
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}],
+        lr=1e-2,
+        betas=(b1, b2),
+        weight_decay=wd,
+        threshold=threshold,
+    )
+    clipped = 0
+    for n in range(1, 41):
+        largest = 1.0
+        scale = [1.0, 20.0 if n % 7 == 3 else 1.0, 1e-8 * (100 if n % 11 == 5 else 1), 50.0 if n > 30 else 1.0]
+        grads = [torch.randn(s) * k for s, k in zip(shapes, scale, strict=True)]
+        for i, g in enumerate(grads):
+            ps[i].grad = g.clone()
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = m[i] / (1 - b1**n), v[i] / (1 - b2**n)
+            d = max(1.0, float((g * g / v_hat.sqrt().clamp(min=eps).square()).mean().sqrt()) / threshold)
+            clipped, largest = clipped + (d > 1), max(largest, d)
+            ref[i] = ref[i] * (1 - lrs[i] * wd / d) - lrs[i] / d * m_hat / (v_hat.sqrt() + eps)
+        opt.step()
+        for p, r in zip(ps, ref, strict=True):
+            assert torch.allclose(p.detach(), r, rtol=1e-5, atol=1e-7), n
+        assert opt.last_clip == pytest.approx(largest, rel=1e-5)
+    assert clipped >= 10  # the rescaling was exercised
+
+
 def test_update_clip_reaches_the_training_and_its_state_resumes():
     from vdm.training.optim import ClippedAdamW
 
-    params = parse_params(tiny(device="cpu", update_clip=True, weight_decay=0.01))
+    params = parse_params(tiny(device="cpu", update_clip=1.0, weight_decay=0.01))
     model, _, opt, _ = build_training(params, torch.device("cpu"))
     assert isinstance(opt, ClippedAdamW) and opt.param_groups[0]["weight_decay"] == 0.01
-    plain = parse_params(tiny(device="cpu", update_clip=False))
+    plain = parse_params(tiny(device="cpu", update_clip=0))
     assert isinstance(build_training(plain, torch.device("cpu"))[2], torch.optim.AdamW)
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
 

@@ -257,7 +257,8 @@ class TrainParams(Section):
     adam_eps: Num("a number in (0, 0.01]", gt=0, le=0.01)  # AdamW's epsilon, added to sqrt(v)
     deep_lr_scale: Num("a number in (0, 1]", gt=0, le=1)  # the smallest feature map's blocks train at lr x this
     schedule_lr_scale: Num("a number in (0, 1]", gt=0, le=1)  # the learned noise schedule trains at lr x this
-    update_clip: bool  # per tensor, AdamW's rate divided by the update's RMS where above 1 (vdm/training/optim.py)
+    update_clip: Num("a number >= 0 (0 = off: plain AdamW)", ge=0)  # per tensor, AdamW's rate divided by
+    #   the update's RMS / this where above 1 (vdm/training/optim.py)
     grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
     ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)

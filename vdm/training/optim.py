@@ -1,4 +1,4 @@
-"""AdamW with update clipping: the training's optimiser when `train.update_clip` is on.
+"""AdamW with update clipping: the training's optimiser when `train.update_clip` is above 0.
 
 The stability probe (benchmarks/stability.py, docs/results.md) traces a held learning rate's
 divergence to Adam's second moment: the deepest blocks' gradients sit near 1e-8 for a thousand
@@ -6,12 +6,12 @@ steps, then grow by 10-1,000x within a few steps, and while v still remembers th
 m / sqrt(v) is that many times its usual size, so every deep weight moves by a quarter of its
 norm at once. Update clipping bounds exactly that: per tensor, the step's rate is divided by
 
-    max(1, sqrt(mean(g^2 / v_hat)))
+    max(1, sqrt(mean(g^2 / v_hat)) / c),     c = train.update_clip (the threshold)
 
 where v_hat already includes this step's g (so g^2 / v_hat is at most 1 / (1 - beta2)). While
-gradients are as large as v expects the factor is 1 and the step is AdamW's; a gradient k times
-larger than v remembers gets a rate about 1/k, so the step stays near lr x its usual size until
-v catches up. (Wortsman et al., 2023, "Stable and low-precision training for large-scale
+gradients are as large as v expects the factor is 1 and the step is AdamW's; a gradient k > c
+times larger than v remembers gets a rate about c/k, so the step stays near c x lr x its usual
+size until v catches up. (Wortsman et al., 2023, "Stable and low-precision training for large-scale
 vision-language models": AdamW with Adafactor's update clipping, there named StableAdamW.)
 
 The state has AdamW's keys (step, exp_avg, exp_avg_sq), so checkpoints read the same way.
@@ -25,12 +25,23 @@ import torch
 
 
 class ClippedAdamW(torch.optim.Optimizer):
-    """Decoupled-weight-decay Adam whose per-tensor rate is divided by the update's RMS where it
-    exceeds 1 (see the module). Parameter groups as torch.optim.AdamW's; the arithmetic is
+    """Decoupled-weight-decay Adam whose per-tensor rate is divided by the update's RMS / threshold
+    where that exceeds 1 (see the module). Parameter groups as torch.optim.AdamW's; the arithmetic is
     foreach ops over each group, with one read of the per-tensor rates per group and step."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        threshold: float = 1.0,
+    ):
+        if not threshold > 0:
+            raise ValueError(f"update clipping's threshold must be > 0, not {threshold}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.threshold = threshold  # the update's RMS a tensor may reach before its rate is divided
         self.last_clip = 1.0  # the largest per-tensor divisor of the last step (for probes)
 
     @torch.no_grad()
@@ -64,7 +75,7 @@ class ClippedAdamW(torch.optim.Optimizer):
             # sqrt(mean(g^2 / v_hat)), with sqrt(v_hat) floored at eps as Adam's denominator is
             norms = torch._foreach_norm(torch._foreach_div(grads, torch._foreach_clamp_min(root, eps)))
             sizes = torch.tensor([math.sqrt(p.numel()) for p in params], device=norms[0].device)
-            divisors = (torch.stack(norms) / sizes).clamp(min=1.0).tolist()
+            divisors = (torch.stack(norms) / (sizes * self.threshold)).clamp(min=1.0).tolist()
             largest = max(largest, *divisors)
             if wd:
                 torch._foreach_mul_(params, [1 - lr / d * wd for d in divisors])
