@@ -15,7 +15,7 @@ Phases, each stopped at its budget; the plan is printed first, and the check end
 --minutes (8) on one H100/H200-class card:
   setup      unpack the pack; torch, CUDA, the card and its published dense bf16 peak
   tests      `pytest -m cuda tests/test_cuda.py`: bf16 autocast against fp32, compiled against
-             eager, fused AdamW, resume on CUDA, DDP over nccl
+             eager, fused AdamW, update clipping, resume on CUDA, DDP over nccl
   benchmark  `benchmarks/model.py --rows gpu` (presets/gpu.yaml's model, bf16 + torch.compile):
              img/s, model FLOP/s and the fraction of the card's bf16 peak
   train      presets/gpu.yaml with a constant learning rate after warm-up, for 500 k images seen

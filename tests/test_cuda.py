@@ -1,4 +1,4 @@
-"""The GPU path: bf16 autocast, torch.compile, fused AdamW, resume and DDP over nccl.
+"""The GPU path: bf16 autocast, torch.compile, fused AdamW, update clipping, resume and DDP over nccl.
 
 Tests marked `cuda` need a CUDA device and are skipped without one; `scripts/gpu_check.py`
 runs them first on a GPU machine (`pytest -m cuda`). The others check, on any machine, what
