@@ -7,7 +7,11 @@ beside the real-against-real floor at the same count.
 
 Each set gives its first n sprites (a grid's are the first of its run; blank cells are skipped),
 so sets of different runs compare at one n; at n = 128 a samples.npy scores as the evaluate
-stage's `c2st`. Same sprites and seed => the same figures on the same CPU type.
+stage's `c2st`. Same sprites and seed => the same figures on the same CPU type. `--nudge 0.01`
+first moves 1% of each set's subpixels by one level (seeded; invisible), to show how far the
+figure moves when nothing a person or the other figures can see does:
+
+    python benchmarks/classifier.py samples/samples.npy --n 128 --nudge 0.01
 """
 
 from __future__ import annotations
@@ -61,20 +65,35 @@ def load_sprites(path: str | Path, size: int) -> np.ndarray:
         return grid_cells(np.asarray(im.convert("RGB")), size)
 
 
+def nudge(sprites: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
+    """A copy of uint8 sprites with about `share` of their subpixels moved one level up or down
+    (kept in 0-255), the choice seeded."""
+    rng = np.random.default_rng(seed)
+    moved = sprites.astype(np.int16)
+    mask = rng.random(moved.shape) < share
+    moved[mask] += rng.choice(np.array([-1, 1], dtype=np.int16), int(mask.sum()))
+    return moved.clip(0, 255).astype(np.uint8)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", help="samples.npy files or grid PNGs")
     ap.add_argument("--n", type=int, default=64, help="sprites per set (the first n), as many test sprites")
     ap.add_argument("--repeats", type=int, default=3, help="classifier seeds averaged (evaluate.c2st_repeats)")
     ap.add_argument("--seed", type=int, default=0, help="evaluate.seed")
+    ap.add_argument("--nudge", type=float, default=0.0, help="share of subpixels moved one level first (0: none)")
     ap.add_argument("--processed", default="data/processed")
     args = ap.parse_args()
+    if not 0 <= args.nudge <= 1:
+        raise UserError(f"--nudge {args.nudge}: give a share of subpixels from 0 to 1")
     train, test = load_split(args.processed, "train"), load_split(args.processed, "test")
     size = test.shape[1]
     for path in args.sets:
         sprites = load_sprites(path, size)[: args.n]
         if len(sprites) < args.n:
             raise UserError(f"{path} holds {len(sprites)} sprites, fewer than --n {args.n}")
+        if args.nudge:
+            sprites = nudge(sprites, args.nudge, args.seed)
         q = c2st_metric(SampleSets(sprites, train, test, 1, args.seed, c2st_repeats=args.repeats))
         print(
             f"{path}: classifier {q['c2st']:.3f} +- {q['c2st_se']:.3f} on {q['c2st_images']} a side "

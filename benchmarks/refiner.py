@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,8 +75,8 @@ def score_rows(models, refiner_dir, rows: list[str], processed: str, out: Path, 
     sp, ep = p.sample, p.evaluate
     count = count or sp.count
     device = resolve_device(sp.device, "sample.device")
-    main = load_model(models, "ema", device, sp.precision)[0].to(memory_format=torch.channels_last)
-    refiner = load_model(refiner_dir, "ema", device, sp.precision)[0].to(memory_format=torch.channels_last)
+    main = load_model(models, "ema", device, sp.precision)[0]
+    refiner = load_model(refiner_dir, "ema", device, sp.precision)[0]
     train_x = np.load(Path(processed) / "train.npy", mmap_mode="r")
     test_x = np.load(Path(processed) / "test.npy")
     with main.fp32(), refiner.fp32():

@@ -78,9 +78,7 @@ def main() -> None:
         weights = parts[3] if len(parts) > 3 else args.weights
         temperature = float(parts[4]) if len(parts) > 4 else sp.temperature
         if weights not in models:
-            models[weights] = load_model(args.models, weights, torch.device("cpu"), sp.precision)[0].to(
-                memory_format=torch.channels_last
-            )
+            models[weights] = load_model(args.models, weights, torch.device("cpu"), sp.precision)[0]
         model = models[weights]
         options = sp.options.replace(sampler=sampler, steps=int(steps), spacing=spacing, temperature=temperature)
         samples, _, secs = generate(model, count, options, sp.seed, torch.device("cpu"))

@@ -82,10 +82,10 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
     (autoguided by the EMA weights in `guide` with weight `guidance`, if given)."""
     sp, ep = p.sample, p.evaluate
     device = resolve_device(sp.device, "sample.device")
-    model = load_model(models, which, device, sp.precision)[0].to(memory_format=torch.channels_last)
+    model = load_model(models, which, device, sp.precision)[0]
     weak = None
     if guide is not None:
-        weak = load_model(guide, "ema", device, sp.precision)[0].to(memory_format=torch.channels_last)
+        weak = load_model(guide, "ema", device, sp.precision)[0]
     samples, _, secs = generate(model, sp.count, sp.options, sp.seed, device, guide=weak, guidance=guidance)
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
     gen = torch.Generator(device).manual_seed(ep.seed)

@@ -124,3 +124,27 @@ def test_the_benchmark_scores_grids_and_arrays_alike(sprites, tmp_path):
     )
     assert r.returncode == 2 and r.stderr.strip().endswith("give a samples.npy file or a grid PNG")
     assert "Traceback" not in r.stderr
+
+
+def test_the_benchmarks_nudge_moves_the_share_asked_by_one_level_and_refuses_a_bad_share(sprites, tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.classifier import nudge
+    from tests.helpers import ROOT, subprocess_env
+
+    moved = nudge(sprites, 0.05, seed=3)
+    diff = moved.astype(int) - sprites.astype(int)
+    assert moved.dtype == np.uint8 and np.abs(diff).max() == 1
+    assert 0.03 < (diff != 0).mean() < 0.06  # 5% asked; clipped at 0 and 255 where a move leaves the range
+    assert np.array_equal(moved, nudge(sprites, 0.05, seed=3)) and not np.array_equal(moved, nudge(sprites, 0.05, 4))
+    assert np.array_equal(nudge(sprites, 0.0), sprites)
+    np.save(tmp_path / "s.npy", sprites)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/classifier.py"), "--nudge", "2", str(tmp_path / "s.npy")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.strip().endswith("give a share of subpixels from 0 to 1")
+    assert "Traceback" not in r.stderr

@@ -503,3 +503,21 @@ def test_every_registered_loss_weighting_is_a_function_of_gamma():
         assert w.shape == gamma.shape and bool((w > 0).all()) and bool(torch.isfinite(w).all()), name
     assert torch.equal(WEIGHTINGS["elbo"](gamma), torch.ones(7))
     assert torch.equal(WEIGHTINGS["sigmoid"](gamma, sigmoid_bias=-2.0), torch.sigmoid(gamma - 2.0))
+
+
+def test_on_device_lays_the_standard_net_out_channels_last_and_the_magnitude_preserving_one_contiguous():
+    """Training and every loaded model run the net in one layout per net and device (so a model
+    draws the same sprites in the sample stage, `vdm generate` and the benchmarks), and the output
+    does not depend on it beyond float rounding."""
+    from vdm.model.diffusion import on_device
+
+    cpu = torch.device("cpu")
+    standard = build_vdm(model_params(channels=16, channel_mult=[1, 2], attention_resolutions=[]), image_size=16)
+    z, g = torch.randn(2, 3, 16, 16), torch.tensor([0.5, -3.0])
+    before = standard.net(z, g)
+    standard = on_device(standard, cpu)
+    convs = [m.weight for m in standard.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+    assert torch.allclose(standard.net(z, g), before, atol=1e-5)
+    mp = on_device(build_vdm(model_params(channels=16, channel_mult=[1, 2], magnitude_preserving=True), 16), cpu)
+    assert all(p.is_contiguous() for p in mp.parameters())

@@ -443,10 +443,12 @@ def load_model(
     """The trained VDM (EMA weights by default, or the weights file <which>.pt of the folder) and
     its config, as saved by the train stage, its network computing in `precision` (auto | fp32 |
     bf16: vdm.core.runtime.resolve_precision; the bound is float32 whatever it says)."""
+    from vdm.model.diffusion import on_device
+
     model, raw = _load_model(models_dir, which)
     device = torch.device(device)
     model.net_dtype = resolve_precision(precision, device)
-    return model.to(device).eval(), raw
+    return on_device(model, device).eval(), raw
 
 
 def _load_model(models_dir: str | os.PathLike, which: str):
