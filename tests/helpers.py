@@ -54,6 +54,7 @@ TEST_OVERRIDES = {
         "sample_count": 2,
         "sample_steps": 3,
         "checkpoint_every": 2,
+        "ema_decay": 0.999,  # a real average (params.yaml's 0 samples the raw weights): its state is tested
         "device": "cpu",
         "wandb": "disabled",
     },

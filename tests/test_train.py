@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import (
+    BASE_PARAMS,
     LONG,
     ROOT,
     model_params,
@@ -25,7 +26,7 @@ from tests.helpers import (
     weights,
 )
 from vdm.core.errors import UserError
-from vdm.core.params import parse_params
+from vdm.core.params import parse_params, read_yaml
 from vdm.sampling.samplers import sample
 from vdm.training.loop import train
 from vdm.training.step import NonFiniteLoss, build_training, lr_factor
@@ -64,6 +65,13 @@ def test_outputs_and_bit_identical_reruns(tmp_path, processed):
     assert not list((tmp_path / "a/checkpoints").glob("*.pt"))  # removed once training completes
     cfg = json.loads((tmp_path / "a/models/config.json").read_text())
     assert cfg["params"]["train"]["lr"] == 0.001 and len(cfg["config_hash"]) == 16
+
+
+def test_an_ema_decay_of_0_samples_the_raw_weights(tmp_path, processed):
+    """params.yaml's default: the EMA copy is the raw weights, bit for bit (the tests' runs average)."""
+    assert BASE_PARAMS["train"]["ema_decay"] == 0.999 and read_yaml(ROOT / "params.yaml")["train"]["ema_decay"] == 0
+    train(parse_params(tiny(steps=4, eval_every=0, sample_every=0, ema_decay=0)), processed, outs(tmp_path))
+    assert same_weights(weights(tmp_path), weights(tmp_path, "ema.pt"))  # at 0.999 they differ (above)
 
 
 def test_trained_model_loads_with_weights_only(tmp_path, processed):
