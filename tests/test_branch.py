@@ -53,6 +53,18 @@ def test_a_held_state_finished_by_a_decay_is_the_uninterrupted_run(processed, tm
     assert not same_weights(weights(tmp_path / "held7", "ema.pt"), weights(tmp_path / "whole", "ema.pt"))
 
 
+def test_a_held_state_finishes_a_run_with_another_average_of_its_weights(processed, tmp_path):
+    # the EMA decides no step: held with an average, the run without one (ema.pt = the raw weights)
+    state = held_state(processed, tmp_path / "held", 4, "--set", "train.ema_decay=0.999")
+    raw = run_params(steps=7, decay_steps=3, cosine_decay=True, ema_decay=0.0)
+    branch(state, raw, processed, tmp_path / "branched" / "checkpoints")
+    train(raw, processed, outs(tmp_path / "branched"))
+    train(raw, processed, outs(tmp_path / "whole"))
+    for name in ("model.pt", "ema.pt"):
+        assert same_weights(weights(tmp_path / "branched", name), weights(tmp_path / "whole", name))
+    assert same_weights(weights(tmp_path / "branched", "ema.pt"), weights(tmp_path / "branched", "model.pt"))
+
+
 def test_what_cannot_be_branched_is_one_line_and_writes_nothing(processed, tmp_path):
     state = held_state(processed, tmp_path / "held", 4)
     ckpts = tmp_path / "checkpoints"

@@ -24,9 +24,10 @@ from vdm.training.step import decay_start
 
 # train keys that decide no step before the decay starts: a held run finishes runs that differ in
 # them (the run's length and decay, when it validates, samples, logs and checkpoints, the fits after
-# it) and in those that decide no step at all (checkpoint.NOT_HASHED)
+# it, the weights' average, which no step reads) and in those that decide no step at all
+# (checkpoint.NOT_HASHED)
 STEP_NEUTRAL = (
-    *("steps", "cosine_decay", "decay_steps", "final_lr_fraction"),
+    *("steps", "cosine_decay", "decay_steps", "final_lr_fraction", "ema_decay"),
     *("eval_every", "eval_images", "sample_every", "sample_count", "sample_steps", "log_every", "checkpoint_every"),
     *("fit_gamma_0", "fit_eps_scale", *ckpt.NOT_HASHED),
 )
