@@ -1,6 +1,7 @@
 """Finish a held run with a decay: write its state as the checkpoint of a run (a preset, or
 params.yaml) whose decay (train.decay_steps) starts at or after the state's step; the train stage
-then resumes from it. See vdm/training/branch.py.
+then resumes from it. A checkpoint of a decaying run branches into runs with its own schedule
+(other fits, another train.ema_decay) at any step. See vdm/training/branch.py.
 
     python scripts/branch.py reports/probe/state.pt --preset long   # then: python scripts/preset.py long
     python scripts/branch.py reports/probe/state.pt                 # for params.yaml: then dvc repro
@@ -33,7 +34,8 @@ def main() -> None:
     params = parse_params(merged(args.preset)[1] if args.preset else read_yaml("params.yaml"))
     path = branch(args.state, params, args.processed, Outputs().checkpoints)
     then = f"python scripts/preset.py {args.preset}" if args.preset else "dvc repro"
-    print(f"branch: wrote {path}: the run resumes there and decays from step {decay_start(params.train)}; now `{then}`")
+    start = decay_start(params.train)
+    print(f"branch: wrote {path}: the run resumes there (its decay starts at step {start}); now `{then}`")
 
 
 if __name__ == "__main__":

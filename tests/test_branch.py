@@ -65,6 +65,22 @@ def test_a_held_state_finishes_a_run_with_another_average_of_its_weights(process
     assert same_weights(weights(tmp_path / "branched", "ema.pt"), weights(tmp_path / "branched", "model.pt"))
 
 
+def test_a_decaying_runs_state_finishes_its_own_schedule_with_its_raw_weights(processed, tmp_path):
+    # past the decay's start: the same schedule steps the same, only the average (and the fits) differ
+    sets = ("--set", "train.cosine_decay=true", "--set", "train.ema_decay=0.999", "--until", "5")
+    state = held_state(processed, tmp_path / "decaying", 7, *sets)
+    assert torch.load(state, weights_only=False)["step"] == 5
+    raw = run_params(steps=7, cosine_decay=True, ema_decay=0.0)
+    assert decay_start(raw.train) == 1
+    branch(state, raw, processed, tmp_path / "branched" / "checkpoints")
+    train(raw, processed, outs(tmp_path / "branched"))
+    train(raw, processed, outs(tmp_path / "whole"))
+    for name in ("model.pt", "ema.pt"):
+        assert same_weights(weights(tmp_path / "branched", name), weights(tmp_path / "whole", name))
+    with pytest.raises(UserError, match="decaying rate"):  # another length is another schedule
+        branch(state, run_params(steps=8, cosine_decay=True, ema_decay=0.0), processed, tmp_path / "other")
+
+
 def test_what_cannot_be_branched_is_one_line_and_writes_nothing(processed, tmp_path):
     state = held_state(processed, tmp_path / "held", 4)
     ckpts = tmp_path / "checkpoints"
@@ -106,6 +122,6 @@ def test_the_command_names_what_to_run_next_and_refuses_in_one_line(processed, t
     assert not (tmp_path / "checkpoints").exists()
     good = subprocess.run([*cmd, "--preset", "wsd"], **run)
     assert good.returncode == 0, good.stderr
-    assert "decays from step 4; now `python scripts/preset.py wsd`" in good.stdout
+    assert "(its decay starts at step 4); now `python scripts/preset.py wsd`" in good.stdout
     assert sorted(p.suffix for p in (tmp_path / "checkpoints").iterdir()) == [".pt", ".sha256"]
     assert torch.load(state, weights_only=False)["step"] == 4  # the state is left as it was

@@ -1,7 +1,7 @@
 """Use a trained model from Python: load a model directory, generate sprites, interpolate.
 
     from vdm.app.api import load
-    model = load("models")                       # the train stage's output (ema.pt: the raw weights when train.ema_decay is 0), on CPU
+    model = load("models")                       # the train stage's output (ema.pt; train.ema_decay 0: raw), on CPU
     sprites = model.generate(16, seed=3)          # (16, 96, 96, 3) uint8
     for batch in model.stream(10_000, seed=3):    # many sprites, a batch at a time as they are drawn
         ...

@@ -1,4 +1,5 @@
-"""A held run finished by a decay (warm-up, stable, decay).
+"""A held run finished by a decay (warm-up, stable, decay), and a run finished with other fits or
+another average of its weights.
 
 A run held at its peak rate (train.cosine_decay false) steps exactly as a run of the same settings
 whose decay has not yet started (vdm.training.step.lr_factor: with train.decay_steps the cosine
@@ -6,6 +7,9 @@ runs over the last steps only). So the state of a held run at step S, a stabilit
 or a training checkpoint, is also the state at step S of any such run whose decay starts at S or
 later: `branch` writes it as that run's checkpoint, and the train stage resumes from it and runs
 the decay. One held run then gives a finished model at each length, for the cost of its decay.
+A checkpoint of a decaying run branches into runs with the same schedule at any step: they differ
+only in what decides no step (the fits after training, the EMA, logging), so one run's last
+checkpoint finishes it with its raw weights sampled (train.ema_decay 0) for the cost of its tail.
 
     python scripts/branch.py reports/probe/state.pt --preset long   # then: python scripts/preset.py long
 """
@@ -26,8 +30,10 @@ from vdm.training.step import decay_start
 # them (the run's length and decay, when it validates, samples, logs and checkpoints, the fits after
 # it, the weights' average, which no step reads) and in those that decide no step at all
 # (checkpoint.NOT_HASHED)
+SCHEDULE = ("steps", "cosine_decay", "decay_steps", "final_lr_fraction")
 STEP_NEUTRAL = (
-    *("steps", "cosine_decay", "decay_steps", "final_lr_fraction", "ema_decay"),
+    *SCHEDULE,
+    "ema_decay",
     *("eval_every", "eval_images", "sample_every", "sample_count", "sample_steps", "log_every", "checkpoint_every"),
     *("fit_gamma_0", "fit_eps_scale", *ckpt.NOT_HASHED),
 )
@@ -63,11 +69,14 @@ def branch(state_path: str | os.PathLike, params: Params, processed: str | os.Pa
         )
     held = state["params"]
     step = state["step"]
-    if held["train"]["cosine_decay"]:
+    # a run with the same rate at every step (the same schedule) steps as the state's run at every step
+    same_schedule = all(held["train"].get(k) == getattr(params.train, k) for k in SCHEDULE)
+    if held["train"]["cosine_decay"] and not same_schedule:
         raise UserError(
-            f"{path} is from a run with a decaying rate: only a held run (train.cosine_decay false) branches"
+            f"{path} is from a run with a decaying rate: only a held run (train.cosine_decay false), or one with the "
+            f"run's own schedule ({', '.join('train.' + k for k in SCHEDULE)}), branches"
         )
-    if step > (start := decay_start(params.train)):
+    if not same_schedule and step > (start := decay_start(params.train)):
         room = params.train.steps - step
         raise UserError(
             f"{path} is at step {step}, past step {start} where the run's decay starts: lower train.decay_steps "
