@@ -3,6 +3,7 @@
     python benchmarks/model.py                       # the full table (~6 minutes on a 2-core CPU)
     python benchmarks/model.py --rows default,naive  # some rows only
     python benchmarks/model.py --list                # the rows and what they change
+    python benchmarks/model.py --rows fp32,bf16 --repeat 3   # each row 3 times, round-robin: medians
 
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
 (the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
@@ -263,6 +264,18 @@ COLUMNS = [
 ]
 
 
+def median_row(runs: list[dict]) -> dict:
+    """One row from its repeated runs: every figure the median over the runs (timings move by up to
+    ~10% from one process to the next on a shared 2-core VM), the run count beside it."""
+    out = dict(runs[0])
+    for key, value in out.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            mid = statistics.median(r[key] for r in runs)
+            out[key] = int(mid) if isinstance(value, int) and mid == int(mid) else round(mid, 4)
+    out["runs"] = len(runs)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     naive = next((r for r in rows if r["row"] == "naive"), None)
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -283,6 +296,9 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     ap.add_argument("--steps", type=int, default=5, help="timed train steps per row, after warm-up")
     ap.add_argument("--sample-n", type=int, default=64, help="sprites sampled at T=256 (0: skip the sampler)")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs of every row, round-robin; the table gives each figure's median"
+    )
     ap.add_argument("--json", default="reports/bench_model.json")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -293,18 +309,23 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_row(args.one, args.steps, args.sample_n)))
         return
-    rows = []
-    for name in args.rows.split(","):
+    names = args.rows.split(",")
+    for name in names:
         if name not in ROWS:
             sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
-        sample_n = args.sample_n if name in ("default", "fp32", "bf16", "naive", "gpu") else 0
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--sample-n", str(sample_n)]
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if p.returncode:
-            sys.exit(f"row {name} failed:\n{p.stderr}")
-        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-        print(f"{name}: {time.perf_counter() - t0:.0f} s  {json.dumps(rows[-1])}", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(args.repeat):  # round-robin: a machine's drift over the run reaches every row alike
+        for name in names:
+            sample_n = args.sample_n if name in ("default", "fp32", "bf16", "naive", "gpu") else 0
+            cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--sample-n", str(sample_n)]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if p.returncode:
+                sys.exit(f"row {name} failed:\n{p.stderr}")
+            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+            tag = f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+            print(f"{name}{tag}: {time.perf_counter() - t0:.0f} s  {json.dumps(runs[name][-1])}", flush=True)
+    rows = [median_row(runs[name]) for name in names]
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}\n")
     print(table(rows))

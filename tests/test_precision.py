@@ -83,12 +83,49 @@ def test_the_norms_silu_is_the_same_in_fp32_and_one_rounding_in_bf16():
     norm = GroupNorm(4, 8, silu=True)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
-    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)).requires_grad_()
     plain = F.silu(F.group_norm(x, 4, norm.weight, norm.bias))
     assert torch.equal(norm(x), plain)
     low = norm(x.bfloat16())
     assert low.dtype == torch.bfloat16
     assert torch.equal(low, F.silu(F.group_norm(x.bfloat16().float(), 4, norm.weight, norm.bias)).bfloat16())
+
+
+@pytest.mark.parametrize("side", [6, 40])  # below 32 x 32 the norm lays its input out NCHW, above it not
+def test_without_gradients_the_norm_runs_bf16_and_keeps_the_layout(side):
+    """Sampling (no gradients) in bf16: the bf16 kernel and a SiLU in place, within bf16's rounding
+    of the float32 result, handed back in the input's memory layout, the input untouched."""
+    import torch.nn.functional as F
+
+    from vdm.model.unet import GroupNorm
+
+    norm = GroupNorm(4, 8, silu=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 8, side, side, generator=torch.Generator().manual_seed(0)).bfloat16()
+    exact = F.silu(F.group_norm(x.float(), 4, norm.weight, norm.bias))
+    with torch.no_grad():
+        for layout in (torch.channels_last, torch.contiguous_format):
+            xl = x.contiguous(memory_format=layout)
+            before = xl.clone()
+            low = norm(xl)
+            assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=layout)
+            assert torch.equal(xl, before)
+            assert torch.allclose(low.float(), exact, rtol=2**-7, atol=2**-7), float((low.float() - exact).abs().max())
+
+
+def test_attention_on_the_cpu_is_float32_under_bf16_autocast():
+    """bf16 queries, keys and values: softmax(q k^T / sqrt(d)) v computed in float32, rounded once."""
+    import torch.nn.functional as F
+
+    from vdm.model.magnitude import attend
+
+    q, k, v = torch.randn(3, 2, 1, 36, 16, generator=torch.Generator().manual_seed(0)).bfloat16().unbind(0)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attend(q, k, v)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, exact.bfloat16())
+    assert torch.equal(attend(q.float(), k.float(), v.float()), exact)  # float32 as it was
 
 
 def test_bf16_training_loss_is_close_to_fp32_and_deterministic():

@@ -103,6 +103,17 @@ class MPResBlock(nn.Module):
         return torch.add(h, x, alpha=w_x)  # mp_sum(x, conv2(mp_silu(h c)))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T scale) v over (B, heads, tokens, d), in the inputs' dtype. On a CPU it is computed
+    in float32 whatever autocast says: at the net's few tokens (36) the CPU's bf16 attention kernel
+    took 8x the float32 one's time (its backward), for a share of the FLOPs too small to gain."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale)
+    return out.to(q.dtype)
+
+
 class MPAttention(nn.Module):
     """Self-attention on pixel-normalised queries, keys and values (logits q.k / sqrt(d), at most
     sqrt(d)), its output added at t = 0.3."""
@@ -117,8 +128,7 @@ class MPAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = (pixel_norm(qkv[:, i], dim=2).transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = attend(q, k, v).transpose(-1, -2).reshape(b, c, h, w)
         w_x, w_out = sum_weights()
         return torch.add(self.proj(out, gain=w_out), x, alpha=w_x)
 
