@@ -521,3 +521,23 @@ def test_on_device_lays_the_standard_net_out_channels_last_and_the_magnitude_pre
     assert torch.allclose(standard.net(z, g), before, atol=1e-5)
     mp = on_device(build_vdm(model_params(channels=16, channel_mult=[1, 2], magnitude_preserving=True), 16), cpu)
     assert all(p.is_contiguous() for p in mp.parameters())
+
+
+def test_the_model_benchmarks_repeated_rows_report_each_figures_median():
+    """benchmarks/model.py --repeat: a row's figure is the median over its runs, counts stay whole."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = [
+        {"row": "bf16", "batch": 16, "train_img_s": 30.0, "sample_t64_img_s": 2.1},
+        {"row": "bf16", "batch": 16, "train_img_s": 34.0, "sample_t64_img_s": 1.9},
+        {"row": "bf16", "batch": 16, "train_img_s": 31.0, "sample_t64_img_s": 2.0},
+    ]
+    row = bench.median_row(runs)
+    assert row == {"row": "bf16", "batch": 16, "train_img_s": 31.0, "sample_t64_img_s": 2.0, "runs": 3}
+    assert isinstance(row["batch"], int)
+    assert bench.median_row(runs[:2])["train_img_s"] == 32.0
