@@ -265,8 +265,8 @@ COLUMNS = [
 
 
 def median_row(runs: list[dict]) -> dict:
-    """One row from its repeated runs: every figure the median over the runs (timings move by up to
-    ~10% from one process to the next on a shared 2-core VM), the run count beside it."""
+    """One row from its repeated runs: every figure the median over the runs (timings moved by up to
+    20% from one process to the next on a shared 2-core VM), the run count beside it."""
     out = dict(runs[0])
     for key, value in out.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -466,18 +466,24 @@ def test_training_estimates_a_wide_decoder_window_on_a_subset_without_bias():
     assert (mean.abs() < 4 * se).all(), (mean, se)
 
 
-def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch):
-    """benchmarks/model.py's naive row swaps in the full 256-level decoder: same numbers, any gamma_0."""
+def _model_benchmark():
+    """benchmarks/model.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
-
-    import vdm.model.decoder
-    import vdm.model.diffusion
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
     spec = importlib.util.spec_from_file_location("bench_model", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_model_benchmarks_naive_reconstruction_is_the_same_bound(monkeypatch):
+    """benchmarks/model.py's naive row swaps in the full 256-level decoder: same numbers, any gamma_0."""
+    import vdm.model.decoder
+    import vdm.model.diffusion
+
+    bench = _model_benchmark()
     x = images(n=4, size=16)
     model = build_vdm(model_params(), image_size=16).eval()
     with torch.no_grad():
@@ -525,13 +531,7 @@ def test_on_device_lays_the_standard_net_out_channels_last_and_the_magnitude_pre
 
 def test_the_model_benchmarks_repeated_rows_report_each_figures_median():
     """benchmarks/model.py --repeat: a row's figure is the median over its runs, counts stay whole."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _model_benchmark()
     runs = [
         {"row": "bf16", "batch": 16, "train_img_s": 30.0, "sample_t64_img_s": 2.1},
         {"row": "bf16", "batch": 16, "train_img_s": 34.0, "sample_t64_img_s": 1.9},
