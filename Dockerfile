@@ -42,11 +42,12 @@ FROM ${BASE} AS base
 ARG DEBIAN_FRONTEND=noninteractive
 
 # System packages: git (DVC works inside a git repository), CA certificates, npm (the
-# `pokeapi` data source, which `auto` falls back to, fetches with `npm pack`), Python 3.11 with
+# `pokeapi` data source, which `auto` falls back to, fetches with `npm pack`), g++ (training in
+# bf16 on a CPU builds its fused GroupNorm kernel, vdm/model/fused.py), Python 3.11 with
 # venv when the base image has none (python:3.11 images have it in /usr/local/bin), useradd
 # when a minimal base lacks it.
 RUN set -eux; \
-    pkgs="git ca-certificates npm"; \
+    pkgs="git ca-certificates npm g++"; \
     if ! command -v python3.11 >/dev/null 2>&1; then pkgs="$pkgs python3.11 python3.11-venv"; fi; \
     if ! command -v useradd >/dev/null 2>&1; then pkgs="$pkgs passwd"; fi; \
     apt-get update; \

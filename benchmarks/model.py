@@ -17,6 +17,8 @@ Rows:
     default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
     fp32, bf16          the default with train.precision and sample.precision set to fp32 / bf16: the
                         network under bf16 autocast against float32, in one run
+    bf16-unfused        bf16 with the training norms' float32 round trip instead of the fused kernel
+                        (vdm/model/fused.py; VDM_FUSED_NORM=0)
     naive               the same model and math, written the obvious way: the reconstruction
                         term over the full (B, 3, 96, 96, 256) level tensor, attention as
                         explicit softmax(QK^T)V, NCHW memory layout, per-parameter AdamW
@@ -58,6 +60,7 @@ ROWS = {
     "default": (),
     "fp32": (),
     "bf16": (),
+    "bf16-unfused": (),
     "naive": NAIVE,
     **{f"naive-{n}": (n,) for n in NAIVE},
     "compiled": (),
@@ -129,8 +132,9 @@ def row_params(row: str, device):
     from vdm.core.params import load_params, parse_params
 
     params = load_params(ROOT / "params.yaml")
-    if row in ("fp32", "bf16"):
-        update = {s: getattr(params, s).model_copy(update={"precision": row}) for s in ("train", "sample")}
+    if row in ("fp32", "bf16", "bf16-unfused"):
+        precision = row[:4]
+        update = {s: getattr(params, s).model_copy(update={"precision": precision}) for s in ("train", "sample")}
         return params.model_copy(update=update), params.train.batch_size, True
     if row in SHAPES or row == "mp":
         channels, blocks = SHAPES.get(row, (params.model.channels, params.model.num_res_blocks))
@@ -165,6 +169,8 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
 
     choices = ROWS[row]
     apply_naive(choices)
+    if row == "bf16-unfused":
+        os.environ["VDM_FUSED_NORM"] = "0"  # read when the first norm runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -155,3 +155,112 @@ def test_the_bound_and_the_fits_are_fp32_under_bf16():
     model.net_dtype = torch.bfloat16
     assert bound() == exact and scale() == exact_scale
     assert model.net_dtype == torch.bfloat16
+
+
+# The fused bf16 GroupNorm(+SiLU) kernel that training on a CPU uses (vdm/model/fused.py).
+
+
+def test_the_fused_kernel_builds_where_a_compiler_and_ninja_are():
+    import shutil
+
+    from vdm.model import fused
+
+    if not (shutil.which("g++") or shutil.which("c++")) or not shutil.which("ninja"):
+        pytest.skip("no C++ compiler or ninja: training takes the float32 round trip")
+    assert fused.available()
+
+
+def _norm_case(n, c, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + 0.5).bfloat16().contiguous(memory_format=cl)
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g) - 0.5
+    dy = torch.randn(n, c, h, w, generator=g).bfloat16().contiguous(memory_format=cl)
+    return x, weight, bias, dy
+
+
+def _fused_grads(x, weight, bias, dy, groups, silu):
+    from vdm.model import fused
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = fused.GroupNormSiLU.apply(*leaves, groups, 1e-5, silu)
+    y.backward(dy)
+    return y.detach(), *(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "silu"),
+    [((3, 12, 7, 5), 4, True), ((2, 16, 6, 6), 8, False), ((4, 48, 20, 20), 16, True), ((1, 8, 1, 1), 2, True)],
+)
+def test_the_fused_norm_is_float32_arithmetic_rounded_once(shape, groups, silu):
+    """Forward: the float32 norm (and SiLU) rounded once to bf16, channels-last; backward: dx within
+    bf16's rounding of autograd's float32 gradient, dweight and dbias within float32 summation."""
+    import torch.nn.functional as F
+
+    from vdm.model import fused
+
+    if not fused.available():
+        pytest.skip("the fused kernel did not build here")
+    x, weight, bias, dy = _norm_case(*shape)
+    y, dx, dw, db = _fused_grads(x, weight, bias, dy, groups, silu)
+    xr, wr, br = (t.float().clone().requires_grad_() for t in (x, weight, bias))
+    ref = F.group_norm(xr, groups, wr, br, 1e-5)
+    ref = F.silu(ref) if silu else ref
+    ref.backward(dy.float())
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.float() - ref.detach()).abs() <= ref.detach().abs() * 2**-8 * 1.01 + 1e-5).all()
+    assert (y == ref.detach().bfloat16()).float().mean() > 0.98  # the same rounding nearly everywhere
+    assert (dx.float() - xr.grad).abs().max() <= 2**-7 * xr.grad.abs().max() + 1e-6
+    assert torch.allclose(dw, wr.grad, rtol=1e-4, atol=1e-4) and torch.allclose(db, br.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_norm_is_the_same_bits_on_one_thread_and_on_two():
+    from vdm.model import fused
+
+    if not fused.available():
+        pytest.skip("the fused kernel did not build here")
+    case, threads, out = _norm_case(5, 24, 9, 9, seed=3), torch.get_num_threads(), []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out.append(_fused_grads(*case, 8, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out, strict=True))
+
+
+def test_training_in_bf16_takes_the_fused_norm_and_without_it_the_round_trip(monkeypatch):
+    """GroupNorm with gradients on a bf16 channels-last input is the fused kernel's result exactly;
+    where the kernel is not built, the float32 norm and SiLU rounded to bf16."""
+    import torch.nn.functional as F
+
+    from vdm.model import fused
+    from vdm.model.unet import GroupNorm
+
+    norm = GroupNorm(4, 16, silu=True)
+    x, _, _, _ = _norm_case(2, 16, 8, 8)
+    if fused.available():
+        assert torch.equal(
+            norm(x.requires_grad_()), fused.GroupNormSiLU.apply(x, norm.weight, norm.bias, 4, 1e-5, True)
+        )
+    monkeypatch.setitem(fused._state, "ok", False)
+    y = norm(x)
+    assert y.dtype == torch.bfloat16 and y.grad_fn is not None
+    assert torch.equal(y, F.silu(F.group_norm(x.float(), 4, norm.weight, norm.bias)).bfloat16())
+
+
+def test_a_kernel_that_does_not_build_says_so_in_one_line(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    from vdm.model import fused
+
+    def fail(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\n(and more lines)")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    assert fused._load() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not build (Ninja is required" in err[0] and "install g++ and ninja" in err[0]
+    monkeypatch.setenv("VDM_FUSED_NORM", "0")  # off on purpose: silent
+    assert fused._load() is False and capsys.readouterr().err == ""
