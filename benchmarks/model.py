@@ -4,6 +4,7 @@
     python benchmarks/model.py --rows default,naive  # some rows only
     python benchmarks/model.py --list                # the rows and what they change
     python benchmarks/model.py --rows fp32,bf16 --repeat 3   # each row 3 times, round-robin: medians
+    python benchmarks/model.py --interleave 10 --rows fp32,bf16-unfused,bf16   # train steps in one process
 
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
 (the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
@@ -12,6 +13,11 @@ backward), achieved FLOP/s and its fraction of the matmul peak measured in the s
 row's network dtype (a 2048^2 matmul), sampler img/s at T=256 and T=64 (the sample stage's walk at T steps),
 and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and written to
 --json.
+
+--interleave N times the training step of the precision rows (fp32, bf16-unfused, bf16) in one
+process instead, on one model: N blocks of 4 steps of each row in turn, each row's median step and
+its ratio to the first row's, block by block. On a VM whose speed drifts by 10-20% from one
+process (or minute) to the next, this is the comparison that holds.
 
 Rows:
     default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
@@ -297,6 +303,62 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PRECISION_ROWS = ("fp32", "bf16-unfused", "bf16")
+
+
+def interleave(names: list[str], blocks: int, per_block: int = 4, params_path: Path = ROOT / "params.yaml") -> dict:
+    """The training step of precision rows alternated in one process (see the docstring)."""
+    import torch
+
+    from vdm.core.params import load_params
+    from vdm.model import fused
+    from vdm.training.step import build_training, train_step
+
+    params = load_params(params_path)
+    params = params.model_copy(update={"train": params.train.model_copy(update={"precision": "bf16"})})
+    device = torch.device("cpu")
+    model, ema, opt, sched = build_training(params, device)
+    batch, size = params.train.batch_size, params.data.image_size
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    if "bf16" in names and not fused.available():  # built before any timing
+        sys.exit("error: the fused kernel did not build here: the bf16 row would be bf16-unfused")
+
+    def use(row: str) -> None:
+        model.net_dtype = torch.float32 if row == "fp32" else torch.bfloat16
+        fused.use(row == "bf16")
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        train_step(model, model, ema, opt, sched, x, gen, device, params.train.grad_clip)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[list[float]]] = {row: [] for row in names}
+    try:
+        for row in names:  # warm-up
+            use(row)
+            step(), step()
+        for _ in range(blocks):
+            for row in names:
+                use(row)
+                times[row].append([step() for _ in range(per_block)])
+    finally:
+        fused.use(True)
+    first = names[0]
+    out = {"device": f"cpu x{torch.get_num_threads()} threads", "batch": batch, "blocks": blocks, "rows": {}}
+    for row in names:
+        med = statistics.median(t for b in times[row] for t in b)
+        ratios = [statistics.median(a) / statistics.median(b) for a, b in zip(times[first], times[row], strict=True)]
+        out["rows"][row] = {
+            "step_s": round(med, 4),
+            "train_img_s": round(batch / med, 1),
+            f"x_{first}": round(statistics.median(a for b in times[first] for a in b) / med, 3),
+            "block_ratio_min": round(min(ratios), 3),
+            "block_ratio_max": round(max(ratios), 3),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
@@ -307,6 +369,13 @@ def main() -> None:
     )
     ap.add_argument("--json", default="reports/bench_model.json")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N blocks of the precision rows' train steps in one process",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.list:
@@ -319,6 +388,18 @@ def main() -> None:
     for name in names:
         if name not in ROWS:
             sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
+    if args.interleave:
+        if not set(names) <= set(PRECISION_ROWS):
+            sys.exit(f"error: --interleave times the rows {', '.join(PRECISION_ROWS)} only")
+        result = interleave(names, args.interleave)
+        for row, r in result["rows"].items():
+            print(
+                f"{row}: {r['train_img_s']} img/s, x{r[f'x_{names[0]}']} of {names[0]} "
+                f"(blocks {r['block_ratio_min']}-{r['block_ratio_max']})"
+            )
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(args.repeat):  # round-robin: a machine's drift over the run reaches every row alike
         for name in names:

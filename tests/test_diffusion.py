@@ -541,3 +541,35 @@ def test_the_model_benchmarks_repeated_rows_report_each_figures_median():
     assert row == {"row": "bf16", "batch": 16, "train_img_s": 31.0, "sample_t64_img_s": 2.0, "runs": 3}
     assert isinstance(row["batch"], int)
     assert bench.median_row(runs[:2])["train_img_s"] == 32.0
+
+
+def test_the_model_benchmarks_interleaved_rows_time_each_precision_in_one_process(tmp_path, monkeypatch):
+    """benchmarks/model.py --interleave: fp32, bf16 without and with the fused norm alternated on one
+    model, the fused kernel taken only in the bf16 row's steps and on again afterwards."""
+    from pathlib import Path
+
+    import yaml
+
+    from vdm.model import fused
+
+    if not fused.available():
+        pytest.skip("the fused kernel did not build here")
+    bench = _model_benchmark()
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["data"]["image_size"] = 24
+    raw["model"].update(channels=16, channel_mult=[1, 2], attention_resolutions=[6])
+    raw["train"]["batch_size"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    calls, apply = {True: 0, False: 0}, fused.GroupNormSiLU.apply
+
+    def counted(*args):
+        calls[fused._state.get("use", True)] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(fused.GroupNormSiLU, "apply", counted)
+    out = bench.interleave(
+        ["fp32", "bf16-unfused", "bf16"], blocks=1, per_block=1, params_path=tmp_path / "params.yaml"
+    )
+    assert set(out["rows"]) == {"fp32", "bf16-unfused", "bf16"} and out["rows"]["fp32"]["x_fp32"] == 1.0
+    assert all(r["train_img_s"] > 0 for r in out["rows"].values())
+    assert calls[True] > 0 and calls[False] == 0 and fused._state.get("use", True)  # on again afterwards

@@ -48,6 +48,12 @@ def available() -> bool:
     return bool(_state["ok"])
 
 
+def use(on: bool) -> None:
+    """Take the kernel where it applies (the default) or the float32 round trip (`on` False), in this
+    process: `benchmarks/model.py --interleave` alternates the two."""
+    _state["use"] = on
+
+
 def _load() -> bool:
     if os.environ.get("VDM_FUSED_NORM", "1") == "0":  # the float32 round trip, for comparisons
         return False
@@ -108,5 +114,6 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         and weight is not None
         and weight.dtype == torch.float32
         and x.is_contiguous(memory_format=torch.channels_last)
+        and _state.get("use", True)
         and available()
     )
