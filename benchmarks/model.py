@@ -23,8 +23,8 @@ Rows:
     default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
     fp32, bf16          the default with train.precision and sample.precision set to fp32 / bf16: the
                         network under bf16 autocast against float32, in one run
-    bf16-unfused        bf16 with the training norms' float32 round trip instead of the fused kernel
-                        (vdm/model/fused.py; VDM_FUSED_NORM=0)
+    bf16-unfused        bf16 without the fused training kernels (vdm/model/fused.py; VDM_FUSED_NORM=0):
+                        the norms' float32 round trip and the optimiser's foreach ops
     naive               the same model and math, written the obvious way: the reconstruction
                         term over the full (B, 3, 96, 96, 256) level tensor, attention as
                         explicit softmax(QK^T)V, NCHW memory layout, per-parameter AdamW
@@ -326,7 +326,7 @@ def interleave(names: list[str], blocks: int, per_block: int = 4, params_path: P
 
     def use(row: str) -> None:
         model.net_dtype = torch.float32 if row == "fp32" else torch.bfloat16
-        fused.use(row == "bf16")
+        fused.use(row != "bf16-unfused")  # fp32 takes the fused optimiser step too
 
     def step() -> float:
         t0 = time.perf_counter()

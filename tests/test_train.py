@@ -455,10 +455,23 @@ def test_update_clip_threshold_lets_updates_up_to_it_through_and_divides_the_res
         ClippedAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, threshold=0)
 
 
-def test_update_clip_steps_each_tensor_by_the_formula_whichever_are_clipped():
-    """The fused step and its rescaling of the clipped tensors agree with the update written out per
+@pytest.fixture(params=["kernel", "foreach"])
+def optimiser_path(request):
+    """ClippedAdamW's step through the fused CPU kernel (vdm/model/fused.py) or its foreach ops."""
+    from vdm.model import fused
+
+    if request.param == "kernel" and not fused.available():
+        pytest.skip("the fused kernels did not build here")
+    fused.use(request.param == "kernel")
+    yield request.param
+    fused.use(True)
+
+
+def test_update_clip_steps_each_tensor_by_the_formula_whichever_are_clipped(optimiser_path):
+    """The step and its rescaling of the clipped tensors agree with the update written out per
     tensor (AdamW with weight decay, two groups at different rates, the rate divided by
-    max(1, sqrt(mean(g^2 / v_hat)) / threshold)), over steps where different tensors' gradients jump."""
+    max(1, sqrt(mean(g^2 / v_hat)) / threshold)), over steps where different tensors' gradients jump,
+    through the fused kernel and through the foreach ops."""
     from vdm.training.optim import ClippedAdamW
 
     torch.manual_seed(0)
@@ -492,6 +505,52 @@ def test_update_clip_steps_each_tensor_by_the_formula_whichever_are_clipped():
             assert torch.allclose(p.detach(), r, rtol=1e-5, atol=1e-7), n
         assert opt.last_clip == pytest.approx(largest, rel=1e-5)
     assert clipped >= 10  # the rescaling was exercised
+
+
+def test_the_fused_optimiser_step_is_the_foreach_step_and_the_same_bits_on_any_thread_count(monkeypatch):
+    """The kernel's step (chunks of 16,384 summed in order) against the foreach ops' on a tensor
+    larger than a chunk, on small ones and on a channels-last conv weight (as training lays them
+    out): equal to float rounding; on one thread and on two, equal to the bit. A gradient in another
+    layout than its weight's leaves the step to the foreach ops."""
+    from vdm.model import fused
+    from vdm.training.optim import ClippedAdamW
+
+    if not fused.available():
+        pytest.skip("the fused kernels did not build here")
+    shapes, ran = [(300, 200), (48,), (16, 3, 3, 3)], []
+    kernel_step = fused.clipped_adamw_
+    monkeypatch.setattr(fused, "clipped_adamw_", lambda *a: ran.append(kernel_step(*a)) or ran[-1])
+
+    def run(kernel: bool, threads: int, grad_layout=torch.preserve_format):
+        before = torch.get_num_threads()
+        fused.use(kernel)
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+            ps[2].data = ps[2].data.contiguous(memory_format=torch.channels_last)
+            opt = ClippedAdamW(ps, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, threshold=1.5)
+            clips = []
+            for n in range(12):
+                for i, p in enumerate(ps):
+                    g = torch.randn(p.shape, generator=gen) * (30.0 if n == 8 and i == 0 else 1.0)
+                    p.grad = torch.empty_like(p, memory_format=grad_layout).copy_(g)
+                opt.step()
+                clips.append(opt.last_clip)
+            return [p.detach().clone() for p in ps], clips
+        finally:
+            torch.set_num_threads(before)
+            fused.use(True)
+
+    (k1, c1), (k2, c2) = run(True, 1), run(True, 2)
+    assert ran and all(r is not None for r in ran)  # the kernel took every step
+    ran.clear()
+    (f, cf), (mixed, cm) = run(False, 2), run(True, 2, torch.contiguous_format)
+    assert all(r is None for r in ran[-12:])  # a contiguous gradient of a channels-last weight: foreach
+    assert all(torch.equal(a, b) for a, b in zip(k1, k2, strict=True)) and c1 == c2
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(k2, f, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(f, mixed, strict=True)) and cf == cm
+    assert c2 == pytest.approx(cf, rel=1e-5) and max(c2) > 1  # the clip acted at step 8
 
 
 def test_update_clip_reaches_the_training_and_its_state_resumes():

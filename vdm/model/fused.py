@@ -1,4 +1,5 @@
-"""GroupNorm and its SiLU fused in one CPU kernel for bf16 training (csrc/group_norm_silu.cpp).
+"""Fused CPU kernels for training: GroupNorm and its SiLU in bf16 (csrc/group_norm_silu.cpp), and
+AdamW's step with update clipping (csrc/clipped_adamw.cpp, used by vdm/training/optim.py).
 
 Training in bf16 on a CPU, the UNet's norms were a float32 round trip: the bf16 input cast to
 float32, GroupNorm, SiLU, and a cast back to bf16, each a pass over memory, and as many again
@@ -10,7 +11,8 @@ The kernel is compiled on first use with the machine's C++ compiler (torch.utils
 about a minute; cached under ~/.cache/torch_extensions, one build per CPU type since it is
 compiled for this CPU's instructions). Where no compiler or ninja is found, `available()` is
 False, one line says so, and the norms take the float32 round trip: the same arithmetic, other
-roundings, so such a machine trains other bits.
+roundings, so such a machine trains other bits. The optimiser's kernel does the foreach path's
+arithmetic in two passes over memory instead of eleven.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "group_norm_silu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("group_norm_silu.cpp", "clipped_adamw.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 _state: dict[str, object] = {}
 
@@ -42,14 +44,14 @@ def _cpu_tag() -> str:
 
 
 def available() -> bool:
-    """Whether the fused kernel is built and loaded (it is built on the first call)."""
+    """Whether the fused kernels are built and loaded (they are built on the first call)."""
     if "ok" not in _state:
         _state["ok"] = _load()
     return bool(_state["ok"])
 
 
 def use(on: bool) -> None:
-    """Take the kernel where it applies (the default) or the float32 round trip (`on` False), in this
+    """Take the kernels where they apply (the default) or the unfused paths (`on` False), in this
     process: `benchmarks/model.py --interleave` alternates the two."""
     _state["use"] = on
 
@@ -65,10 +67,10 @@ def _load() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        source_hash = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+        source_hash = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:10]
         cpp_extension.load(
             name=f"vdm_fused_{_cpu_tag()}_{source_hash}",
-            sources=[str(_SOURCE)],
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],  # libgomp.so.1: the one torch has loaded already
             is_python_module=False,
@@ -78,8 +80,8 @@ def _load() -> bool:
     except Exception as e:  # no compiler, no ninja, a failed build: the float32 round trip instead
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(
-            f"note: the fused bf16 GroupNorm kernel did not build ({first[:160]}); training in bf16 takes the "
-            "float32 round trip for its norms (install g++ and ninja for the kernel)",
+            f"note: the fused training kernels did not build ({first[:160]}); training takes the slower "
+            "path for its norms and optimiser (install g++ and ninja for the kernels)",
             file=sys.stderr,
         )
         return False
@@ -117,3 +119,15 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         and _state.get("use", True)
         and available()
     )
+
+
+def clipped_adamw_(params, grads, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay, threshold):
+    """One clipped AdamW step in place over the lists (the arithmetic of vdm/training/optim.py):
+    each tensor's divisor of the rate, or None, having changed nothing, where the kernel is off or
+    not built or a tensor is not float32 on the CPU in a dense layout its gradient and moments share."""
+    if not (_state.get("use", True) and available()):
+        return None
+    out = torch.ops.vdm_fused.clipped_adamw_(
+        params, grads, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay, threshold
+    )
+    return out or None

@@ -14,7 +14,9 @@ times larger than v remembers gets a rate about c/k, so the step stays near c x 
 size until v catches up. (Wortsman et al., 2023, "Stable and low-precision training for large-scale
 vision-language models": AdamW with Adafactor's update clipping, there named StableAdamW.)
 
-The state has AdamW's keys (step, exp_avg, exp_avg_sq), so checkpoints read the same way.
+The state has AdamW's keys (step, exp_avg, exp_avg_sq), so checkpoints read the same way. On a CPU,
+with the fused kernels built (vdm/model/fused.py), one kernel does a group's step in two passes over
+memory; elsewhere the foreach ops below do the same arithmetic.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from vdm.model import fused
 
 
 class ClippedAdamW(torch.optim.Optimizer):
@@ -67,6 +71,10 @@ class ClippedAdamW(torch.optim.Optimizer):
             m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
             torch._foreach_add_([s["step"] for s in states], 1)
             t = [float(s["step"]) for s in states]  # on the CPU, as AdamW keeps it
+            divisors = fused.clipped_adamw_(params, grads, m, v, t, lr, beta1, beta2, eps, wd, self.threshold)
+            if divisors is not None:  # the CPU kernel did the step: the same arithmetic in two passes
+                largest = max(largest, *divisors)
+                continue
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
