@@ -23,7 +23,7 @@ Rows:
     default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
     fp32, bf16          the default with train.precision and sample.precision set to fp32 / bf16: the
                         network under bf16 autocast against float32, in one run
-    bf16-unfused        bf16 without the fused training kernels (vdm/model/fused.py; VDM_FUSED_NORM=0):
+    bf16-unfused        bf16 without the fused training kernels (vdm/model/fused.py; VDM_FUSED_KERNELS=0):
                         the norms' float32 round trip and the optimiser's foreach ops
     naive               the same model and math, written the obvious way: the reconstruction
                         term over the full (B, 3, 96, 96, 256) level tensor, attention as
@@ -176,7 +176,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     choices = ROWS[row]
     apply_naive(choices)
     if row == "bf16-unfused":
-        os.environ["VDM_FUSED_NORM"] = "0"  # read when the first norm runs
+        os.environ["VDM_FUSED_KERNELS"] = "0"  # read when a kernel is first wanted
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

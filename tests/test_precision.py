@@ -262,5 +262,5 @@ def test_a_kernel_that_does_not_build_says_so_in_one_line(monkeypatch, capsys):
     assert fused._load() is False
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did not build (Ninja is required" in err[0] and "install g++ and ninja" in err[0]
-    monkeypatch.setenv("VDM_FUSED_NORM", "0")  # off on purpose: silent
+    monkeypatch.setenv("VDM_FUSED_KERNELS", "0")  # off on purpose: silent
     assert fused._load() is False and capsys.readouterr().err == ""

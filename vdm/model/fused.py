@@ -7,12 +7,12 @@ backward, where the float32 copies are what autograd keeps. The kernel reads the
 the same arithmetic in float32 and writes bf16 once, forward and backward; autograd keeps only the
 bf16 input and the per-group statistics.
 
-The kernel is compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension,
-about a minute; cached under ~/.cache/torch_extensions, one build per CPU type since it is
-compiled for this CPU's instructions). Where no compiler or ninja is found, `available()` is
-False, one line says so, and the norms take the float32 round trip: the same arithmetic, other
-roundings, so such a machine trains other bits. The optimiser's kernel does the foreach path's
-arithmetic in two passes over memory instead of eleven.
+The optimiser's kernel does the foreach path's arithmetic in two passes over memory instead of
+eleven. The kernels are compiled together on first use with the machine's C++ compiler
+(torch.utils.cpp_extension, about 13 s; cached under ~/.cache/torch_extensions, one build per CPU
+type and source, since they are compiled for this CPU's instructions). Where no compiler or ninja
+is found, `available()` is False, one line says so, and training takes the unfused paths: the same
+arithmetic, other roundings, so such a machine trains other bits.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def use(on: bool) -> None:
 
 
 def _load() -> bool:
-    if os.environ.get("VDM_FUSED_NORM", "1") == "0":  # the float32 round trip, for comparisons
+    if os.environ.get("VDM_FUSED_KERNELS", "1") == "0":  # the unfused paths, for comparisons
         return False
     import logging
 
@@ -125,7 +125,7 @@ def clipped_adamw_(params, grads, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, 
     """One clipped AdamW step in place over the lists (the arithmetic of vdm/training/optim.py):
     each tensor's divisor of the rate, or None, having changed nothing, where the kernel is off or
     not built or a tensor is not float32 on the CPU in a dense layout its gradient and moments share."""
-    if not (_state.get("use", True) and available()):
+    if not (params and params[0].device.type == "cpu" and _state.get("use", True) and available()):
         return None
     out = torch.ops.vdm_fused.clipped_adamw_(
         params, grads, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps, weight_decay, threshold
