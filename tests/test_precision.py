@@ -166,7 +166,7 @@ def test_the_fused_kernel_builds_where_a_compiler_and_ninja_are():
     from vdm.model import fused
 
     if not (shutil.which("g++") or shutil.which("c++")) or not shutil.which("ninja"):
-        pytest.skip("no C++ compiler or ninja: training takes the float32 round trip")
+        pytest.skip("no C++ compiler or ninja: training takes the unfused paths")
     assert fused.available()
 
 
