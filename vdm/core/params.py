@@ -262,6 +262,8 @@ class TrainParams(Section):
     grad_clip: Num("a number >= 0 (0 = off)", ge=0)  # max gradient norm
     ema_decay: Num("a number in [0, 1)", ge=0, lt=1)  # EMA decay after warm-up: min(ema_decay, (1 + n)/(10 + n))
     hflip: bool  # mirror a random half of every batch left-right (sprites face both ways)
+    decay_balance: Num("a number in [0, 1]", ge=0, le=1)  # from the decay's start, an image's chance x (its
+    #   Pokémon's image count)^-this (1: every Pokémon alike)
     fit_gamma_0: bool  # after training, set gamma_0 where the bound of training images is lowest
     fit_eps_scale: bool  # after training, scale the bound's eps estimate per gamma (least squares, training images)
     fit_images: Positive  # training images the two fits above see

@@ -8,6 +8,7 @@ at step s sees exactly the batches an uninterrupted run would, whatever the proc
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -91,13 +92,54 @@ class _Range:
         return self.n
 
 
+def train_groups(processed: str | os.PathLike, n: int) -> np.ndarray:
+    """The group (Pokémon) of each of the n images of data/processed/train.npy, from manifest.csv:
+    (n,) int, groups numbered from 0 in order of first appearance."""
+    path = Path(processed) / "manifest.csv"
+    if not path.is_file():
+        raise UserError(f"{path} not found (train.decay_balance needs each image's Pokémon): {PROCESSED_FIX}")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split") == "train"]
+        index = {int(r["index"]): r["group"] for r in rows}
+    except (KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise UserError(f"{path} has no readable split, index and group columns ({e}): {PROCESSED_FIX}") from None
+    if sorted(index) != list(range(n)):
+        raise UserError(f"{path} lists {len(index)} training images but train.npy holds {n}: {PROCESSED_FIX}")
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(index[i], len(ids)) for i in range(n)], dtype=np.int64)
+
+
+def balance_weights(groups: np.ndarray, power: float) -> np.ndarray:
+    """Each image's chance of being drawn, proportional to (its group's image count)^-power: 0 every
+    image alike (a group's share is its image count's), 1 every group alike (an image of a Pokémon
+    with 112 images is drawn 1/112 as often as the only image of another)."""
+    counts = np.bincount(groups)[groups].astype(np.float64)
+    w = counts**-power
+    return w / w.sum()
+
+
 class StepBatches(torch.utils.data.Sampler):
     """Index lists for steps start..steps-1 (one list per step): each step's global batch of `batch`
     images comes from one seeded shuffle per epoch, whatever the process count; process `rank` of
-    `world` takes slice `rank` of it (batch / world images)."""
+    `world` takes slice `rank` of it (batch / world images). With `weights` (each image's chance),
+    the steps from `weighted_from` on draw instead: each epoch n images with replacement by those
+    chances, seeded by (seed, epoch) alone, so a resumed run still sees the same batches."""
 
-    def __init__(self, n: int, batch: int, seed: int, start: int, steps: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch: int,
+        seed: int,
+        start: int,
+        steps: int,
+        rank: int = 0,
+        world: int = 1,
+        weights: np.ndarray | None = None,
+        weighted_from: int = 0,
+    ):
         self.sampler = DistributedSampler(_Range(n), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+        self.weights, self.weighted_from, self.seed = weights, weighted_from, seed
         if batch % world:
             raise UserError(
                 f"train.batch_size = {batch} does not split evenly over {world} processes: "
@@ -114,13 +156,20 @@ class StepBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.steps - self.start
 
+    def _order(self, epoch: int, weighted: bool) -> list[int]:
+        if not weighted:
+            self.sampler.set_epoch(epoch)
+            return list(self.sampler)
+        gen = torch.Generator().manual_seed(self.seed + epoch + (1 << 40))  # apart from the shuffles' seeds
+        return torch.multinomial(torch.from_numpy(self.weights), len(self.weights), True, generator=gen).tolist()
+
     def __iter__(self):
         epoch, order = None, None
         for step in range(self.start, self.steps):
             e, k = divmod(step, self.per_epoch)
-            if e != epoch:
-                self.sampler.set_epoch(e)
-                epoch, order = e, list(self.sampler)
+            weighted = self.weights is not None and step >= self.weighted_from
+            if (e, weighted) != epoch:
+                epoch, order = (e, weighted), self._order(e, weighted)
             first = k * self.batch + self.rank * self.local
             yield order[first : first + self.local]
 

@@ -34,6 +34,7 @@ SCHEDULE = ("steps", "cosine_decay", "decay_steps", "final_lr_fraction")
 STEP_NEUTRAL = (
     *SCHEDULE,
     "ema_decay",
+    "decay_balance",  # chooses the batches from the decay's start only
     *("eval_every", "eval_images", "sample_every", "sample_count", "sample_steps", "log_every", "checkpoint_every"),
     *("fit_gamma_0", "fit_eps_scale", *ckpt.NOT_HASHED),
 )
@@ -81,6 +82,11 @@ def branch(state_path: str | os.PathLike, params: Params, processed: str | os.Pa
         raise UserError(
             f"{path} is at step {step}, past step {start} where the run's decay starts: lower train.decay_steps "
             f"to at most train.steps - {step} = {room}, or branch an earlier state"
+        )
+    if held["train"].get("decay_balance", 0.0) != params.train.decay_balance and step > decay_start(params.train):
+        raise UserError(
+            f"{path} is at step {step}, inside its decay, where train.decay_balance has chosen batches: set it as the "
+            "run had it, or branch a state from before the decay"
         )
     ours = run_settings({k: as_dict(getattr(params, k)) for k in ("data", "model", "train")})
     theirs = run_settings(held)

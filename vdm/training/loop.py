@@ -39,11 +39,19 @@ from vdm.core.runtime import (
     resolve_device,
     set_deterministic,
 )
-from vdm.data.splits import StepBatches, batch_loader, hflip_half, load_split, to_nchw
+from vdm.data.splits import (
+    StepBatches,
+    balance_weights,
+    batch_loader,
+    hflip_half,
+    load_split,
+    to_nchw,
+    train_groups,
+)
 from vdm.model import checkpoint as ckpt
 from vdm.model.bound import estimate_bpd, fit_eps_scale, fit_gamma_0
 from vdm.model.diffusion import VDM
-from vdm.training.step import NonFiniteLoss, build_training, check_finite, step_seed, train_step
+from vdm.training.step import NonFiniteLoss, build_training, check_finite, decay_start, step_seed, train_step
 from vdm.training.tracking import Tracker, run_name, write_csv
 
 __all__ = ["NonFiniteLoss", "Interrupted", "Outputs", "train"]
@@ -159,6 +167,8 @@ class _Run:
                 "rerun `dvc repro preprocess`"
             )
         StepBatches(len(self.train_x), tp.batch_size, tp.seed, 0, tp.steps, d.rank, d.world)  # batch size check
+        # each training image's Pokémon, read (and checked) before any work where the decay balances them
+        self.train_groups = train_groups(processed, len(self.train_x)) if tp.decay_balance else None
         self.config = run_config(params, processed)
         self.key = self.config["config_hash"]
         self.data_id = ckpt.data_id(processed)
@@ -291,7 +301,10 @@ class _Run:
         train_model = self._wrapped()
         self.tracker = Tracker(tp.wandb, self.config["params"], self.config["run_name"], enabled=d.main)
         gen = torch.Generator(device=device)
-        batches = StepBatches(len(self.train_x), tp.batch_size, tp.seed, self.state.step, tp.steps, d.rank, d.world)
+        weights = balance_weights(self.train_groups, tp.decay_balance) if tp.decay_balance else None
+        batches = StepBatches(
+            len(self.train_x), tp.batch_size, tp.seed, self.state.step, tp.steps, d.rank, d.world, weights, decay_start(tp)
+        )
         loader = batch_loader(self.train_x, batches, tp.num_workers, device.type == "cuda")
         t_start, images_seen = time.perf_counter(), 0
         # a bar in a terminal, a log line every 30 s otherwise (CI, nohup, DVC without a tty)
