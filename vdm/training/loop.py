@@ -303,7 +303,15 @@ class _Run:
         gen = torch.Generator(device=device)
         weights = balance_weights(self.train_groups, tp.decay_balance) if tp.decay_balance else None
         batches = StepBatches(
-            len(self.train_x), tp.batch_size, tp.seed, self.state.step, tp.steps, d.rank, d.world, weights, decay_start(tp)
+            len(self.train_x),
+            tp.batch_size,
+            tp.seed,
+            self.state.step,
+            tp.steps,
+            d.rank,
+            d.world,
+            weights,
+            decay_start(tp),
         )
         loader = batch_loader(self.train_x, batches, tp.num_workers, device.type == "cuda")
         t_start, images_seen = time.perf_counter(), 0
