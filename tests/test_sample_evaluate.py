@@ -60,6 +60,9 @@ def test_memorisation_distances():
     assert np.allclose(d, 0) and list(i) == [3, 7]
     m = memorisation(np.concatenate([copies, test[:2]]), train, test)
     assert (m["ratio"][:2] < 1e-6).all() and (m["ratio"][2:] > 1).all()  # copies of train vs. test images
+    assert m["copies"] == 0.5  # two of the four
+    near = np.clip(train[[5]].astype(int) + rng.integers(-3, 4, (1, 8, 8, 3)), 0, 255).astype(np.uint8)
+    assert memorisation(np.concatenate([near, test[3:6]]), train, test)["copies"] == 0.25  # a near copy counts
 
 
 def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_path, monkeypatch, capsys):
@@ -85,7 +88,11 @@ def test_missing_inception_weights_give_null_metrics_and_a_hint(trained, tmp_pat
     timing = [line for line in out if line.startswith("evaluate: ") and " s: " in line]
     assert len(timing) == 1 and "c2st" in timing[0] and "the filtered samples" in timing[0]
     assert r["test_bpd"] > 0 and r["test_bpd_se"] > 0 and r["sample_count"] == 12
-    assert r["memorisation_median_ratio"] > 0 and (trained / "eval/closest_pairs.png").is_file()
+    assert (
+        0 <= r["memorisation_copies"] <= 1
+        and r["memorisation_median_ratio"] > 0
+        and (trained / "eval/closest_pairs.png").is_file()
+    )
     # sample quality beside its real floor, each with a bootstrap standard error
     assert r["swd"] > 0 and r["swd_se"] > 0 and r["swd_floor"] > 0 and r["swd_floor_se"] > 0
     assert r["swd_ratio"] == pytest.approx(r["swd"] / r["swd_floor"])

@@ -187,6 +187,7 @@ def evaluate(
         "fidelity_skipped": skipped or None,
         "memorisation_median_ratio": float(np.median(mem["ratio"])),
         "memorisation_min_ratio": float(mem["ratio"].min()),
+        "memorisation_copies": mem["copies"],  # the share of samples that copy a training sprite
         "sample_count": len(samples),
         "sampler": info["sampler"],
         "sample_steps": info["steps"],
