@@ -34,7 +34,7 @@ from vdm.core.images import image_grid, png_bytes  # noqa: E402
 from vdm.core.params import parse_params  # noqa: E402
 from vdm.core.runtime import resolve_device  # noqa: E402
 from vdm.evaluation.evaluate import sample_quality  # noqa: E402
-from vdm.evaluation.metrics import structure_summary  # noqa: E402
+from vdm.evaluation.metrics import memorisation, structure_summary  # noqa: E402
 from vdm.model.bound import estimate_bpd  # noqa: E402
 from vdm.model.checkpoint import load_model  # noqa: E402
 from vdm.sampling.sprites import generate  # noqa: E402
@@ -88,6 +88,7 @@ def score(models: Path, which: str, p, train_x, test_x, guide: Path | None = Non
         weak = load_model(guide, "ema", device, sp.precision)[0]
     samples, _, secs = generate(model, sp.count, sp.options, sp.seed, device, guide=weak, guidance=guidance)
     q = sample_quality(samples, train_x, test_x, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
+    q["copies"] = memorisation(samples, train_x, test_x)["copies"]
     gen = torch.Generator(device).manual_seed(ep.seed)
     bpd = estimate_bpd(model, torch.from_numpy(test_x).permute(0, 3, 1, 2), 1, ep.batch_size, gen, device)
     return {**q, "sample_s": round(secs, 1), "test_bpd": bpd["total"], "test_bpd_se": bpd["total_se"]}, samples
@@ -147,6 +148,7 @@ def main() -> None:
             f"SWD {q['swd']:.1f} +- {q['swd_se']:.1f} (96 px {q['swd_96']:.1f}), paired "
             f"{q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}, graininess {q['graininess']:.1f}, "
             f"parts {q['parts']:.2f}, palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, "
+            f"copies {q.get('copies', float('nan')):.1%}, "
             f"test {q['test_bpd']:.2f} bpd, {row['img_per_s']:.1f} img/s",
             flush=True,
         )
