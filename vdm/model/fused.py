@@ -77,7 +77,7 @@ def _load() -> bool:
             verbose=False,
         )
         return True
-    except Exception as e:  # no compiler, no ninja, a failed build: the float32 round trip instead
+    except Exception as e:  # no compiler, no ninja, a failed build: the unfused norms and optimiser instead
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(
             f"note: the fused training kernels did not build ({first[:160]}); training takes the slower "

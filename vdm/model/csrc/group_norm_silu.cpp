@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <bit>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -205,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy_in,
   float* dwd = dw_n.data_ptr<float>();
   float* dbd = db_n.data_ptr<float>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> da(P * C), mean_c(C), rstd_c(C), wsda(C), wsdax(C), k1(C), k2(C), k3(C);
+    std::unique_ptr<float[]> da(new float[P * C]);  // written whole by grad_preactivation: no zeroing
+    std::vector<float> mean_c(C), rstd_c(C), wsda(C), wsdax(C), k1(C), k2(C), k3(C);
     for (int64_t n = begin; n < end; ++n) {
       const u16* xn = xd + n * P * C;
       for (int64_t c = 0; c < C; ++c) {
@@ -215,10 +217,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy_in,
       float* sda = dbd + n * C;  // the sums of da and da * xhat are this sample's dbias and dweight
       float* sdax = dwd + n * C;
       if (silu)
-        grad_preactivation<true>(xn, dyd + n * P * C, da.data(), P, C, mean_c.data(), rstd_c.data(), w, b, sda,
+        grad_preactivation<true>(xn, dyd + n * P * C, da.get(), P, C, mean_c.data(), rstd_c.data(), w, b, sda,
                                  sdax);
       else
-        grad_preactivation<false>(xn, dyd + n * P * C, da.data(), P, C, mean_c.data(), rstd_c.data(), w, b, sda,
+        grad_preactivation<false>(xn, dyd + n * P * C, da.get(), P, C, mean_c.data(), rstd_c.data(), w, b, sda,
                                   sdax);
       for (int64_t c = 0; c < C; ++c) {
         wsda[c] = w[c] * sda[c];
@@ -234,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dy_in,
           k3[c] = -rstd_c[c] * m1 - mean_c[c] * k2[c];
         }
       }
-      grad_input(xn, da.data(), dxd + n * P * C, P, C, k1.data(), k2.data(), k3.data());
+      grad_input(xn, da.get(), dxd + n * P * C, P, C, k1.data(), k2.data(), k3.data());
     }
   });
   at::Tensor dweight = at::zeros({C}, x.options().dtype(at::kFloat));
