@@ -5,6 +5,7 @@
     python benchmarks/model.py --list                # the rows and what they change
     python benchmarks/model.py --rows fp32,bf16 --repeat 3   # each row 3 times, round-robin: medians
     python benchmarks/model.py --interleave 10 --rows fp32,bf16-unfused,bf16   # train steps in one process
+    python benchmarks/model.py --preset long --rows default,c64,c32-b2 --sample-n 0   # shapes of a preset
 
 Every row runs in its own process (so its peak memory is its own) and reports: train img/s
 (the real `vdm.training.step.train_step`: forward, backward, gradient clipping, AdamW, EMA; median
@@ -18,6 +19,9 @@ and peak RSS (CPU) or peak allocated memory (CUDA). The table is printed and wri
 process instead, on one model: N blocks of 4 steps of each row in turn, each row's median step and
 its ratio to the first row's, block by block. On a VM whose speed drifts by 10-20% from one
 process (or minute) to the next, this is the comparison that holds.
+
+--preset NAME lays presets/NAME.yaml over params.yaml first, so `default` is the preset's recipe
+and the shape rows its net at another width or depth (the isoFLOP comparison at its budget).
 
 Rows:
     default             params.yaml's model and batch: what `dvc repro` trains (its precision: auto)
@@ -134,17 +138,31 @@ def apply_naive(choices) -> None:
         vdm.model.unet.Attention.forward = explicit_attention
 
 
-def row_params(row: str, device):
-    from vdm.core.params import load_params, parse_params
+def base_params(preset: str | None):
+    """params.yaml, with presets/PRESET.yaml laid over it where one is named."""
+    from vdm.core.params import parse_params, read_yaml
 
-    params = load_params(ROOT / "params.yaml")
+    raw = read_yaml(ROOT / "params.yaml")
+    if preset:
+        path = ROOT / "presets" / f"{preset}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+            sys.exit(f"error: no preset {path.relative_to(ROOT)}; presets: {known}")
+        for section, values in (read_yaml(path, "a preset") or {}).items():
+            raw[section].update(values)
+    return parse_params(raw)
+
+
+def row_params(row: str, device, preset: str | None = None):
+    params = base_params(preset)
     if row in ("fp32", "bf16", "bf16-unfused"):
         precision = row[:4]
         update = {s: getattr(params, s).model_copy(update={"precision": precision}) for s in ("train", "sample")}
         return params.model_copy(update=update), params.train.batch_size, True
     if row in SHAPES or row == "mp":
         channels, blocks = SHAPES.get(row, (params.model.channels, params.model.num_res_blocks))
-        update = {"channels": channels, "num_res_blocks": blocks, "magnitude_preserving": row == "mp"}
+        update = {"channels": channels, "num_res_blocks": blocks}
+        update |= {"magnitude_preserving": True} if row == "mp" else {}
         model = params.model.model_copy(update=update)
         return params.model_copy(update={"model": model}), params.train.batch_size, True
     if row in ("compiled", "adamw"):
@@ -153,19 +171,14 @@ def row_params(row: str, device):
         return params, params.train.batch_size, False
     if row != "gpu":
         return params, params.train.batch_size, True
-    import yaml
-
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in yaml.safe_load((ROOT / "presets" / "gpu.yaml").read_text()).items():
-        raw[section].update(values)
-    params = parse_params(raw)
+    params = base_params("gpu")
     cuda = device.type == "cuda"
     if not cuda:  # a CPU runs it for its FLOP count and speed at a batch that fits in minutes
         params = params.model_copy(update={"train": params.train.model_copy(update={"compile": False})})
     return params, params.train.batch_size if cuda else 4, cuda
 
 
-def run_row(row: str, steps: int, sample_n: int) -> dict:
+def run_row(row: str, steps: int, sample_n: int, preset: str | None = None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,7 +194,7 @@ def run_row(row: str, steps: int, sample_n: int) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    params, batch, sample = row_params(row, device)
+    params, batch, sample = row_params(row, device, preset)
     size = params.data.image_size
     model, ema, opt, sched = build_training(params, device)
     peak = matmul_peak_gflops(device, model.net_dtype)
@@ -376,13 +389,14 @@ def main() -> None:
         metavar="N",
         help="N blocks of the precision rows' train steps in one process",
     )
+    ap.add_argument("--preset", metavar="NAME", help="presets/NAME.yaml over params.yaml under every row")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.list:
         print(__doc__[__doc__.index("Rows:") :])
         return
     if args.one:
-        print(json.dumps(run_row(args.one, args.steps, args.sample_n)))
+        print(json.dumps(run_row(args.one, args.steps, args.sample_n, args.preset)))
         return
     names = args.rows.split(",")
     for name in names:
@@ -405,6 +419,7 @@ def main() -> None:
         for name in names:
             sample_n = args.sample_n if name in ("default", "fp32", "bf16", "naive", "gpu") else 0
             cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--sample-n", str(sample_n)]
+            cmd += ["--preset", args.preset] if args.preset else []
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if p.returncode:

@@ -529,6 +529,22 @@ def test_on_device_lays_the_standard_net_out_channels_last_and_the_magnitude_pre
     assert all(p.is_contiguous() for p in mp.parameters())
 
 
+def test_the_model_benchmarks_shape_rows_keep_a_presets_recipe():
+    """benchmarks/model.py --preset long: the shape rows change the width and depth of the preset's
+    net (magnitude-preserving there) and nothing else; without a preset they are params.yaml's net."""
+    bench = _model_benchmark()
+    cpu = torch.device("cpu")
+    long, _, _ = bench.row_params("default", cpu, "long")
+    wide, _, _ = bench.row_params("c64-b2", cpu, "long")
+    plain, _, _ = bench.row_params("c64", cpu)
+    assert long.model.magnitude_preserving and long.train.lr == 0.01
+    assert (wide.model.channels, wide.model.num_res_blocks) == (64, 2)
+    assert wide.model.model_copy(update={"channels": long.model.channels, "num_res_blocks": 1}) == long.model
+    assert wide.train == long.train
+    assert not plain.model.magnitude_preserving and plain.model.channels == 64
+    assert bench.row_params("mp", cpu)[0].model.magnitude_preserving
+
+
 def test_the_model_benchmarks_repeated_rows_report_each_figures_median():
     """benchmarks/model.py --repeat: a row's figure is the median over its runs, counts stay whole."""
     bench = _model_benchmark()
