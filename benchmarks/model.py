@@ -403,6 +403,8 @@ def main() -> None:
         if name not in ROWS:
             sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
     if args.interleave:
+        if args.preset:
+            sys.exit("error: --interleave times params.yaml's recipe only; drop --preset or --interleave")
         if not set(names) <= set(PRECISION_ROWS):
             sys.exit(f"error: --interleave times the rows {', '.join(PRECISION_ROWS)} only")
         result = interleave(names, args.interleave)
