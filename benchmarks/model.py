@@ -140,17 +140,13 @@ def apply_naive(choices) -> None:
 
 def base_params(preset: str | None):
     """params.yaml, with presets/PRESET.yaml laid over it where one is named."""
-    from vdm.core.params import parse_params, read_yaml
+    from vdm.core.errors import UserError
+    from vdm.core.params import load_params
 
-    raw = read_yaml(ROOT / "params.yaml")
-    if preset:
-        path = ROOT / "presets" / f"{preset}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-            sys.exit(f"error: no preset {path.relative_to(ROOT)}; presets: {known}")
-        for section, values in (read_yaml(path, "a preset") or {}).items():
-            raw[section].update(values)
-    return parse_params(raw)
+    try:
+        return load_params(ROOT / "params.yaml", preset)
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 def row_params(row: str, device, preset: str | None = None):
@@ -402,6 +398,7 @@ def main() -> None:
     for name in names:
         if name not in ROWS:
             sys.exit(f"error: unknown row {name!r}; rows: {', '.join(ROWS)}")
+    base_params(args.preset)  # a missing preset or a key params.yaml lacks: one line before any row runs
     if args.interleave:
         if args.preset:
             sys.exit("error: --interleave times params.yaml's recipe only; drop --preset or --interleave")

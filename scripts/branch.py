@@ -16,10 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
 
-from preset import merged  # noqa: E402
-
 from stages._cli import run  # noqa: E402
-from vdm.core.params import parse_params, read_yaml  # noqa: E402
+from vdm.core.params import load_params  # noqa: E402
 from vdm.training.branch import branch  # noqa: E402
 from vdm.training.loop import Outputs  # noqa: E402
 from vdm.training.step import decay_start  # noqa: E402
@@ -31,7 +29,7 @@ def main() -> None:
     ap.add_argument("--preset", help="the run is this preset (presets/NAME.yaml over params.yaml)")
     ap.add_argument("--processed", default="data/processed")
     args = ap.parse_args()
-    params = parse_params(merged(args.preset)[1] if args.preset else read_yaml("params.yaml"))
+    params = load_params("params.yaml", args.preset)
     path = branch(args.state, params, args.processed, Outputs().checkpoints)
     then = f"python scripts/preset.py {args.preset}" if args.preset else "dvc repro"
     start = decay_start(params.train)

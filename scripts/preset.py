@@ -9,7 +9,6 @@ with -S, so `dvc exp show` and `dvc params diff` show exactly what it changed.
 """
 
 import argparse
-import copy
 import json
 import shlex
 import subprocess
@@ -19,42 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's vdm
 
 from stages._cli import run  # noqa: E402
-from vdm.core.errors import UserError  # noqa: E402
-from vdm.core.params import parse_params, read_yaml  # noqa: E402
-
-PRESETS = Path("presets")
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def merged(name: str, params_path: str = "params.yaml") -> tuple[dict, dict]:
-    """The preset's own settings and params.yaml with them laid over (checked)."""
-    path = PRESETS / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml"))) or "none"
-        raise UserError(f"no preset {path}; presets: {known}")
-    preset = read_yaml(path, "a preset") or {}
-    raw = copy.deepcopy(read_yaml(params_path))
-    for key, value in flatten(preset).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        if leaf not in node:
-            raise UserError(f"preset {path}: {key} is not a key of {params_path}")
-        node[leaf] = value
-    parse_params(raw)  # fail before DVC starts
-    return preset, raw
+from vdm.core.params import flatten, parse_params, read_preset  # noqa: E402
 
 
 def command(name: str, params_path: str = "params.yaml", extra: tuple = ()) -> list[str]:
-    preset, _ = merged(name, params_path)
+    preset, raw = read_preset(name, params_path)
+    parse_params(raw)  # fail before DVC starts
     sets = [arg for k, v in flatten(preset).items() for arg in ("-S", f"{k}={json.dumps(v)}")]
     return ["dvc", "exp", "run", "-n", name, *sets, *extra]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from vdm.core.params import ModelParams, parse_params, parse_section, read_yaml
+from vdm.core.params import ModelParams, overlay, parse_params, parse_section, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,16 +78,7 @@ TEST_OVERRIDES = {
 }
 
 
-def merged(base: dict, overrides: dict) -> dict:
-    """base with overrides applied key by key (nested mappings merged, every key already in base)."""
-    out = copy.deepcopy(base)
-    for k, v in overrides.items():
-        assert k in out, f"{k} is not a key of params.yaml"
-        out[k] = merged(out[k], v) if isinstance(v, dict) else copy.deepcopy(v)
-    return out
-
-
-BASE_PARAMS = merged(read_yaml(ROOT / "params.yaml"), TEST_OVERRIDES)
+BASE_PARAMS = overlay(read_yaml(ROOT / "params.yaml"), TEST_OVERRIDES, "TEST_OVERRIDES")
 
 
 def raw_params(**data_overrides) -> dict:

@@ -545,6 +545,22 @@ def test_the_model_benchmarks_shape_rows_keep_a_presets_recipe():
     assert bench.row_params("mp", cpu)[0].model.magnitude_preserving
 
 
+def test_the_model_benchmark_refuses_a_missing_preset_and_interleave_over_a_preset_in_one_line():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    script = str(ROOT / "benchmarks" / "model.py")
+    for args, message in [
+        (["--preset", "nope"], "error: no preset "),
+        (["--preset", "long", "--interleave", "2", "--rows", "fp32,bf16"], "error: --interleave times params.yaml's"),
+    ]:
+        p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and p.stdout == ""
+        assert p.stderr.startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 def test_the_model_benchmarks_repeated_rows_report_each_figures_median():
     """benchmarks/model.py --repeat: a row's figure is the median over its runs, counts stay whole."""
     bench = _model_benchmark()

@@ -5,13 +5,29 @@ import yaml
 
 from tests.helpers import ROOT, copy_project, raw_params, run
 from vdm.core.errors import ParamError, UserError
-from vdm.core.params import load_params, parse_params
+from vdm.core.params import load_params, parse_params, read_preset
 
 
 def test_project_params_file_is_valid():
     p = load_params(ROOT / "params.yaml")
     assert p.data.image_size == 96
     assert abs(p.data.split.train + p.data.split.val + p.data.split.test - 1) < 1e-9
+
+
+def test_a_preset_lays_its_settings_over_params_yaml_and_names_a_key_params_yaml_lacks(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params()))
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets/wide.yaml").write_text("model:\n  channels: 64\ntrain:\n  lr: 0.01\n")
+    preset, raw = read_preset("wide", tmp_path / "params.yaml")
+    assert preset == {"model": {"channels": 64}, "train": {"lr": 0.01}}
+    p = load_params(tmp_path / "params.yaml", "wide")
+    assert (p.model.channels, p.train.lr) == (64, 0.01)
+    assert p.data == load_params(tmp_path / "params.yaml").data  # the rest is params.yaml's
+    (tmp_path / "presets/typo.yaml").write_text("train:\n  learning_rate: 0.01\n")
+    with pytest.raises(UserError, match=r"typo.yaml: train.learning_rate is not a key of .*params.yaml"):
+        read_preset("typo", tmp_path / "params.yaml")
+    with pytest.raises(UserError, match=r"no preset .*nope.yaml; presets: typo, wide"):
+        load_params(tmp_path / "params.yaml", "nope")
 
 
 def test_valid_params_parse_to_typed_values():

@@ -345,15 +345,15 @@ def test_wandb_runs_of_temporary_experiment_copies_go_to_the_repository(tmp_path
 
 
 def test_long_preset_holds_its_peak_rate_on_magnitude_preserving_layers_then_decays(monkeypatch):
-    from scripts.preset import command, merged
-    from vdm.core.params import parse_params
+    from scripts.preset import command
+    from vdm.core.params import load_params
     from vdm.training.step import decay_start, lr_factor
 
     monkeypatch.chdir(ROOT)
     cmd = command("long")  # validates the merged params before anything runs
     sets = dict(a.split("=", 1) for a in cmd[6::2])
     assert {k for k in sets if k.startswith("model.")} == {"model.magnitude_preserving"}  # the default's shape
-    train = parse_params(merged("long")[1]).train
+    train = load_params("params.yaml", "long").train
     assert train.steps * train.batch_size >= 250_000 and train.checkpoint_every <= 500
     # held at the peak (a held probe's state branches into it) until the cosine over its last steps
     start = decay_start(train)

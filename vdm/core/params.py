@@ -11,6 +11,7 @@ validate stage and the stages that use the registry call: this module imports no
 vdm/core, so the download and preprocess stages depend on no model or sampling code.
 """
 
+import copy
 import math
 import os
 import re
@@ -514,8 +515,46 @@ def read_yaml(path: str | os.PathLike, what: str = "params.yaml") -> object:
         raise UserError(f"{path} is not valid YAML: {detail[:300]}") from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    return parse_params(read_yaml(path))
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: the keys `dvc exp run -S` takes."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def overlay(raw: dict, settings: dict, what: str, base: str = "params.yaml") -> dict:
+    """A copy of raw params with every setting laid over it; a key raw lacks is a UserError."""
+    out = copy.deepcopy(raw)
+    for key, value in flatten(settings).items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"{what}: {key} is not a key of {base}")
+        node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def read_preset(name: str, params_path: str | os.PathLike = "params.yaml") -> tuple[dict, dict]:
+    """presets/NAME.yaml (beside params.yaml): its own settings, and params.yaml with them laid over."""
+    params_path = Path(params_path)
+    presets = params_path.parent / "presets"
+    path = presets / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in presets.glob("*.yaml"))) or "none"
+        raise UserError(f"no preset {path}; presets: {known}")
+    preset = read_yaml(path, "a preset") or {}
+    if not isinstance(preset, dict):
+        raise UserError(f"{path} is not a mapping of params.yaml's sections")
+    return preset, overlay(read_yaml(params_path), preset, f"preset {path}", str(params_path))
+
+
+def load_params(path: str | os.PathLike = "params.yaml", preset: str | None = None) -> Params:
+    """params.yaml, validated; with presets/PRESET.yaml laid over it where one is named."""
+    return parse_params(read_preset(preset, path)[1] if preset else read_yaml(path))
 
 
 def as_dict(obj: Section) -> dict:
