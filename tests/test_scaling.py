@@ -122,3 +122,51 @@ def test_denoiser_command_on_a_trained_model(tmp_path, processed):
         cmd[:2] + [str(tmp_path / "nowhere")], env=subprocess_env(), capture_output=True, text=True
     )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def _finished_run(path, channels, steps_timed=None, **figures):
+    """A run's directory as `dvc repro` leaves it: params.yaml, metrics/train_perf.json, metrics/eval.json."""
+    raw = tiny()
+    raw["model"]["channels"] = channels
+    (path / "metrics").mkdir(parents=True)
+    (path / "params.yaml").write_text(yaml.safe_dump(raw))
+    steps = raw["train"]["steps"] if steps_timed is None else steps_timed
+    (path / "metrics/train_perf.json").write_text(json.dumps({"img_per_s": 30.5, "steps_this_run": steps}))
+    ev = {"c2st": 0.7, "c2st_se": 0.04, "c2st_floor": 0.51, "palette": 250.0, "palette_se": 8.0, "swd": 40.0}
+    (path / "metrics/eval.json").write_text(json.dumps(ev | figures))
+    return raw
+
+
+def test_the_isoflop_rows_come_from_finished_runs_and_a_shape_replaces_its_own_row(tmp_path):
+    script = [sys.executable, str(ROOT / "benchmarks" / "isoflop.py")]
+    files = ["--csv", str(tmp_path / "iso.csv"), "--png", str(tmp_path / "iso.png")]
+    raw = _finished_run(tmp_path / "narrow", 16)
+    _finished_run(tmp_path / "wide", 24, c2st=0.6)
+    _finished_run(tmp_path / "wide-again", 24, c2st=0.55)
+    for run, budget in [("narrow", "long"), ("wide", "long"), ("wide-again", "long"), ("narrow", "short")]:
+        p = subprocess.run([*script, "add", str(tmp_path / run), "--budget", budget, *files], **_quiet())
+        assert p.returncode == 0, p.stderr
+    rows = list(csv.DictReader((tmp_path / "iso.csv").open()))
+    assert [(r["budget"], r["channels"], r["c2st"]) for r in rows] == [
+        ("long", "16", "0.7"),
+        ("long", "24", "0.55"),  # the rerun of a shape replaced its row
+        ("short", "16", "0.7"),
+    ]
+    assert int(rows[0]["params"]) < int(rows[1]["params"])  # the net's size, from its shape
+    assert int(rows[0]["images"]) == raw["train"]["steps"] * raw["train"]["batch_size"]
+    assert rows[0]["img_s"] == "30.5" and rows[0]["palette_se"] == "8" and rows[0]["parts"] == ""
+    assert (tmp_path / "iso.png").stat().st_size > 10_000
+    # a resumed run's rate is not the whole run's; an unfinished run has no metrics: one line each
+    _finished_run(tmp_path / "resumed", 16, steps_timed=1)
+    (tmp_path / "unfinished").mkdir()
+    for run, message in [
+        ("resumed", "(a resumed run)"),
+        ("unfinished", "not a finished run: params.yaml, metrics/eval.json"),
+    ]:
+        p = subprocess.run([*script, "add", str(tmp_path / run), "--budget", "long", *files], **_quiet())
+        assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert len(list(csv.DictReader((tmp_path / "iso.csv").open()))) == 3  # nothing written
+
+
+def _quiet() -> dict:
+    return {"cwd": ROOT, "env": subprocess_env(), "capture_output": True, "text": True, "timeout": 300}
