@@ -18,7 +18,6 @@ Writes OUT/sweep.json, OUT/sweep.md (the table) and OUT/sweep.png (8 sprites per
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -30,13 +29,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vdm.core.errors import UserError  # noqa: E402
 from vdm.core.images import image_grid, png_bytes  # noqa: E402
-from vdm.core.params import parse_params  # noqa: E402
+from vdm.core.params import overlay, parse_params  # noqa: E402
 from vdm.core.runtime import resolve_device  # noqa: E402
 from vdm.evaluation.evaluate import sample_quality  # noqa: E402
 from vdm.evaluation.metrics import memorisation, structure_summary  # noqa: E402
 from vdm.model.bound import estimate_bpd  # noqa: E402
-from vdm.model.checkpoint import load_model  # noqa: E402
+from vdm.model.checkpoint import config_hash, load_model  # noqa: E402
 from vdm.sampling.sprites import generate  # noqa: E402
 from vdm.training.loop import Outputs, train  # noqa: E402
 
@@ -53,16 +53,26 @@ def parse_row(spec: str) -> tuple[str, dict]:
 
 
 def apply(raw: dict, sets: dict) -> dict:
-    raw = copy.deepcopy(raw)
-    for key, value in sets.items():
-        *path, last = key.split(".")
-        node = raw
-        for k in path:
-            node = node[k]
-        if last not in node:
-            raise SystemExit(f"sweep: no key {key} in params.yaml")
-        node[last] = value
-    return raw
+    """raw params with `sets` (keys as in `dvc exp run -S`) laid over; a key params.yaml lacks stops here."""
+    try:
+        return overlay(raw, sets, "sweep")
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def finished_training(d: Path, p, processed: str) -> dict | None:
+    """A row's training that ended before (the train loop writes its models and metrics together)
+    with these settings on this data: its metrics and rate, or None. A sweep stopped while scoring
+    a row then scores it without training it again."""
+    try:
+        config = json.loads((d / "models" / "config.json").read_text())
+        result = json.loads((d / "metrics" / "train.json").read_text())
+        perf = json.loads((d / "metrics" / "train_perf.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("config_hash") != config_hash(p, processed) or result.get("steps") != p.train.steps:
+        return None
+    return {**result, **perf}
 
 
 def _same(cached: dict, raw: dict) -> bool:
@@ -125,8 +135,13 @@ def main() -> None:
             print(f"{name}: reusing {cached}", flush=True)
         else:
             t0 = time.perf_counter()
-            r = train(p, args.processed, Outputs(d / "models", d / "metrics", d / "plots", d / "checkpoints"))
-            row = {"name": name, "sets": sets, "params": raw, "train_s": round(time.perf_counter() - t0, 1)}
+            if r := finished_training(d, p, args.processed):
+                print(f"{name}: scoring the models it trained before ({d / 'models'})", flush=True)
+                train_s = r["wall_s"] + r["fits_s"] + r["final_eval_s"]
+            else:
+                r = train(p, args.processed, Outputs(d / "models", d / "metrics", d / "plots", d / "checkpoints"))
+                train_s = time.perf_counter() - t0
+            row = {"name": name, "sets": sets, "params": raw, "train_s": round(train_s, 1)}
             row.update({k: r[k] for k in ("val_bpd", "img_per_s", "wall_s", "gamma_0", "gamma_1")})
             for which in ("ema", "model") if args.raw else ("ema",):
                 q, samples = score(d / "models", which, p, train_x, test_x)

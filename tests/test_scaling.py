@@ -170,3 +170,23 @@ def test_the_isoflop_rows_come_from_finished_runs_and_a_shape_replaces_its_own_r
 
 def _quiet() -> dict:
     return {"cwd": ROOT, "env": subprocess_env(), "capture_output": True, "text": True, "timeout": 300}
+
+
+def test_a_sweep_row_trained_before_is_scored_without_training_it_again(tmp_path, processed):
+    """benchmarks/sweep.py: a row whose training ended (models and metrics written) but whose
+    scoring did not is found again, for the same settings and data only."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sweep import apply, finished_training
+
+    raw = tiny(steps=3, eval_every=0, sample_every=0, wandb="disabled")
+    p = parse_params(raw)
+    assert finished_training(tmp_path, p, processed) is None  # nothing trained yet
+    result = train(p, processed, outs(tmp_path))
+    found = finished_training(tmp_path, p, processed)
+    assert found["val_bpd"] == result["val_bpd"] and found["img_per_s"] == result["img_per_s"]
+    assert finished_training(tmp_path, parse_params(apply(raw, {"train.steps": 4})), processed) is None
+    assert finished_training(tmp_path, parse_params(apply(raw, {"train.lr": 1e-4})), processed) is None
+    (tmp_path / "metrics" / "train_perf.json").unlink()
+    assert finished_training(tmp_path, p, processed) is None
+    with pytest.raises(SystemExit, match="sweep: train.learning_rate is not a key of params.yaml"):
+        apply(raw, {"train.learning_rate": 1e-4})
