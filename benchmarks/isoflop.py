@@ -23,21 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from scaling import FIGURES  # noqa: E402  (figure, its test-split reference, title, log y)
 
 from vdm.core.errors import UserError  # noqa: E402
 from vdm.core.params import load_params  # noqa: E402
 
 CSV = ROOT / "docs" / "isoflop.csv"
 PNG = ROOT / "docs" / "isoflop.png"
-# (figure, its reference in eval.json, title, log y)
-FIGURES = (
-    ("c2st", "c2st_floor", "classifier accuracy (floor: train vs test)", False),
-    ("parts", "parts_test", "parts per sprite", False),
-    ("palette", "palette_test", "colours covering 90% of the sprite", True),
-    ("swd", "swd_floor", "SWD x 1000 (floor: train vs test)", False),
-    ("graininess", "graininess_test", "graininess (levels)", False),
-    ("test_bpd", None, "test bound (bits/dim)", False),
-)
 KEYS = ("budget", "channels", "blocks", "params", "img_s", "images")
 COLUMNS = (*KEYS, *(c for f in FIGURES for c in (f[0], f"{f[0]}_se")), *(f[1] for f in FIGURES if f[1]))
 
@@ -114,11 +108,12 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    axes.flat[-1].axis("off")
     budgets = sorted(
         {r["budget"] for r in rows}, key=lambda b: min(float(r["images"]) for r in rows if r["budget"] == b)
     )
-    for ax, (key, ref, title, logy) in zip(axes.flat, FIGURES, strict=True):
+    for ax, (key, ref, title, logy) in zip(axes.flat, FIGURES, strict=False):
         for i, budget in enumerate(budgets):
             rs = sorted(
                 (r for r in rows if r["budget"] == budget and r.get(key) not in ("", None)),
