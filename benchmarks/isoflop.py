@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from scaling import FIGURES  # noqa: E402  (figure, its test-split reference, title, log y)
+from scaling import FIGURES, panel  # noqa: E402  (figure, its test-split reference, title, log y)
 
 from vdm.core.errors import UserError  # noqa: E402
 from vdm.core.params import load_params  # noqa: E402
@@ -137,12 +137,7 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
             refs = [float(r[ref]) for r in rs if ref and r.get(ref) not in ("", None)]
             if refs:
                 ax.axhline(refs[-1], color=line[0].get_color(), ls="--", lw=0.8)
-        ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("network parameters (millions)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
+        panel(ax, title, "network parameters (millions)", logy)
         ax.legend(fontsize=8)
     fig.suptitle("Each shape trained for the images its own step cost buys in a budget's time (channels x blocks)")
     fig.tight_layout()

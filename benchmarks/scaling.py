@@ -118,6 +118,16 @@ def score_budget(snap: Path, cache: Path, images: int, step: int, p, train_x, te
     return row, samples
 
 
+def panel(ax, title: str, xlabel: str, logy: bool) -> None:
+    """One figure's axes: log x, log y where the figure wants it, its title and a grid."""
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -135,12 +145,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             floor = ref in ("swd_floor", "c2st_floor")
             ax.axhline(rows[-1][ref], color="k", ls="--", lw=1, label="floor" if floor else "test sprites")
             ax.legend(fontsize=8)
-        ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("images seen")
-        ax.set_title(label, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
+        panel(ax, label, "images seen", logy)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
