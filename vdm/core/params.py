@@ -9,6 +9,8 @@ states every value. A key that chooses a registry entry (model.loss_weighting, s
 checked here to be a name and against its registry by vdm.core.registry.check_params, which the
 validate stage and the stages that use the registry call: this module imports nothing above
 vdm/core, so the download and preprocess stages depend on no model or sampling code.
+A preset (presets/NAME.yaml, a few settings) is laid over params.yaml here (read_preset,
+load_params(path, preset)), each of its keys checked to be one of params.yaml's.
 """
 
 import copy
