@@ -124,7 +124,9 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
             x = [float(r["params"]) / 1e6 for r in rs]
             y = [float(r[key]) for r in rs]
             err = [float(r.get(f"{key}_se") or 0) for r in rs]
-            line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=budget, color=f"C{i}")
+            seen = [float(r["images"]) / 1e3 for r in rows if r["budget"] == budget]
+            label = f"{budget}: {min(seen):,.0f}k-{max(seen):,.0f}k images"
+            line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, color=f"C{i}")
             for xi, yi, r in zip(x, y, rs, strict=True):
                 ax.annotate(
                     f"{int(r['channels'])}x{int(r['blocks'])}",
@@ -149,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="?", choices=("add", "plot"), default="plot")
     ap.add_argument("run", nargs="?", type=Path, help="add: the run's directory (its params.yaml and metrics/)")
-    ap.add_argument("--budget", help="add: the budget the run belongs to (e.g. default, long)")
+    ap.add_argument("--budget", help="add: the budget the run belongs to, as docs/isoflop.csv names it (e.g. long)")
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--png", type=Path, default=PNG)
     args = ap.parse_args()

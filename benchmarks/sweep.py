@@ -70,9 +70,7 @@ def finished_training(d: Path, p, processed: str) -> dict | None:
         perf = json.loads((d / "metrics" / "train_perf.json").read_text())
     except (OSError, ValueError):
         return None
-    if config.get("config_hash") != config_hash(p, processed) or result.get("steps") != p.train.steps:
-        return None
-    return {**result, **perf}
+    return {**result, **perf} if config.get("config_hash") == config_hash(p, processed) else None
 
 
 def _same(cached: dict, raw: dict) -> bool:
