@@ -4,6 +4,7 @@ and is scored by the evaluate stage's metric, with its wall-clock.
     python benchmarks/samplers.py                                 # the default sweep on models/
     python benchmarks/samplers.py --rows ancestral:256:t ddim:32:t dpmpp_2m:32:logsnr
     python benchmarks/samplers.py --rows ancestral:64:t:ema:1 ancestral:64:t:ema:0.85   # temperatures
+    python benchmarks/samplers.py --rows ancestral:64:t:model:0.8:1 ancestral:64:t:model:0.8:2   # colour guidance
 
 Writes reports/samplers/samplers.json, a Markdown table (samplers.md) and samplers.png (the first
 8 sprites of each row, one row each). The sample count, batch, seed, clipping, SWD repeats and
@@ -53,7 +54,10 @@ def main() -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--processed", default="data/processed")
     ap.add_argument(
-        "--rows", nargs="+", default=DEFAULT_ROWS, help="sampler:steps:spacing[:ema|model[:temperature]] ..."
+        "--rows",
+        nargs="+",
+        default=DEFAULT_ROWS,
+        help="sampler:steps:spacing[:ema|model[:temperature[:colour guidance]]] ...",
     )
     ap.add_argument("--count", type=int, default=None, help="sprites per row (default: sample.count)")
     ap.add_argument(
@@ -77,10 +81,13 @@ def main() -> None:
         sampler, steps, spacing = parts[:3]
         weights = parts[3] if len(parts) > 3 else args.weights
         temperature = float(parts[4]) if len(parts) > 4 else sp.temperature
+        guidance = float(parts[5]) if len(parts) > 5 else sp.colour_guidance
         if weights not in models:
             models[weights] = load_model(args.models, weights, torch.device("cpu"), sp.precision)[0]
         model = models[weights]
-        options = sp.options.replace(sampler=sampler, steps=int(steps), spacing=spacing, temperature=temperature)
+        options = sp.options.replace(
+            sampler=sampler, steps=int(steps), spacing=spacing, temperature=temperature, colour_guidance=guidance
+        )
         samples, _, secs = generate(model, count, options, sp.seed, torch.device("cpu"))
         t0 = time.perf_counter()
         q = sample_quality(samples, train, test, ep.swd_repeats, ep.seed, True, ep.c2st_repeats)
@@ -94,6 +101,7 @@ def main() -> None:
             "steps": int(steps),
             "spacing": spacing,
             "temperature": temperature,
+            "colour_guidance": guidance,
             "count": count,
             "sample_s": round(secs, 1),
             "metric_s": round(metric_s, 1),
@@ -102,7 +110,7 @@ def main() -> None:
         rows.append(row)
         strips.append(samples[:8])
         print(
-            f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g}: classifier {q['c2st']:.3f} "
+            f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g} w {guidance:g}: classifier {q['c2st']:.3f} "
             f"(floor {q['c2st_floor']:.3f}), SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
             f"(96: {q['swd_96']:6.1f} +- {q['swd_96_se']:4.1f}; floor {q['swd_floor']:.1f}), "
             f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), parts {q['parts']:.2f}, "
@@ -112,14 +120,15 @@ def main() -> None:
         )
     (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        "| weights | sampler | steps | spacing | temperature | classifier | SWD x1e3 (mean of levels) "
-        "| paired difference to the "
+        "| weights | sampler | steps | spacing | temperature | colour guidance | classifier "
+        "| SWD x1e3 (mean of levels) | paired difference to the "
         f"first row | SWD at 96 px | graininess | parts | palette | flatness | seconds for {count} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['weights']} | {r['sampler']} | {r['steps']} | {r['spacing']} | {r['temperature']:g} "
+            f"| {r['colour_guidance']:g} "
             f"| {r['c2st']:.3f} +- {r['c2st_se']:.3f} "
             f"| {r['swd']:.1f} +- {r['swd_se']:.1f} | {r['swd_diff']:+.1f} +- {r['swd_diff_se']:.1f} "
             f"| {r['swd_96']:.1f} +- {r['swd_96_se']:.1f} | {r['graininess']:.1f} "
@@ -128,7 +137,7 @@ def main() -> None:
         )
     r0 = rows[0]
     lines.append(
-        f"| real floor (train vs test) | | | | | {r0['c2st_floor']:.3f} +- {r0['c2st_floor_se']:.3f} "
+        f"| real floor (train vs test) | | | | | | {r0['c2st_floor']:.3f} +- {r0['c2st_floor_se']:.3f} "
         f"| {r0['swd_floor']:.1f} +- {r0['swd_floor_se']:.1f} | | "
         f"{r0['swd_floor_96']:.1f} +- {r0['swd_floor_96_se']:.1f} | {r0['graininess_test']:.1f} (test) "
         f"| {r0['parts_test']:.2f} (test) | {r0['palette_test']:.1f} (test) | {r0['flatness_test']:.3f} (test) | |"

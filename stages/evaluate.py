@@ -33,7 +33,8 @@ def main() -> None:
         f"{r['swd_se']:.1f} x1e3 against the test split (real floor {r['swd_floor']:.1f} +- {r['swd_floor_se']:.1f}, "
         f"{r['swd_ratio']:.2f}x); graininess {r['graininess']:.1f} levels (test {r['graininess_test']:.1f}); parts "
         f"{r['parts']:.2f} per sprite (test {r['parts_test']:.2f}), palette {r['palette']:.1f} colours "
-        f"(test {r['palette_test']:.1f}), flatness {r['flatness']:.3f} (test {r['flatness_test']:.3f}); {fid}; "
+        f"(test {r['palette_test']:.1f}), flatness {r['flatness']:.3f} (test {r['flatness_test']:.3f}), main hue "
+        f"{r['hue']:.2f} of the coloured pixels (test {r['hue_test']:.2f}); {fid}; "
         f"memorisation ratio median {r['memorisation_median_ratio']:.2f}, copies "
         f"{r['memorisation_copies']:.1%}{filtered}"
     )

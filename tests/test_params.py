@@ -240,6 +240,11 @@ REFUSED = {
         "train.decay_steps = 41",
         "at most train.steps - train.warmup_steps = 40 (the decay follows the warm-up), or 0",
     ),
+    "one colour class": (
+        {"model.colour_classes": 1},
+        "model.colour_classes = 1",
+        "0 (none) or an integer from 2 to 64",
+    ),
     "a batch that does not split over the processes": (
         {"train.processes": 3},
         "train.batch_size = 4",

@@ -44,7 +44,9 @@ class Recording(torch.nn.Module):
 
 
 def _model(train: bool):
-    model = build_vdm(model_params(self_condition=True, channels=16, channel_mult=[1], attention_resolutions=[]), 8)
+    model = build_vdm(
+        model_params(self_condition=True, channels=16, channel_mult=[1], attention_resolutions=[], colour_classes=0), 8
+    )
     torch.nn.init.normal_(model.net.out.weight, std=0.1)
     model.net = Recording(model.net)
     return model.train(train)

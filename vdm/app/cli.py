@@ -102,6 +102,7 @@ _OPTION_FLAGS = {
     "spacing": (str, "step spacing"),
     "temperature": (float, "ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)"),
     "batch_size": (int, "sprites per network call"),
+    "colour_guidance": (float, "a colour-conditioned model: guidance by each sprite's colour class (1: the class)"),
 }
 
 
@@ -149,7 +150,8 @@ def _generate_parser(sub) -> None:
         help=f"how many sprites (at most {MAX_SPRITES}; the free disk space is checked first)",
     )
     g.add_argument("--seed", type=_seed, default=0, help="random seed")
-    _sampling_options(g, SamplingOptions(), ("steps", "sampler", "spacing", "temperature", "batch_size"))
+    fields = ("steps", "sampler", "spacing", "temperature", "batch_size", "colour_guidance")
+    _sampling_options(g, SamplingOptions(), fields)
     g.add_argument(
         "--colours",
         type=_whole(0, MAX_COLOURS, "a sprite needs about 7"),
@@ -349,7 +351,7 @@ def cmd_generate(args) -> None:
             weights=args.weights,
             n=args.n,
             seed=args.seed,
-            **options.model_dump(include={"steps", "sampler", "spacing", "temperature"}),
+            **options.model_dump(include={"steps", "sampler", "spacing", "temperature", "colour_guidance"}),
             colours=args.colours or None,
             device=str(model.device),
             seconds=round(seconds, 2),

@@ -182,6 +182,10 @@ class ModelParams(Section):
     sigmoid_bias: Num("a number in [-20, 20]", ge=-20, le=20)  # sigmoid weighting w = sigmoid(gamma_t + bias)
     weight_floor: Num("a number in [0, 1]", ge=0, le=1)  # w(gamma) at least this (0: none): trains low noise
     self_condition: bool  # the net also sees its previous estimate of x (see vdm/model/diffusion.py)
+    # colour classes read from each image (vdm/model/colour.py): hue bins and grey; 0 = unconditioned.
+    # Defaults, so a model folder saved before these keys existed still loads.
+    colour_classes: Int("0 (none) or an integer from 2 to 64", ge=0, le=64) = 0
+    colour_drop: Num("a number in (0, 1)", gt=0, lt=1) = 0.1  # share of training images shown no class
     seed: Seed  # weight initialisation
 
     @model_validator(mode="after")
@@ -192,6 +196,8 @@ class ModelParams(Section):
             )
         if not self.gamma_max <= self.gamma_1_cap <= 30:
             raise invalid(self.gamma_1_cap, f"a number from gamma_max ({self.gamma_max}) to 30", "gamma_1_cap")
+        if self.colour_classes == 1:
+            raise invalid(self.colour_classes, "0 (none) or an integer from 2 to 64", "colour_classes")
         if not self.fourier_min - 1 <= self.fourier_max:
             raise invalid(
                 (self.fourier_min, self.fourier_max),
@@ -336,6 +342,8 @@ class SamplingOptions(Section):
     clip_denoised: bool = True  # clip each step's prediction of x to the data range [-1, 1]
     denoise_last: bool = True  # the image is x_hat(z_0) (one more network call), not z_0 / alpha_0 rounded
     temperature: Num("a number above 0 and at most 1", gt=0, le=1) = 0.8  # scales the ancestral steps' fresh noise
+    # a colour-conditioned model's guidance: x_none + w (x_class - x_none); 1 = the class alone, 0 = none
+    colour_guidance: Num("a number from 0 to 10", ge=0, le=10) = 1.0
 
     def replace(self, **changes) -> "SamplingOptions":
         """These options with `changes` (None: keep the value), checked: a bad value is a UserError

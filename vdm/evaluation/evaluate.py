@@ -60,6 +60,8 @@ FILTERED_KEYS = (
     "palette_se",
     "flatness",
     "flatness_se",
+    "hue",
+    "hue_se",
     "graininess",
     "swd",
     "swd_se",

@@ -202,6 +202,7 @@ def graininess(images: np.ndarray) -> float:
 
 MIN_PART = 4  # pixels: smaller 8-connected specks are not parts
 PALETTE_SHARE = 0.9  # the palette: the fewest colours (4 bits per channel) covering this share
+HUE_BINS = 12  # the hue figure's bins, 30 degrees each
 
 
 def flat_share(colours: np.ndarray, fg: np.ndarray) -> float:
@@ -326,6 +327,18 @@ def flatness(im: np.ndarray) -> float:
     """The share of foreground pixels whose four neighbours carry the same colour at 4 bits per
     channel (flat fills are most of a sprite; speckle leaves almost no pixel flat)."""
     return flat_share(_colour_codes(im), _foreground(im))
+
+
+@per_image_metric("hue")
+def hue(im: np.ndarray) -> float:
+    """The share of the coloured foreground pixels in its most common hue bin of HUE_BINS (a
+    Pokémon is mostly one hue: a wash of several scores low); 1 without coloured pixels
+    (vdm/model/colour.py says which pixels count as coloured)."""
+    from vdm.model.colour import hue_counts
+
+    counts, _ = hue_counts(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None], HUE_BINS)
+    total = float(counts.sum())
+    return float(counts.max()) / total if total > 0 else 1.0
 
 
 def sprite_structure(images: np.ndarray) -> dict[str, np.ndarray]:

@@ -59,6 +59,7 @@ from torch import nn
 
 from vdm.core.errors import UserError
 from vdm.core.params import ModelParams
+from vdm.model.colour import colour_class
 from vdm.model.conversions import alpha_sigma, encode, eps_from_x, x_from_eps
 from vdm.model.decoder import ReconWindow, decoder_nll, recon_stride
 from vdm.model.schedules import GradScale, Schedule
@@ -109,6 +110,12 @@ class VDM(nn.Module):
         # the bound's eps_hat scale c(gamma) on EPS_SCALE_GRID (all ones: none; see fit_eps_scale)
         first, last, step = EPS_SCALE_GRID
         self.register_buffer("eps_scale", torch.ones(round((last - first) / step) + 1))
+        # colour-conditioned (vdm/model/colour.py): the classes of the training images seen, counted as
+        # they are drawn, which a walk draws its sprites' classes from (a buffer: saved with the weights)
+        # (as self-conditioning, a property of the net: the UNet built with model.colour_classes)
+        self.colour_classes, self.colour_drop = int(getattr(net, "colour_classes", 0)), model.colour_drop
+        if self.colour_classes:
+            self.register_buffer("colour_counts", torch.zeros(self.colour_classes))
         # the network's compute dtype (see the module docstring); not saved with the weights
         self.net_dtype = torch.float32
 
@@ -125,11 +132,28 @@ class VDM(nn.Module):
     def self_condition(self) -> bool:
         return bool(getattr(self.net, "self_condition", False))
 
-    def _net(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
+    def _net(
+        self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None, colour: torch.Tensor | None = None
+    ) -> torch.Tensor:
         low = self.net_dtype != torch.float32
+        extra = {"colour": colour} if self.colour_classes else {}
         with torch.autocast(z.device.type, dtype=self.net_dtype, enabled=low):
-            out = self.net(z, gamma, x_self) if self.self_condition else self.net(z, gamma)
+            out = self.net(z, gamma, x_self, **extra) if self.self_condition else self.net(z, gamma, **extra)
         return out.float()
+
+    def colour_shares(self) -> torch.Tensor:
+        """The colour classes' shares among the training images seen (uniform before any)."""
+        counts = self.colour_counts.float()
+        total = counts.sum()
+        return counts / total if total > 0 else torch.full_like(counts, 1.0 / len(counts))
+
+    def _training_colour(self, x: torch.Tensor, generator, world: int, mine: slice) -> torch.Tensor:
+        """The classes the net trains on: each image's own, none (colour_classes) for a share colour_drop
+        of the global batch; the images' classes counted into colour_counts."""
+        colour = colour_class(x, self.colour_classes)
+        self.colour_counts += torch.bincount(colour, minlength=self.colour_classes).to(self.colour_counts)
+        drop = torch.rand(x.shape[0] * world, generator=generator, device=x.device)[mine] < self.colour_drop
+        return torch.where(drop, torch.full_like(colour, self.colour_classes), colour)
 
     def _x_with_skip(self, z: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """prediction x: the net's F blended with z_t / alpha_t by the skip (see the module docstring)."""
@@ -138,10 +162,17 @@ class VDM(nn.Module):
         c_skip = torch.sigmoid(self.log_skip2 - g)  # s_d^2 / (s^2 + s_d^2), s^2 = e^gamma
         return c_skip * z / alpha + torch.sqrt(1 - c_skip) * out  # c_out = s / sqrt(s^2 + s_d^2)
 
-    def x_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+    def x_hat(
+        self,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        x_self: torch.Tensor | None = None,
+        colour: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The denoiser's estimate of the data at (z_t, gamma_t), gamma of shape (B,); not clipped.
-        x_self: the earlier estimate of x for a self-conditioned net (None: zeros)."""
-        out = self._net(z, gamma, x_self)
+        x_self: the earlier estimate of x for a self-conditioned net (None: zeros); colour: (B,) colour
+        classes for a colour-conditioned net (None: none)."""
+        out = self._net(z, gamma, x_self, colour)
         g = gamma.view(-1, 1, 1, 1)
         alpha, sigma = alpha_sigma(g)
         if self.prediction == "eps":
@@ -151,7 +182,12 @@ class VDM(nn.Module):
         return self._x_with_skip(z, g, alpha, out)
 
     def self_estimate(
-        self, z: torch.Tensor, gamma: torch.Tensor, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+        self,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        generator: torch.Generator | None,
+        shard: tuple[int, int] = (0, 1),
+        colour: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x_self for the loss: the first pass's clipped x_hat (no gradient) for a random half of the
         (global) batch in training, for all of it in eval mode; zeros elsewhere."""
@@ -168,7 +204,8 @@ class VDM(nn.Module):
             idx = torch.arange(b, device=z.device)
         if len(idx):
             with torch.no_grad():
-                x_self[idx] = self.x_hat(z[idx], gamma[idx]).clamp(-1.0, 1.0)
+                c = None if colour is None else colour[idx]
+                x_self[idx] = self.x_hat(z[idx], gamma[idx], colour=c).clamp(-1.0, 1.0)
         return x_self
 
     def eps_scale_at(self, gamma: torch.Tensor) -> torch.Tensor:
@@ -179,17 +216,25 @@ class VDM(nn.Module):
         frac = pos - lo
         return self.eps_scale[lo] * (1 - frac) + self.eps_scale[lo + 1] * frac
 
-    def eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+    def eps_hat(
+        self,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        x_self: torch.Tensor | None = None,
+        colour: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The estimate of eps at (z_t, gamma_t), gamma of shape (B,), that the bound's integrand
-        compares with the true eps; x_self as for `x_hat`. In eval mode it carries the fitted scale
-        c(gamma) (`fit_eps_scale`); in training it is the network's own."""
-        out = self._net_eps_hat(z, gamma, x_self)
+        compares with the true eps; x_self and colour as for `x_hat`. In eval mode it carries the fitted
+        scale c(gamma) (`fit_eps_scale`); in training it is the network's own."""
+        out = self._net_eps_hat(z, gamma, x_self, colour)
         if self.training or bool(torch.all(self.eps_scale == 1)):
             return out
         return self.eps_scale_at(gamma).view(-1, 1, 1, 1) * out
 
-    def _net_eps_hat(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
-        out = self._net(z, gamma, x_self)
+    def _net_eps_hat(
+        self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None, colour: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = self._net(z, gamma, x_self, colour)
         if self.prediction == "eps":
             return out
         g = gamma.view(-1, 1, 1, 1)
@@ -229,8 +274,10 @@ class VDM(nn.Module):
         eps = randn()
         alpha_t, sigma_t = alpha_sigma(gamma_t.view(b, 1, 1, 1))
         z_t = alpha_t * f + sigma_t * eps
-        x_self = self.self_estimate(z_t, gamma_t.detach(), generator, shard) if self.self_condition else None
-        eps_hat = self.eps_hat(z_t, gamma_t, x_self)
+        # a colour-conditioned net trains on each image's class; the bound (eval mode) is the unconditioned one
+        colour = self._training_colour(x, generator, world, mine) if self.colour_classes and self.training else None
+        x_self = self.self_estimate(z_t, gamma_t.detach(), generator, shard, colour) if self.self_condition else None
+        eps_hat = self.eps_hat(z_t, gamma_t, x_self, colour)
         sse = torch.square(eps - eps_hat).flatten(1).sum(1)
         if self.timesteps:
             gamma_s, _ = self.schedule(t - 1.0 / self.timesteps, slot)

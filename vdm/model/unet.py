@@ -166,6 +166,12 @@ class UNet(nn.Module):
         else:
             self.emb_mlp = nn.Sequential(nn.Linear(self.emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
+        # colour-conditioned (vdm/model/colour.py): one embedding per class and one for none, added to
+        # the noise level's; zero at first, so the net starts as the unconditioned one
+        self.colour_classes = model.colour_classes
+        if self.colour_classes:
+            self.colour_emb = nn.Embedding(self.colour_classes + 1, emb_dim)
+            nn.init.zeros_(self.colour_emb.weight)
 
         def res_block(c_in: int, c_out: int, encoder: bool) -> nn.Module:
             if mp:
@@ -227,14 +233,25 @@ class UNet(nn.Module):
             return torch.utils.checkpoint.checkpoint(m, *args, use_reentrant=False)
         return m(*args)
 
-    def forward(self, z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        gamma: torch.Tensor,
+        x_self: torch.Tensor | None = None,
+        colour: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """eps (or v, or x) at (z_t, gamma_t); x_self: the previous estimate of x in [-1, 1] (self-
-        conditioning; zeros when there is none yet), ignored by a net built without it."""
+        conditioning; zeros when there is none yet), ignored by a net built without it; colour: (B,)
+        colour classes, model.colour_classes for none (None: none), ignored by a net built without them."""
         emb = gamma_embedding(gamma, self.emb_dim, *self.gamma_range)
         if self.mp:  # sin/cos have variance 1/2; the block's linear layers see mp_silu's output
             emb = F.silu(self.emb_mlp(emb, gain=math.sqrt(2))) / SILU_STD
         else:
             emb = self.emb_mlp(emb)
+        if self.colour_classes:
+            if colour is None:
+                colour = torch.full((z.shape[0],), self.colour_classes, dtype=torch.long, device=z.device)
+            emb = emb + self.colour_emb(colour).to(emb.dtype)
         h = fourier_features(z, *self.fourier)
         if self.self_condition:
             h = torch.cat([h, torch.zeros_like(z) if x_self is None else x_self.to(z.dtype)], dim=1)

@@ -57,29 +57,58 @@ def sprite_generator(seed: int, k: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def vdm_denoiser(model: VDM, clip: bool) -> Denoiser:
+def vdm_denoiser(model: VDM, clip: bool, colour: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
     """x_hat(z, gamma) of a VDM, whatever the net predicts. A self-conditioned net sees the
     previous call's estimate (clipped to [-1, 1]; zeros on the first call): make one denoiser per
-    walk."""
+    walk. A colour-conditioned net (vdm/model/colour.py) draws each sprite's `colour` class, guided
+    with weight `guidance`: x_none + guidance (x_class - x_none) (two network calls a step unless the
+    weight is 0 or 1); without classes, unconditioned."""
     previous: list[torch.Tensor] = []
+    if not getattr(model, "colour_classes", 0) or colour is None:
+        colour, guidance = None, 1.0
+
+    def estimate(z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
+        if colour is None or guidance == 0:
+            return model.x_hat(z, gamma, x_self)
+        x_class = model.x_hat(z, gamma, x_self, colour)
+        return x_class if guidance == 1 else torch.lerp(model.x_hat(z, gamma, x_self), x_class, guidance)
 
     def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         if not model.self_condition:
-            x_hat = model.x_hat(z, gamma)
+            x_hat = estimate(z, gamma, None)
             return x_hat.clamp(-1.0, 1.0) if clip else x_hat
-        x_hat = model.x_hat(z, gamma, previous[0] if previous else None)
+        x_hat = estimate(z, gamma, previous[0] if previous else None)
         previous[:] = [x_hat.clamp(-1.0, 1.0)]
         return previous[0] if clip else x_hat
 
     return denoise
 
 
-def guided_denoiser(model: VDM, guide: VDM | None, weight: float, clip: bool) -> Denoiser:
+def draw_colours(
+    model: VDM, n: int, generator: torch.Generator | list[torch.Generator] | None, device
+) -> torch.Tensor | None:
+    """(n,) colour classes for a colour-conditioned model's sprites, drawn from the shares of its
+    training images (one draw from each sprite's generator where there is a list); None without."""
+    if not getattr(model, "colour_classes", 0):
+        return None
+    shares = model.colour_shares().float()
+    if isinstance(generator, list):
+        drawn = [torch.multinomial(shares.to(g.device), 1, generator=g).to(device) for g in generator]
+        return torch.cat(drawn)
+    at = shares if generator is None else shares.to(generator.device)
+    return torch.multinomial(at, n, replacement=True, generator=generator).to(device)
+
+
+def guided_denoiser(
+    model: VDM, guide: VDM | None, weight: float, clip: bool, colour: torch.Tensor | None = None, colour_guidance=1.0
+) -> Denoiser:
     """The denoiser a sampler walks with: the model's own, or with a guide and weight != 1 the
-    autoguided x_guide + weight (x_hat - x_guide), clipped after mixing when asked."""
+    autoguided x_guide + weight (x_hat - x_guide), clipped after mixing when asked; a colour-
+    conditioned model (and guide) draw the sprites' `colour` classes (vdm_denoiser)."""
     if guide is None or weight == 1:
-        return vdm_denoiser(model, clip)
-    main, weak = vdm_denoiser(model, False), vdm_denoiser(guide, False)
+        return vdm_denoiser(model, clip, colour, colour_guidance)
+    main = vdm_denoiser(model, False, colour, colour_guidance)
+    weak = vdm_denoiser(guide, False, colour, colour_guidance)
 
     def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         x_guide = weak(z, gamma)
@@ -165,12 +194,15 @@ def sample(
         z = randn((n, 3, size, size), generator, device)
     else:
         z = z.to(device=device, dtype=torch.float32)
+    colour = draw_colours(model, n, generator, device)
     gammas = gamma_grid(model.schedule, steps, options.spacing, device)
     keep = set()
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
     denoise = refined_denoiser(
-        guided_denoiser(model, guide, guidance, options.clip_denoised), refiner, options.clip_denoised
+        guided_denoiser(model, guide, guidance, options.clip_denoised, colour, options.colour_guidance),
+        refiner,
+        options.clip_denoised,
     )
     z, kept = solve(denoise, z, gammas, options, generator, keep, on_step)
     traj = [((kept[i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu() for i in sorted(kept)]

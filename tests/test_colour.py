@@ -1,0 +1,123 @@
+"""Colour classes: read from the image, trained on with a share shown none, drawn by a walk from
+the training shares and guided (vdm/model/colour.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import model_params, walk
+from vdm.core.params import ModelParams, parse_section
+from vdm.model.colour import colour_class
+from vdm.model.diffusion import build_vdm
+from vdm.sampling.samplers import draw_colours, sample, vdm_denoiser
+
+
+def _sprites(*fills) -> torch.Tensor:
+    """(N, 3, 16, 16) uint8 white canvases, each with an 8x8 square of its fill (an RGB tuple, or a
+    (rgb, rgb) pair split down the middle) and a black outline."""
+    out = np.full((len(fills), 16, 16, 3), 255, np.uint8)
+    for im, fill in zip(out, fills, strict=True):
+        im[3:13, 3:13] = 0  # outline: no hue, not coloured
+        left, right = fill if isinstance(fill[0], tuple) else (fill, fill)
+        im[4:12, 4:8], im[4:12, 8:12] = left, right
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def test_the_class_is_the_sprites_main_hue_bin_or_grey():
+    red, yellow, blue, violet = (220, 30, 30), (230, 220, 40), (40, 60, 220), (150, 50, 200)
+    grey, dark_blue = (128, 128, 128), (10, 10, 40)  # no saturation; too dark to have a hue
+    labels = colour_class(_sprites(red, yellow, blue, violet, grey, dark_blue, (blue, blue)), 13)
+    # 12 bins of 30 degrees from red: red 0, yellow 58 -> 1, blue 233 -> 7, violet 283 -> 9; grey 12
+    assert labels.tolist() == [0, 1, 7, 9, 12, 12, 7]
+    # two hues: the one holding more pixels (a 5-column blue half against a 3-column red one)
+    two = _sprites(red)
+    two[:, :, 4:12, 7:12] = torch.tensor(blue, dtype=torch.uint8).view(3, 1, 1)
+    assert colour_class(two, 13).tolist() == [7]
+    # a blank canvas is grey; coarser bins: 4 classes = 3 hue bins of 120 degrees and grey
+    blank = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
+    assert colour_class(blank, 13).tolist() == [12]
+    assert colour_class(_sprites(red, blue, grey), 4).tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="at least 2"):
+        colour_class(blank, 1)
+
+
+def _colour_model(train: bool, classes: int = 4):
+    torch.manual_seed(0)
+    model = build_vdm(model_params(channels=16, channel_mult=[1], attention_resolutions=[], colour_classes=classes), 16)
+    with torch.no_grad():  # leave the zero starts (the classes' embeddings, each block's last layer, the output)
+        for p in model.net.parameters():
+            if not p.any():
+                p.normal_(std=0.5 if p is model.net.colour_emb.weight else 0.1)
+    return model.train(train)
+
+
+def test_training_counts_the_classes_and_shows_a_share_of_images_none():
+    model = _colour_model(train=True)
+    seen = []
+    forward = model.net.forward
+
+    def recording(z, g, colour=None):
+        seen.append(None if colour is None else colour.clone())
+        return forward(z, g, colour=colour)
+
+    model.net.forward = recording
+    red, blue, grey = (220, 30, 30), (40, 60, 220), (128, 128, 128)
+    x = _sprites(*([red] * 30 + [blue] * 20 + [grey] * 14))
+    model.loss(x, torch.Generator().manual_seed(0)).objective.mean().backward()
+    assert model.colour_counts.tolist() == [30.0, 20.0, 0.0, 14.0]  # every image's own class, counted
+    shown = seen[0]
+    none = shown == 4
+    assert 1 <= int(none.sum()) <= 16  # colour_drop 0.1 of 64: a few shown none, the rest their own
+    assert torch.equal(shown[~none], colour_class(x, 4)[~none])
+    assert model.net.colour_emb.weight.grad.abs().sum() > 0  # the classes' embeddings train
+    # the bound (eval mode) is the unconditioned model's: every image shown none, nothing counted
+    seen.clear()
+    model.eval()
+    model.loss(x, torch.Generator().manual_seed(0))
+    assert seen[0] is None and model.colour_counts.sum() == 64
+    assert torch.allclose(model.colour_shares(), torch.tensor([30, 20, 0, 14]) / 64)
+
+
+def test_a_walk_draws_classes_from_the_training_shares_and_guides_by_them():
+    model = _colour_model(train=False)
+    model.colour_counts.copy_(torch.tensor([0.0, 3.0, 0.0, 1.0]))
+    drawn = draw_colours(model, 400, torch.Generator().manual_seed(0), "cpu")
+    assert set(drawn.tolist()) == {1, 3} and 0.65 < float((drawn == 1).float().mean()) < 0.85
+
+    def per_sprite():  # one generator per sprite, as generate() walks: each sprite's draw is its own
+        return [torch.Generator().manual_seed(k) for k in range(3)]
+
+    assert torch.equal(draw_colours(model, 3, per_sprite(), "cpu"), draw_colours(model, 3, per_sprite(), "cpu"))
+    z, gamma = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.full((2,), -1.0)
+    colour = torch.tensor([1, 3])
+    with torch.no_grad():
+        none, cond = model.x_hat(z, gamma), model.x_hat(z, gamma, colour=colour)
+        assert not torch.allclose(none, cond)
+        for w in (0.0, 1.0, 2.5):
+            guided = vdm_denoiser(model, clip=False, colour=colour, guidance=w)(z, gamma)
+            assert torch.allclose(guided, none + w * (cond - none), atol=1e-5)
+        # without classes (an unconditioned walk, or an unconditioned model) the guidance does nothing
+        assert torch.equal(vdm_denoiser(model, clip=False, colour=None, guidance=2.5)(z, gamma), none)
+    draws = [
+        sample(model, 2, walk(4, "ancestral", "t", colour_guidance=w), torch.Generator().manual_seed(1))[0]
+        for w in (1.0, 1.0, 3.0)
+    ]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_an_unconditioned_model_walks_as_before_whatever_the_guidance():
+    torch.manual_seed(0)
+    model = build_vdm(
+        model_params(channels=16, channel_mult=[1], attention_resolutions=[], colour_classes=0), 16
+    ).eval()
+    assert draw_colours(model, 2, torch.Generator(), "cpu") is None and not hasattr(model.net, "colour_emb")
+    a = sample(model, 2, walk(3, "ancestral", "t"), torch.Generator().manual_seed(1))[0]
+    b = sample(model, 2, walk(3, "ancestral", "t", colour_guidance=4.0), torch.Generator().manual_seed(1))[0]
+    assert torch.equal(a, b)
+
+
+def test_a_model_saved_before_the_colour_keys_loads_unconditioned():
+    """(One colour class, which has no hue bin, is refused by the validate stage: tests/test_params.py.)"""
+    raw = model_params().model_dump()
+    older = {k: v for k, v in raw.items() if not k.startswith("colour_")}
+    assert parse_section(ModelParams, older).colour_classes == 0
