@@ -111,14 +111,15 @@ def main() -> None:
         strips.append(samples[:8])
         print(
             f"{sampler:>9} {steps:>4} {spacing:>6} T {temperature:g} w {guidance:g}: classifier {q['c2st']:.3f} "
+            f"+- {q['c2st_se']:.3f} "
             f"(floor {q['c2st_floor']:.3f}), SWD {q['swd']:6.1f} +- {q['swd_se']:4.1f} "
             f"(96: {q['swd_96']:6.1f} +- {q['swd_96_se']:4.1f}; floor {q['swd_floor']:.1f}), "
             f"graininess {q['graininess']:5.1f} (test {q['graininess_test']:.1f}), parts {q['parts']:.2f}, "
-            f"palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, {secs:6.1f} s; "
+            f"palette {q['palette']:.0f}, flatness {q['flatness']:.3f}, hue {q['hue']:.2f}, {secs:6.1f} s; "
             f"vs first row {q['swd_diff']:+.1f} +- {q['swd_diff_se']:.1f}",
             flush=True,
         )
-    (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "samplers.json").write_text(json.dumps(rows, indent=2) + "\n")  # each row kept as it ends
     lines = [
         "| weights | sampler | steps | spacing | temperature | colour guidance | classifier "
         "| SWD x1e3 (mean of levels) | paired difference to the "

@@ -336,7 +336,8 @@ def hue(im: np.ndarray) -> float:
     (vdm/model/colour.py says which pixels count as coloured)."""
     from vdm.model.colour import hue_counts
 
-    counts, _ = hue_counts(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None], HUE_BINS)
+    pixels = torch.tensor(np.asarray(im))  # a copy: a split is memory-mapped read-only
+    counts, _ = hue_counts(pixels.permute(2, 0, 1)[None], HUE_BINS)
     total = float(counts.sum())
     return float(counts.max()) / total if total > 0 else 1.0
 
