@@ -1,6 +1,8 @@
 """Colour classes: read from the image, trained on with a share shown none, drawn by a walk from
 the training shares and guided (vdm/model/colour.py)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,9 @@ import torch
 from tests.helpers import model_params, walk
 from vdm.core.params import ModelParams, parse_section
 from vdm.model.colour import colour_class
+from vdm.model.conversions import decode_nearest
 from vdm.model.diffusion import build_vdm
-from vdm.sampling.samplers import draw_colours, sample, vdm_denoiser
+from vdm.sampling.samplers import draw_colours, gamma_grid, sample, solve, vdm_denoiser
 
 
 def _sprites(*fills) -> torch.Tensor:
@@ -103,6 +106,12 @@ def test_a_walk_draws_classes_from_the_training_shares_and_guides_by_them():
         for w in (1.0, 1.0, 3.0)
     ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    # given latents (encode's) decode on the unconditioned ODE encode runs: no class is drawn
+    z1 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    decoded = [sample(model, 4, walk(4, "ddim"), None, z=z1)[0] for _ in range(3)]
+    assert all(torch.equal(decoded[0], d) for d in decoded[1:])
+    ode = solve(vdm_denoiser(model, clip=True), z1, gamma_grid(model.schedule, 4, "t", "cpu"), walk(4, "ddim"))[0]
+    assert torch.equal(decoded[0], decode_nearest(ode / torch.sqrt(torch.sigmoid(-model.schedule.gamma_0))))
 
 
 def test_an_unconditioned_model_walks_as_before_whatever_the_guidance():
@@ -121,3 +130,19 @@ def test_a_model_saved_before_the_colour_keys_loads_unconditioned():
     raw = model_params().model_dump()
     older = {k: v for k, v in raw.items() if not k.startswith("colour_")}
     assert parse_section(ModelParams, older).colour_classes == 0
+
+
+def test_the_hue_figure_is_the_main_hue_bins_share_of_the_coloured_pixels():
+    from vdm.evaluation.metrics import hue, sprite_structure
+
+    red, blue = (220, 30, 30), (40, 60, 220)
+    one, halves, three_to_one = _sprites(red, (red, blue), red).permute(0, 2, 3, 1).numpy()
+    three_to_one[4:12, 10:12] = blue  # 2 of 8 columns blue
+    blank = np.full((16, 16, 3), 255, np.uint8)
+    assert [hue(im) for im in (one, halves, three_to_one, blank)] == [1.0, 0.5, 0.75, 1.0]
+    assert sprite_structure(np.stack([one, halves]))["hue"].tolist() == [1.0, 0.5]
+    read_only = np.stack([one, halves])
+    read_only.flags.writeable = False  # a memory-mapped split: scored without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sprite_structure(read_only)["hue"].tolist() == [1.0, 0.5]

@@ -55,10 +55,17 @@ def test_pixel_norm_and_concatenation_keep_unit_variance():
     assert torch.allclose(normalise(torch.full((3, 5), 2.0)), torch.ones(3, 5), atol=1e-3)
 
 
-def mp_net():
+def mp_net(colour_classes: int = 0):
+    """(Without colour classes by default: the class layer's rows are 14 wide, so one step of the
+    absurd rate below moves their length by more than the tolerance that holds for the wide layers.)"""
     return UNet(
         model_params(
-            channels=32, channel_mult=[1, 2], attention_resolutions=[8], patch_size=2, magnitude_preserving=True
+            channels=32,
+            channel_mult=[1, 2],
+            attention_resolutions=[8],
+            patch_size=2,
+            magnitude_preserving=True,
+            colour_classes=colour_classes,
         ),
         32,
     )
@@ -66,11 +73,17 @@ def mp_net():
 
 def test_the_net_has_no_group_norm_no_biases_and_starts_at_zero():
     torch.manual_seed(0)
-    net = mp_net()
-    assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
-    assert all(p.ndim >= 2 or p.ndim == 0 for p in net.parameters())  # weights and scalar gains only
-    z = torch.randn(2, 3, 32, 32)
-    assert net(z, torch.tensor([-5.0, 3.0])).abs().max() == 0  # the output's gain starts at zero
+    for net in (mp_net(), mp_net(colour_classes=13)):
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+        assert all(p.ndim >= 2 or p.ndim == 0 for p in net.parameters())  # weights and scalar gains only
+        z = torch.randn(2, 3, 32, 32)
+        assert net(z, torch.tensor([-5.0, 3.0])).abs().max() == 0  # the output's gain starts at zero
+    # the classes' normalised layer enters through a gain from zero: the net starts unconditioned
+    torch.nn.init.normal_(net.out_gain)
+    with torch.no_grad():
+        assert torch.equal(
+            net(z, torch.tensor([-5.0, 3.0]), colour=torch.tensor([2, 7])), net(z, torch.tensor([-5.0, 3.0]))
+        )
 
 
 def test_weights_stay_at_their_length_whatever_the_step():

@@ -25,6 +25,7 @@ then training and evaluation, then app (tests/test_layout.py checks it):
         unet        the score network
         magnitude   the magnitude-preserving layers (model.magnitude_preserving)
         diffusion   the VDM, built from the model section: its denoiser and its loss in bits/dim
+        colour      a sprite's colour class (its main hue bin, or grey), read from the image
         weightings  the loss weightings' registry
         decoder     the 256-level decoder term and its window of levels
         bound       bits/dim over a dataset; the post-training gamma_0 and eps-scale fits
@@ -39,7 +40,7 @@ then training and evaluation, then app (tests/test_layout.py checks it):
         profiling   torch.profiler traces of the step and the sampler
     sampling    drawing sprites
         steps       the samplers' registry and their step functions
-        samplers    the walk, autoguidance, probability-flow encoding
+        samplers    the walk, colour classes and guidance, autoguidance, probability-flow encoding
         sprites     the sample stage's outputs
     evaluation  the evaluate stage
         metrics     the sample metrics' registry; FID/KID/IS, memorisation

@@ -1,7 +1,7 @@
 """A sprite's colour class: the label a colour-conditioned net (model.colour_classes > 0) trains on.
 
-A Pokémon sprite is mostly one hue (the test sprites' most common hue bin of 12 holds 70% of their
-coloured pixels); an unconditioned net at the default's budget paints washes of several (43%) and
+A Pokémon sprite is mostly one hue (the test sprites' most common hue bin of 12 holds 71% of their
+coloured pixels); an unconditioned net at the default's budget paints washes of several (44%) and
 draws the hues in other shares than the data (yellow-green where the data has blue and violet).
 The class is read from the image itself, so no labels are needed: with K classes, K - 1 bins of
 hue (each 360 / (K - 1) degrees, from red) and one for sprites that are mostly grey, black or white.

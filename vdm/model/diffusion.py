@@ -110,9 +110,10 @@ class VDM(nn.Module):
         # the bound's eps_hat scale c(gamma) on EPS_SCALE_GRID (all ones: none; see fit_eps_scale)
         first, last, step = EPS_SCALE_GRID
         self.register_buffer("eps_scale", torch.ones(round((last - first) / step) + 1))
-        # colour-conditioned (vdm/model/colour.py): the classes of the training images seen, counted as
-        # they are drawn, which a walk draws its sprites' classes from (a buffer: saved with the weights)
-        # (as self-conditioning, a property of the net: the UNet built with model.colour_classes)
+        # colour-conditioned (vdm/model/colour.py; as self-conditioning, a property of the net, built
+        # with model.colour_classes): the classes of the training images seen, counted as they are drawn
+        # (the whole global batch's, in every process), which a walk draws its sprites' classes from (a
+        # buffer: saved with the weights)
         self.colour_classes, self.colour_drop = int(getattr(net, "colour_classes", 0)), model.colour_drop
         if self.colour_classes:
             self.register_buffer("colour_counts", torch.zeros(self.colour_classes))
@@ -151,7 +152,10 @@ class VDM(nn.Module):
         """The classes the net trains on: each image's own, none (colour_classes) for a share colour_drop
         of the global batch; the images' classes counted into colour_counts."""
         colour = colour_class(x, self.colour_classes)
-        self.colour_counts += torch.bincount(colour, minlength=self.colour_classes).to(self.colour_counts)
+        counts = torch.bincount(colour, minlength=self.colour_classes).to(self.colour_counts)
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every process counts the global batch: replicas stay equal
+        self.colour_counts += counts
         drop = torch.rand(x.shape[0] * world, generator=generator, device=x.device)[mine] < self.colour_drop
         return torch.where(drop, torch.full_like(colour, self.colour_classes), colour)
 

@@ -167,9 +167,13 @@ class UNet(nn.Module):
             self.emb_mlp = nn.Sequential(nn.Linear(self.emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             self.stem = nn.Conv2d(c_stem, channels, 3, padding=1)
         # colour-conditioned (vdm/model/colour.py): one embedding per class and one for none, added to
-        # the noise level's; zero at first, so the net starts as the unconditioned one
+        # the noise level's, zero at first, so the net starts as the unconditioned one; magnitude-
+        # preserving: a normalised linear layer of the class's one-hot vector, times a gain from zero
         self.colour_classes = model.colour_classes
-        if self.colour_classes:
+        if self.colour_classes and mp:
+            self.colour_emb = MPConv(self.colour_classes + 1, emb_dim, 0)
+            self.colour_gain = nn.Parameter(torch.zeros([]))
+        elif self.colour_classes:
             self.colour_emb = nn.Embedding(self.colour_classes + 1, emb_dim)
             nn.init.zeros_(self.colour_emb.weight)
 
@@ -251,7 +255,12 @@ class UNet(nn.Module):
         if self.colour_classes:
             if colour is None:
                 colour = torch.full((z.shape[0],), self.colour_classes, dtype=torch.long, device=z.device)
-            emb = emb + self.colour_emb(colour).to(emb.dtype)
+            if self.mp:  # a one-hot vector has norm 1: the gain sqrt(n) gives the layer unit-variance output
+                n = self.colour_classes + 1
+                one_hot = F.one_hot(colour, n).to(emb.dtype)
+                emb = emb + self.colour_gain * self.colour_emb(one_hot, gain=math.sqrt(n))
+            else:
+                emb = emb + self.colour_emb(colour).to(emb.dtype)
         h = fourier_features(z, *self.fourier)
         if self.self_condition:
             h = torch.cat([h, torch.zeros_like(z) if x_self is None else x_self.to(z.dtype)], dim=1)

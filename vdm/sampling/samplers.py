@@ -179,8 +179,9 @@ def sample(
     z_t (clipped to [-1, 1], as uint8) at evenly spaced steps from the start to the end.
 
     The walk starts from z_1 ~ N(0, I) drawn from `generator` (one for the batch, or a list: one
-    per sample), or from the given latents `z`
-    (n, 3, H, W), e.g. those of `encode`: with a deterministic sampler (ddim, dpmpp_2m) that decodes them.
+    per sample), then a colour-conditioned model's classes for the sprites (draw_colours); or from
+    the given latents `z` (n, 3, H, W), e.g. those of `encode`: with a deterministic sampler (ddim,
+    dpmpp_2m) that decodes them, on the unconditioned ODE that `encode` runs.
 
     The image is the model's decoder applied to z_0 (the nearest level to z_0 / alpha_0), or with
     options.denoise_last the nearest level to the denoiser's x_hat(z_0, gamma_0): one more network
@@ -190,11 +191,12 @@ def sample(
     `refiner` its steps below the refiner's range top use the refiner (refined_denoiser)."""
     device = torch.device(device)
     size, steps = model.net.image_size, options.steps
+    colour = None  # given latents (encode's) decode on the unconditioned ODE that encoded them
     if z is None:
         z = randn((n, 3, size, size), generator, device)
+        colour = draw_colours(model, n, generator, device)
     else:
         z = z.to(device=device, dtype=torch.float32)
-    colour = draw_colours(model, n, generator, device)
     gammas = gamma_grid(model.schedule, steps, options.spacing, device)
     keep = set()
     if trajectory_points:
