@@ -294,6 +294,8 @@ def run_main(argv, capsys) -> tuple[int, str]:
         (["generate", "--steps", "100001"], "generate: error: steps = 100001 is invalid: an integer from 1 to 100000"),
         (["generate", "--batch-size", "5000"], "error: batch_size = 5000 is invalid: an integer from 1 to 4096"),
         (["generate", "--temperature", "2"], "generate: error: temperature = 2.0 is invalid: a number above 0 and at"),
+        (["generate", "--colour-guidance-interval", "0.9,0.2"], "colour_guidance_interval = (0.9, 0.2) is invalid"),
+        (["generate", "--colour-guidance-interval", "0.5"], "'0.5' is not two numbers A,B (e.g. 0.5,1)"),
         (["interpolate", "test:0", "test:1", "--steps", "0"], "interpolate: error: steps = 0 is invalid: an integer"),
         (["serve", "--steps", "100001"], "serve: error: steps = 100001 is invalid: an integer from 1 to 100000"),
         (["interpolate", "test:0", "test:1", "--frames", "65"], "--frames: 65 is more than 64 (one strip"),

@@ -9,10 +9,11 @@ import torch
 
 from tests.helpers import model_params, walk
 from vdm.core.params import ModelParams, parse_section
-from vdm.model.colour import colour_class
+from vdm.model.colour import colour_class, followed
 from vdm.model.conversions import decode_nearest
 from vdm.model.diffusion import build_vdm
-from vdm.sampling.samplers import draw_colours, gamma_grid, sample, solve, vdm_denoiser
+from vdm.sampling.samplers import draw_colours, gamma_grid, sample, solve, sprite_colours, vdm_denoiser
+from vdm.sampling.sprites import generate
 
 
 def _sprites(*fills) -> torch.Tensor:
@@ -112,6 +113,59 @@ def test_a_walk_draws_classes_from_the_training_shares_and_guides_by_them():
     assert all(torch.equal(decoded[0], d) for d in decoded[1:])
     ode = solve(vdm_denoiser(model, clip=True), z1, gamma_grid(model.schedule, 4, "t", "cpu"), walk(4, "ddim"))[0]
     assert torch.equal(decoded[0], decode_nearest(ode / torch.sqrt(torch.sigmoid(-model.schedule.gamma_0))))
+
+
+def test_guidance_in_an_interval_acts_only_where_the_walks_t_is_inside_it():
+    model = _colour_model(train=False)
+    model.colour_counts.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    z, colour = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 2])
+    inside, above, below = (model.schedule(torch.tensor([t]))[0].float().expand(2) for t in (0.7, 0.95, 0.2))
+    with torch.no_grad():
+        guided = vdm_denoiser(model, False, colour, 3.0, (0.5, 0.9))
+        for gamma, weight in ((inside, 3.0), (above, 1.0), (below, 1.0)):
+            none, cond = model.x_hat(z, gamma), model.x_hat(z, gamma, colour=colour)
+            assert torch.allclose(guided(z, gamma), none + weight * (cond - none), atol=1e-5)
+
+    def draw(**fields):
+        return sample(model, 2, walk(6, **fields), torch.Generator().manual_seed(3))[0]
+
+    plain, everywhere = draw(), draw(colour_guidance=3.0)
+    part = draw(colour_guidance=3.0, colour_guidance_interval=(0.5, 1.0))
+    assert not torch.equal(part, plain) and not torch.equal(part, everywhere)
+    assert torch.equal(draw(colour_guidance_interval=(0.5, 1.0)), plain)  # weight 1: no guidance anywhere
+    assert torch.equal(draw(colour_guidance=3.0, colour_guidance_interval=(0, 1)), everywhere)
+
+
+def test_the_classes_a_seeds_sprites_are_drawn_with_and_how_far_they_show_them():
+    model = _colour_model(train=False, classes=13)
+    model.colour_counts.fill_(1.0)
+    seen = []
+    forward = model.net.forward
+
+    def recording(z, g, colour=None):
+        seen.append(colour.clone())
+        return forward(z, g, colour=colour)
+
+    model.net.forward = recording
+    generate(model, 5, walk(2, batch_size=2), 7, torch.device("cpu"))  # batches of 2, 2 and 1
+    shown = torch.cat([seen[0], seen[2], seen[4]])  # each batch's first step (two steps a walk)
+    assert torch.equal(sprite_colours(model, 5, 7, "cpu"), shown)
+    # read back from drawn sprites: red 0, yellow 1, blue 7, grey 12
+    red, yellow, blue, grey = (220, 30, 30), (230, 220, 40), (40, 60, 220), (128, 128, 128)
+    images = _sprites(red, yellow, blue, grey)
+    assert followed(torch.tensor([0, 1, 7, 12]), images, 13) == {
+        "class_followed": 1.0,
+        "class_near": 1.0,
+        "grey_followed": 1.0,
+    }
+    # neighbouring bins (red drawn as 11, the bin before it on the circle; yellow as 2) are near, not
+    # followed; a blue sprite drawn grey and a grey one drawn blue are neither
+    assert followed(torch.tensor([11, 2, 12, 7]), images, 13) == {
+        "class_followed": 0.0,
+        "class_near": 0.5,
+        "grey_followed": 0.0,
+    }
+    assert followed(torch.tensor([0, 1, 7, 7]), images, 13)["grey_followed"] is None
 
 
 def test_an_unconditioned_model_walks_as_before_whatever_the_guidance():

@@ -245,6 +245,11 @@ REFUSED = {
         "model.colour_classes = 1",
         "0 (none) or an integer from 2 to 64",
     ),
+    "a colour guidance interval the wrong way round": (
+        {"sample.colour_guidance_interval": [0.9, 0.5]},
+        "sample.colour_guidance_interval = (0.9, 0.5)",
+        "two numbers [a, b] with 0 <= a < b <= 1 (the walk's t: 1 is pure noise, 0 the image)",
+    ),
     "a batch that does not split over the processes": (
         {"train.processes": 3},
         "train.batch_size = 4",

@@ -76,6 +76,15 @@ def _seed(text: str) -> int:
     return value
 
 
+def _pair(text: str) -> tuple[float, float]:
+    """An argparse type: "A,B", two numbers (their range is SamplingOptions' to check)."""
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers A,B (e.g. 0.5,1)") from None
+    return a, b
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (and exit 2), pointing at --help."""
 
@@ -103,6 +112,7 @@ _OPTION_FLAGS = {
     "temperature": (float, "ancestral sampler: scale of each step's fresh noise (1 = the model's own sampler)"),
     "batch_size": (int, "sprites per network call"),
     "colour_guidance": (float, "a colour-conditioned model: guidance by each sprite's colour class (1: the class)"),
+    "colour_guidance_interval": (_pair, "A,B: the part of the walk (t: 1 noise, 0 the image) colour guidance acts on"),
 }
 
 
@@ -150,7 +160,7 @@ def _generate_parser(sub) -> None:
         help=f"how many sprites (at most {MAX_SPRITES}; the free disk space is checked first)",
     )
     g.add_argument("--seed", type=_seed, default=0, help="random seed")
-    fields = ("steps", "sampler", "spacing", "temperature", "batch_size", "colour_guidance")
+    fields = ("steps", "sampler", "spacing", "temperature", "batch_size", "colour_guidance", "colour_guidance_interval")
     _sampling_options(g, SamplingOptions(), fields)
     g.add_argument(
         "--colours",
@@ -351,7 +361,9 @@ def cmd_generate(args) -> None:
             weights=args.weights,
             n=args.n,
             seed=args.seed,
-            **options.model_dump(include={"steps", "sampler", "spacing", "temperature", "colour_guidance"}),
+            **options.model_dump(
+                include={"steps", "sampler", "spacing", "temperature", "colour_guidance", "colour_guidance_interval"}
+            ),
             colours=args.colours or None,
             device=str(model.device),
             seconds=round(seconds, 2),

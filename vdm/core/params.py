@@ -89,6 +89,31 @@ Positive = Int("an integer >= 1", ge=1)
 # a registry entry's name: which names exist is the registry's to say (vdm.core.registry.check_params)
 Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", description="a name: lowercase letters, digits and _")]
 IntList = Annotated[tuple[int, ...], BeforeValidator(_list_as_tuple), Field(description="a list of integers")]
+_SPAN = "two numbers [a, b] with 0 <= a < b <= 1 (the walk's t: 1 is pure noise, 0 the image)"
+
+
+def _pair(v: object) -> object:
+    """A YAML list (or a tuple) of two items as a tuple of numbers; anything else fails here, whole."""
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise invalid(tuple(v), _SPAN)
+        return tuple(map(_yaml_float, v))
+    return v
+
+
+def _span(v: tuple[float, float]) -> tuple[float, float]:
+    if not 0 <= v[0] < v[1] <= 1:
+        raise invalid(v, _SPAN)
+    return v
+
+
+# a part of the walk, [a, b] in t (the learned schedule's time: gamma(t) from gamma(0) to gamma(1))
+Span = Annotated[
+    tuple[float, float],
+    BeforeValidator(_pair),
+    AfterValidator(_span),
+    Field(description=_SPAN),
+]
 
 
 class Section(BaseModel):
@@ -344,6 +369,8 @@ class SamplingOptions(Section):
     temperature: Num("a number above 0 and at most 1", gt=0, le=1) = 0.8  # scales the ancestral steps' fresh noise
     # a colour-conditioned model's guidance: x_none + w (x_class - x_none); 1 = the class alone, 0 = none
     colour_guidance: Num("a number from 0 to 10", ge=0, le=10) = 1.0
+    # the part of the walk that colour guidance acts on; elsewhere the class alone (weight 1, one call)
+    colour_guidance_interval: Span = (0.0, 1.0)
 
     def replace(self, **changes) -> "SamplingOptions":
         """These options with `changes` (None: keep the value), checked: a bad value is a UserError

@@ -57,3 +57,21 @@ def colour_class(images: torch.Tensor, classes: int) -> torch.Tensor:
     counts, n_fg = hue_counts(images, bins)
     grey = (n_fg == 0) | (counts.sum(1) < GREY_BELOW * n_fg)
     return torch.where(grey, torch.full_like(n_fg, bins), counts.argmax(1))
+
+
+@torch.no_grad()
+def followed(drawn: torch.Tensor, images: torch.Tensor, classes: int) -> dict[str, float | None]:
+    """How far sprites drawn with classes `drawn` (B,) show them, read back from the (B, 3, H, W)
+    uint8 images: the share whose class reads as drawn (`class_followed`), as drawn or a
+    neighbouring hue bin (`class_near`), and among those drawn grey the share that read grey
+    (`grey_followed`; None where none was drawn grey)."""
+    bins, read = classes - 1, colour_class(images, classes).to(drawn.device)
+    apart = torch.remainder(read - drawn, bins)
+    hue = (drawn < bins) & (read < bins)
+    near = (read == drawn) | (hue & ((apart == 1) | (apart == bins - 1)))
+    grey = drawn == bins
+    return {
+        "class_followed": float((read == drawn).float().mean()),
+        "class_near": float(near.float().mean()),
+        "grey_followed": float((read[grey] == bins).float().mean()) if grey.any() else None,
+    }

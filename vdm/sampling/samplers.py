@@ -57,21 +57,34 @@ def sprite_generator(seed: int, k: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def vdm_denoiser(model: VDM, clip: bool, colour: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
+def vdm_denoiser(
+    model: VDM,
+    clip: bool,
+    colour: torch.Tensor | None = None,
+    guidance: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+) -> Denoiser:
     """x_hat(z, gamma) of a VDM, whatever the net predicts. A self-conditioned net sees the
     previous call's estimate (clipped to [-1, 1]; zeros on the first call): make one denoiser per
     walk. A colour-conditioned net (vdm/model/colour.py) draws each sprite's `colour` class, guided
     with weight `guidance`: x_none + guidance (x_class - x_none) (two network calls a step unless the
-    weight is 0 or 1); without classes, unconditioned."""
+    weight is 0 or 1) where the walk's t is in `interval` (gamma between gamma(a) and gamma(b)),
+    the class alone elsewhere (guidance in a limited interval, Kynkaanniemi et al. 2024); without
+    classes, unconditioned."""
     previous: list[torch.Tensor] = []
     if not getattr(model, "colour_classes", 0) or colour is None:
         colour, guidance = None, 1.0
+    everywhere = colour is None or guidance == 1 or tuple(interval) == (0.0, 1.0)
+    if not everywhere:  # gamma at the interval's ends, as gamma_grid computes the walk's
+        ends = model.schedule(torch.tensor(interval, dtype=torch.float32, device=colour.device))[0].detach().float()
+        low, high = float(ends[0]), float(ends[1])
 
     def estimate(z: torch.Tensor, gamma: torch.Tensor, x_self: torch.Tensor | None) -> torch.Tensor:
-        if colour is None or guidance == 0:
+        weight = guidance if everywhere or low <= float(gamma[0]) <= high else 1.0  # a walk's batch shares gamma
+        if colour is None or weight == 0:
             return model.x_hat(z, gamma, x_self)
         x_class = model.x_hat(z, gamma, x_self, colour)
-        return x_class if guidance == 1 else torch.lerp(model.x_hat(z, gamma, x_self), x_class, guidance)
+        return x_class if weight == 1 else torch.lerp(model.x_hat(z, gamma, x_self), x_class, weight)
 
     def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         if not model.self_condition:
@@ -99,16 +112,34 @@ def draw_colours(
     return torch.multinomial(at, n, replacement=True, generator=generator).to(device)
 
 
+def sprite_colours(model: VDM, count: int, seed: int, device) -> torch.Tensor | None:
+    """The colour classes that sprites 0 .. count - 1 of `seed` are drawn with (by the sample stage,
+    `vdm generate`, the API): each sprite's own stream gives its z_1, then its class, as `sample`
+    draws them. None for a model without classes."""
+    gens = [sprite_generator(seed, k, device) for k in range(count)]
+    size = model.net.image_size
+    randn((count, 3, size, size), gens, device)
+    return draw_colours(model, count, gens, device)
+
+
 def guided_denoiser(
-    model: VDM, guide: VDM | None, weight: float, clip: bool, colour: torch.Tensor | None = None, colour_guidance=1.0
+    model: VDM,
+    guide: VDM | None,
+    weight: float,
+    clip: bool,
+    colour: torch.Tensor | None = None,
+    options: SamplingOptions | None = None,
 ) -> Denoiser:
     """The denoiser a sampler walks with: the model's own, or with a guide and weight != 1 the
     autoguided x_guide + weight (x_hat - x_guide), clipped after mixing when asked; a colour-
-    conditioned model (and guide) draw the sprites' `colour` classes (vdm_denoiser)."""
+    conditioned model (and guide) draw the sprites' `colour` classes, guided as `options` say
+    (vdm_denoiser)."""
+    options = options or SamplingOptions()
+    colour_guidance = (colour, options.colour_guidance, options.colour_guidance_interval)
     if guide is None or weight == 1:
-        return vdm_denoiser(model, clip, colour, colour_guidance)
-    main = vdm_denoiser(model, False, colour, colour_guidance)
-    weak = vdm_denoiser(guide, False, colour, colour_guidance)
+        return vdm_denoiser(model, clip, *colour_guidance)
+    main = vdm_denoiser(model, False, *colour_guidance)
+    weak = vdm_denoiser(guide, False, *colour_guidance)
 
     def denoise(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         x_guide = weak(z, gamma)
@@ -202,7 +233,7 @@ def sample(
     if trajectory_points:
         keep = {round(i * steps / max(1, trajectory_points - 1)) for i in range(trajectory_points)}
     denoise = refined_denoiser(
-        guided_denoiser(model, guide, guidance, options.clip_denoised, colour, options.colour_guidance),
+        guided_denoiser(model, guide, guidance, options.clip_denoised, colour, options),
         refiner,
         options.clip_denoised,
     )
