@@ -352,8 +352,8 @@ def test_long_preset_holds_its_peak_rate_on_magnitude_preserving_layers_then_dec
     monkeypatch.chdir(ROOT)
     cmd = command("long")  # validates the merged params before anything runs
     sets = dict(a.split("=", 1) for a in cmd[6::2])
-    # the default's shape; unconditioned, as measured
-    assert {k for k in sets if k.startswith("model.")} == {"model.magnitude_preserving", "model.colour_classes"}
+    # the default's shape and colour classes, on magnitude-preserving layers
+    assert {k for k in sets if k.startswith("model.")} == {"model.magnitude_preserving"}
     train = load_params("params.yaml", "long").train
     assert train.steps * train.batch_size >= 250_000 and train.checkpoint_every <= 500
     # held at the peak (a held probe's state branches into it) until the cosine over its last steps
