@@ -93,7 +93,7 @@ def score_rows(models, refiner_dir, rows: list[str], processed: str, out: Path, 
         sampler, _, extra = row.partition("+")
         options = sp.options.replace(sampler=sampler)
         key = {"models": str(models), "refiner": str(refiner_dir) if extra else None, "count": count}
-        key.update(options.model_dump(), c2st_repeats=ep.c2st_repeats)
+        key.update(options.model_dump(mode="json"), c2st_repeats=ep.c2st_repeats)
         cached = out / f"{row}.json"
         if cached.is_file() and json.loads(cached.read_text())["key"] == key:
             results.append(json.loads(cached.read_text()))
