@@ -112,14 +112,20 @@ def draw_colours(
     return torch.multinomial(at, n, replacement=True, generator=generator).to(device)
 
 
+def walk_start(
+    model: VDM, n: int, generator: torch.Generator | list[torch.Generator] | None, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A walk's random start, in the order `sample` draws it: z_1 ~ N(0, I), then a colour-
+    conditioned model's classes for the sprites (draw_colours; None without)."""
+    size = model.net.image_size
+    z = randn((n, 3, size, size), generator, device)
+    return z, draw_colours(model, n, generator, device)
+
+
 def sprite_colours(model: VDM, count: int, seed: int, device) -> torch.Tensor | None:
     """The colour classes that sprites 0 .. count - 1 of `seed` are drawn with (by the sample stage,
-    `vdm generate`, the API): each sprite's own stream gives its z_1, then its class, as `sample`
-    draws them. None for a model without classes."""
-    gens = [sprite_generator(seed, k, device) for k in range(count)]
-    size = model.net.image_size
-    randn((count, 3, size, size), gens, device)
-    return draw_colours(model, count, gens, device)
+    `vdm generate`, the API: each sprite from its own stream); None for a model without classes."""
+    return walk_start(model, count, [sprite_generator(seed, k, device) for k in range(count)], device)[1]
 
 
 def guided_denoiser(
@@ -221,11 +227,10 @@ def sample(
     With a `guide` model and `guidance` w != 1 the walk is autoguided (guided_denoiser); with a
     `refiner` its steps below the refiner's range top use the refiner (refined_denoiser)."""
     device = torch.device(device)
-    size, steps = model.net.image_size, options.steps
+    steps = options.steps
     colour = None  # given latents (encode's) decode on the unconditioned ODE that encoded them
     if z is None:
-        z = randn((n, 3, size, size), generator, device)
-        colour = draw_colours(model, n, generator, device)
+        z, colour = walk_start(model, n, generator, device)
     else:
         z = z.to(device=device, dtype=torch.float32)
     gammas = gamma_grid(model.schedule, steps, options.spacing, device)
