@@ -247,7 +247,7 @@ REFUSED = {
     ),
     "a colour guidance interval the wrong way round": (
         {"sample.colour_guidance_interval": [0.9, 0.5]},
-        "sample.colour_guidance_interval = (0.9, 0.5)",
+        "sample.colour_guidance_interval = [0.9, 0.5]",
         "two numbers [a, b] with 0 <= a < b <= 1 (the walk's t: 1 is pure noise, 0 the image)",
     ),
     "a batch that does not split over the processes": (

@@ -93,25 +93,21 @@ _SPAN = "two numbers [a, b] with 0 <= a < b <= 1 (the walk's t: 1 is pure noise,
 
 
 def _pair(v: object) -> object:
-    """A YAML list (or a tuple) of two items as a tuple of numbers; anything else fails here, whole."""
-    if isinstance(v, (list, tuple)):
-        if len(v) != 2:
-            raise invalid(tuple(v), _SPAN)
-        return tuple(map(_yaml_float, v))
-    return v
-
-
-def _span(v: tuple[float, float]) -> tuple[float, float]:
-    if not 0 <= v[0] < v[1] <= 1:
+    """A YAML list (or a tuple) of two numbers 0 <= a < b <= 1 as a tuple; anything else fails here,
+    whole, with the value as it was written (a list stays a list in the message)."""
+    if not isinstance(v, (list, tuple)):
+        return v
+    items = tuple(map(_yaml_float, v))
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items)
+    if len(items) != 2 or (numbers and not 0 <= items[0] < items[1] <= 1):
         raise invalid(v, _SPAN)
-    return v
+    return items
 
 
 # a part of the walk, [a, b] in t (the learned schedule's time: gamma(t) from gamma(0) to gamma(1))
 Span = Annotated[
     tuple[float, float],
     BeforeValidator(_pair),
-    AfterValidator(_span),
     Field(description=_SPAN),
 ]
 
