@@ -152,7 +152,7 @@ def test_graininess_by_hand():
 def test_sample_quality_reports_the_floor_beside_the_samples(real):
     a, b = real
     train = np.concatenate([a, b])
-    q = sample_quality(a[:16], train, b, repeats=3, seed=0)
+    q = sample_quality(a[:16], train, b, repeats=3, seed=0, c2st_repeats=0)  # the classifier: tests/test_c2st.py
     for name in ("swd", "swd_floor"):
         assert {f"{name}_48", f"{name}_24", f"{name}_se"} <= set(q)
         assert q[name] == pytest.approx((q[f"{name}_48"] + q[f"{name}_24"]) / 2)
@@ -264,8 +264,8 @@ def test_sample_quality_reports_every_registered_metric(real):
     from vdm.evaluation.metrics import PER_IMAGE_METRICS, SAMPLE_METRICS, SampleSets
 
     a, b = real
-    q = sample_quality(a[:8], a[8:24], b[:8], repeats=2, seed=0)
-    sets = SampleSets(a[:8], a[8:24], b[:8], 2, 0)
+    q = sample_quality(a[:8], a[8:24], b[:8], repeats=2, seed=0, c2st_repeats=1)
+    sets = SampleSets(a[:8], a[8:24], b[:8], 2, 0, c2st_repeats=1)
     for name, metric in SAMPLE_METRICS.items():
         assert metric(sets) == {k: q[k] for k in metric(sets)}, name
     assert set(SAMPLE_METRICS) >= {"swd", "graininess", *PER_IMAGE_METRICS}
@@ -278,5 +278,5 @@ def test_a_new_sample_metric_is_one_registered_function(real, monkeypatch):
 
     monkeypatch.setitem(metrics.SAMPLE_METRICS, "white", lambda s: {"white_share": float((s.samples == 255).mean())})
     a, b = real
-    q = sample_quality(a[:4], a[4:12], b[:4], repeats=1, seed=0)
+    q = sample_quality(a[:4], a[4:12], b[:4], repeats=1, seed=0, c2st_repeats=0)
     assert q["white_share"] == float((a[:4] == 255).mean())
