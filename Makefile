@@ -28,7 +28,7 @@ smoke: $(STAMP)  ## the whole pipeline in about a minute (synthetic data, small 
 plots: $(STAMP)  ## dvc plots show with vega inline (no CDN), checked in headless Chromium
 	python scripts/offline_plots.py --check
 
-test: $(STAMP) lint  ## lint + the whole test suite (offline; a few minutes)
+test: $(STAMP) lint  ## lint + the whole test suite (offline; about 22 minutes on 2 cores)
 	python -m pytest -q
 
 lint: $(STAMP)
