@@ -28,8 +28,8 @@ smoke: $(STAMP)  ## the whole pipeline in about a minute (synthetic data, small 
 plots: $(STAMP)  ## dvc plots show with vega inline (no CDN), checked in headless Chromium
 	python scripts/offline_plots.py --check
 
-test: $(STAMP) lint  ## lint + the whole test suite (offline; about 22 minutes on 2 cores)
-	python -m pytest -q
+test: $(STAMP) lint  ## lint + the whole test suite (offline; a worker a core, one thread each: about 15 minutes on 2 cores)
+	OMP_NUM_THREADS=1 python -m pytest -q -n auto --dist loadgroup
 
 lint: $(STAMP)
 	ruff check .

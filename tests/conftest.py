@@ -95,3 +95,15 @@ def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("m") / "models"
     save_model(d, model, ema, {"params": raw, "steps": 3, "config_hash": "x", "run_name": "t"})
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: a worker a core, `--dist loadgroup`), a file's tests run in one
+    worker, so its module fixtures are built once, and the tests of the two session fixtures that
+    cost a minute (the pipeline, the uninterrupted training run) share one worker, whatever file
+    they are in. Without xdist (a plain `pytest`, the GPU check) nothing is marked."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = [name for name in ("pipeline", "uninterrupted") if name in getattr(item, "fixturenames", ())]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))

@@ -473,7 +473,7 @@ def test_package_dependencies_are_the_requirements_pins():
     deps = _pins(project["dependencies"])
     reqs = _pins((ROOT / "requirements.txt").read_text().splitlines())
     # run, build or chart the project (matplotlib: the benchmarks' pictures); the package never imports them
-    tools = {"dvc", "pytest", "ruff", "setuptools", "matplotlib"}
+    tools = {"dvc", "pytest", "pytest-xdist", "ruff", "setuptools", "matplotlib"}
     assert deps == {k: v for k, v in reqs.items() if k not in tools}
     assert project["scripts"]["vdm"] == "vdm.app.cli:main"
 
