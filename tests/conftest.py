@@ -99,7 +99,7 @@ def model_dir(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: a worker a core, `--dist loadgroup`), a file's tests run in one
-    worker, so its module fixtures are built once, and the tests of the two session fixtures that
+    worker, so its module fixtures are built once, and the tests of the two shared fixtures that
     cost a minute (the pipeline, the uninterrupted training run) share one worker, whatever file
     they are in. Without xdist (a plain `pytest`, the GPU check) nothing is marked."""
     if not config.pluginmanager.hasplugin("xdist"):
